@@ -1,0 +1,161 @@
+"""`Captioner`: the Python API — load a checkpoint, caption images, save."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .decoding import beam_search
+from .device import resolve_device
+from .encoders import Encoder, build_encoder
+from .images import ImageError, Preprocess, load_image, to_rgb
+from .models import CaptionModel, build_decoder
+from .vocab import Vocabulary
+
+ImageInput = Union[str, os.PathLike, Image.Image, Tensor]
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "model" / "captioner-flickr8k.pt"
+
+
+def bundled_model_path() -> Path:
+    """Where `Captioner.load()` looks when no path is given: $CAPTIONER_MODEL, else the bundled file."""
+    return Path(os.environ.get("CAPTIONER_MODEL", BUNDLED_MODEL))
+
+
+def pool(grid: Tensor, kind: str) -> Tensor:
+    """What a decoder consumes from the encoder grid (B, R, D): pooled (B, D) or the grid itself."""
+    return grid.mean(dim=1) if kind == "pooled" else grid
+
+
+class Captioner:
+    """A trained captioning model: encoder + decoder + vocabulary, ready to describe images."""
+
+    def __init__(self, encoder: Encoder, decoder: CaptionModel, vocab: Vocabulary, config: dict[str, Any],
+                 device: str | torch.device = "auto") -> None:
+        self.device = resolve_device(device)
+        self.encoder = encoder.to(self.device, memory_format=torch.channels_last).eval()
+        self.decoder = decoder.to(self.device).eval()
+        self.vocab = vocab
+        self.config = config
+        self.preprocess = Preprocess.from_dict(config["preprocess"])
+
+    # ---- persistence -------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any], device: str | torch.device = "auto",
+                        source: str = "checkpoint") -> "Captioner":
+        config, vocab = ckpt["config"], Vocabulary.from_dict(ckpt["vocab"])
+        encoder = build_encoder(config["encoder"])
+        if ckpt.get("encoder") is not None:  # fine-tuned encoder weights travel in the checkpoint
+            encoder.load_state_dict(ckpt["encoder"])
+        decoder = build_decoder(config["decoder"], len(vocab), encoder.feature_dim, **config["decoder_hparams"])
+        try:
+            decoder.load_state_dict(ckpt["decoder"])
+        except RuntimeError as e:
+            detail = str(e).strip().splitlines()[-1].strip()
+            raise CheckpointError(f"{source}: decoder weights do not match its config/vocabulary ({detail})") from None
+        return cls(encoder, decoder, vocab, config, device)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, device: str | torch.device = "auto") -> "Captioner":
+        """Load a checkpoint written by `captioner train` or `save`; None -> the bundled model."""
+        if path is None:
+            path = bundled_model_path()
+            if not path.is_file():
+                raise CheckpointError(f"{path}: no bundled model is installed yet; pass a checkpoint "
+                                      "(train one with `captioner train`, then use RUN_DIR/best.pt)")
+        ckpt = load_checkpoint(path, map_location="cpu")
+        return cls.from_checkpoint(ckpt, device, source=str(path))
+
+    def checkpoint_payload(self) -> dict[str, Any]:
+        """The parts every checkpoint of this model holds (training adds optimizer state etc.)."""
+        fine_tuned = self.config.get("fine_tune_encoder", 0) > 0
+        return {
+            "config": self.config,
+            "vocab": self.vocab.to_dict(),
+            "decoder": {k: v.detach().cpu() for k, v in self.decoder.state_dict().items()},
+            "encoder": {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()} if fine_tuned else None,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        save_checkpoint(path, self.checkpoint_payload())
+
+    # ---- inference ---------------------------------------------------------------------------
+    def prepare(self, item: ImageInput) -> Tensor:
+        """One input as a preprocessed (3, S, S) tensor; ImageError if it cannot be used."""
+        if isinstance(item, (str, os.PathLike)):
+            return self.preprocess(load_image(item))
+        if isinstance(item, Image.Image):
+            return self.preprocess(to_rgb(item))
+        if isinstance(item, Tensor):
+            if item.dim() != 3 or item.size(0) != 3:
+                raise ImageError("<tensor>", f"expected an RGB tensor (3, H, W), got shape {tuple(item.shape)}")
+            return self.preprocess(item)
+        raise ImageError(repr(item)[:60], f"unsupported input type {type(item).__name__}")
+
+    @torch.no_grad()
+    def encode(self, pixels: Tensor) -> Tensor:
+        """Preprocessed images (B, 3, S, S) -> the features this decoder consumes."""
+        x = pixels.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            grid = self.encoder(x)  # (B, R, D)
+        return pool(grid.float(), self.decoder.feature_kind)
+
+    def generate(self, inputs: Sequence[ImageInput], beam_size: int = 5, n_best: int = 1, max_len: int = 20,
+                 min_len: int = 1, length_alpha: float = 0.0, no_repeat_ngram: int = 0,
+                 batch_size: int = 32) -> Iterator[list[tuple[str, float]] | ImageError]:
+        """For each input, in order: its n-best (caption, score) list, or the ImageError it raised.
+
+        A bad input never stops the others; images are encoded and beam-searched in batches.
+        """
+        for start in range(0, len(inputs), batch_size):
+            chunk = inputs[start:start + batch_size]
+            prepared: list[Tensor | ImageError] = []
+            for item in chunk:
+                try:
+                    prepared.append(self.prepare(item))
+                except ImageError as e:
+                    prepared.append(e)
+            good = [p for p in prepared if isinstance(p, Tensor)]
+            hyps = []
+            if good:
+                feats = self.encode(torch.stack(good))  # (B, ...)
+                hyps = beam_search(self.decoder, feats, beam_size=beam_size, max_len=max_len, min_len=min_len,
+                                   length_alpha=length_alpha, no_repeat_ngram=no_repeat_ngram, n_best=n_best)
+            it = iter(hyps)
+            for p in prepared:
+                yield p if isinstance(p, ImageError) else [(self.vocab.decode(h.tokens), h.score) for h in next(it)]
+
+    def caption(self, x: ImageInput | Sequence[ImageInput], beam_size: int = 5, max_len: int = 20,
+                errors: str = "raise", **decode_opts: Any) -> str | list[str | None]:
+        """Caption one image (-> str) or a list (-> list[str]).
+
+        errors="raise" raises the first ImageError; errors="skip" puts None for failed items.
+        decode_opts: min_len, length_alpha, no_repeat_ngram, batch_size.
+        """
+        single = not isinstance(x, (list, tuple))
+        results = []
+        for r in self.generate([x] if single else list(x), beam_size=beam_size, max_len=max_len, **decode_opts):
+            if isinstance(r, ImageError):
+                if errors != "skip" or single:
+                    raise r
+                results.append(None)
+            else:
+                results.append(r[0][0])
+        return results[0] if single else results
+
+    def caption_nbest(self, x: ImageInput | Sequence[ImageInput], n: int = 5, beam_size: int | None = None,
+                      max_len: int = 20, **decode_opts: Any) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
+        """The n best (caption, score) pairs, best first; score = summed log-prob (length-penalised if asked)."""
+        single = not isinstance(x, (list, tuple))
+        out = []
+        for r in self.generate([x] if single else list(x), beam_size=max(n, beam_size or n), n_best=n,
+                               max_len=max_len, **decode_opts):
+            if isinstance(r, ImageError):
+                raise r
+            out.append(r)
+        return out[0] if single else out

@@ -1,0 +1,66 @@
+"""Checkpoints: tensors + JSON-able config + vocabulary; never pickled code.
+
+Files are written atomically (temp file in the same folder, fsync, rename), so an interrupted
+save leaves the previous file intact. Loading uses `weights_only=True`.
+"""
+from __future__ import annotations
+
+import os
+from pickle import UnpicklingError  # the error torch's safe loader raises; nothing is pickled here
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "captioner-checkpoint"
+FORMAT_VERSION = 1
+REQUIRED = ("format", "format_version", "config", "vocab", "decoder")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message names the file and the reason."""
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(file_object) on a temp file next to `path`, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check a checkpoint; CheckpointError (never arbitrary code) on anything wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused: holds pickled Python objects, not plain tensors ({first})") from None
+    except Exception as e:  # truncated or not a torch file at all
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a captioner checkpoint")
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {ckpt.get('format_version')} "
+                              f"is not supported by this captioner (expects {FORMAT_VERSION})")
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    return ckpt

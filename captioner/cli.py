@@ -1,0 +1,181 @@
+"""`captioner` command line: parses arguments and calls the library, nothing more."""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .checkpoint import CheckpointError
+from .data import DataError, load_coco, load_karpathy
+from .encoders import EncoderWeightsError
+from .images import ImageError, list_images
+from .training import TrainOptions
+
+GLOB_CHARS = set("*?[")
+
+
+def _err(msg: str) -> None:
+    print(f"captioner: {msg}", file=sys.stderr, flush=True)
+
+
+def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[ImageError]]:
+    """Files, folders (their images, sorted) and globs -> image paths, plus what matched nothing."""
+    paths: list[str] = []
+    problems: list[ImageError] = []
+    for a in args:
+        p = Path(a)
+        if p.is_dir():
+            found = list_images(p)
+            paths += [str(f) for f in found]
+            if not found:
+                problems.append(ImageError(a, "folder holds no image files"))
+        elif not p.exists() and GLOB_CHARS & set(a):
+            matches = sorted(m for m in glob.glob(a, recursive=True) if Path(m).is_file())
+            paths += matches
+            if not matches:
+                problems.append(ImageError(a, "no files match this pattern"))
+        else:
+            paths.append(a)
+    return paths, problems
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from .api import Captioner
+
+    model = Captioner.load(args.model, device=args.device)
+    paths, failed = expand_inputs(args.inputs)
+    for e in failed:
+        _err(str(e))
+    n_failed = len(failed)
+    results = model.generate(paths, beam_size=max(args.beam_size, args.n_best), n_best=args.n_best,
+                             max_len=args.max_len, min_len=args.min_len, length_alpha=args.length_penalty,
+                             no_repeat_ngram=args.no_repeat_ngram, batch_size=args.batch_size)
+    for path, r in zip(paths, results):
+        if isinstance(r, ImageError):
+            _err(str(r))
+            n_failed += 1
+            continue
+        if args.json:
+            line = json.dumps({"path": path, "caption": r[0][0],
+                               "nbest": [{"caption": c, "score": round(s, 4)} for c, s in r]}, ensure_ascii=False)
+        else:
+            line = f"{path}\t{r[0][0]}"
+        print(line, flush=True)
+    return 1 if n_failed else 0
+
+
+def _corpora(args: argparse.Namespace):
+    if args.karpathy_json:
+        root = args.images_root or Path(args.karpathy_json).parent
+        train = load_karpathy(args.karpathy_json, root, args.split, args.skip_missing)
+        val = load_karpathy(args.karpathy_json, root, args.val_split, args.skip_missing) if args.val_split else None
+    else:
+        if not (args.train_annotations and args.train_images):
+            raise DataError("give --train-annotations and --train-images (or --karpathy-json)")
+        train = load_coco(args.train_annotations, args.train_images, args.skip_missing)
+        val = None
+        if args.val_annotations:
+            if not args.val_images:
+                raise DataError("--val-annotations needs --val-images")
+            val = load_coco(args.val_annotations, args.val_images, args.skip_missing)
+    for name, c in (("train", train), ("val", val)):
+        if c is not None and c.skipped_missing and not args.quiet:
+            _err(f"{name}: skipped {c.skipped_missing} missing image(s) from {c.source}")
+    return train, val
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import Trainer
+
+    train, val = _corpora(args)
+    opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__})
+    trainer = Trainer(train, val, args.out, opts, device=args.device, resume=args.resume, quiet=args.quiet)
+    best = trainer.fit()
+    if not args.quiet:
+        print(f"best checkpoint: {best}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="captioner", description="Describe images in English; train captioning models.")
+    p.add_argument("--version", action="version", version=f"captioner {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("caption", help="caption images, folders or glob patterns")
+    c.add_argument("inputs", nargs="+", help="image files, folders of images, or glob patterns")
+    c.add_argument("--model", help="checkpoint (default: the bundled model)")
+    c.add_argument("--beam-size", type=int, default=5)
+    c.add_argument("--n-best", type=int, default=1, help="how many captions per image (with --json)")
+    c.add_argument("--max-len", type=int, default=20, help="most words per caption")
+    c.add_argument("--min-len", type=int, default=1, help="fewest words per caption")
+    c.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha; 0 = off")
+    c.add_argument("--no-repeat-ngram", type=int, default=0, help="forbid repeating n-grams of this size; 0 = off")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--json", action="store_true", help="one JSON object per line, with the n-best list")
+    c.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    c.set_defaults(func=cmd_caption)
+
+    d = TrainOptions()
+    t = sub.add_parser("train", help="train a captioning model on a COCO-style or Karpathy-split dataset")
+    g = t.add_argument_group("data")
+    g.add_argument("--train-annotations", help="COCO caption JSON for training")
+    g.add_argument("--train-images", help="folder of the training images")
+    g.add_argument("--val-annotations", help="COCO caption JSON for validation")
+    g.add_argument("--val-images", help="folder of the validation images")
+    g.add_argument("--karpathy-json", help="Karpathy split file (dataset_coco.json / dataset_flickr8k.json)")
+    g.add_argument("--images-root", help="with --karpathy-json: folder the filepaths are relative to")
+    g.add_argument("--split", default="train", help="with --karpathy-json: training split(s), e.g. train,restval")
+    g.add_argument("--val-split", default="val", help="with --karpathy-json: validation split ('' for none)")
+    g.add_argument("--skip-missing", action="store_true", help="leave out missing image files instead of failing")
+    g.add_argument("--min-word-count", type=int, default=d.min_word_count)
+    g.add_argument("--max-caption-len", type=int, default=d.max_caption_len, help="longer captions are cut")
+    m = t.add_argument_group("model")
+    m.add_argument("--encoder", default=d.encoder, help="efficientnet_lite0 | resnet50|101|152 | timm/<name>")
+    m.add_argument("--decoder", default=d.decoder, choices=["lstm"])
+    m.add_argument("--embed-size", type=int, default=d.embed_size)
+    m.add_argument("--hidden-size", type=int, default=d.hidden_size)
+    m.add_argument("--num-layers", type=int, default=d.num_layers)
+    m.add_argument("--dropout", type=float, default=d.dropout)
+    m.add_argument("--fine-tune-encoder", type=int, default=d.fine_tune_encoder, metavar="N",
+                   help="train the last N encoder blocks too (0: frozen encoder)")
+    m.add_argument("--encoder-lr", type=float, default=d.encoder_lr)
+    o = t.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=d.epochs)
+    o.add_argument("--batch-size", type=int, default=d.batch_size)
+    o.add_argument("--lr", type=float, default=d.lr)
+    o.add_argument("--optimizer", default=d.optimizer, choices=["adam", "sgd", "momentum"])
+    o.add_argument("--momentum", type=float, default=d.momentum)
+    o.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    o.add_argument("--lr-schedule", default=d.lr_schedule, choices=["constant", "step", "cosine"])
+    o.add_argument("--lr-step-epochs", type=int, default=d.lr_step_epochs, help="step schedule: decay every N epochs")
+    o.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="step schedule: decay factor")
+    o.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max global gradient norm")
+    o.add_argument("--seed", type=int, default=d.seed)
+    o.add_argument("--num-workers", type=int, default=d.num_workers, help="image-decoding worker processes")
+    r = t.add_argument_group("run")
+    r.add_argument("--out", required=True, help="run folder: last.pt, best.pt, metrics.jsonl")
+    r.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (its settings; --epochs may grow)")
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    r.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    t.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CheckpointError, DataError, EncoderWeightsError, ImageError, FloatingPointError, ValueError) as e:
+        _err(str(e))
+        return 2
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Caption datasets: COCO caption JSON and Karpathy split JSON -> (image, caption) items.
+
+A `CaptionCorpus` is the images and their reference captions; training flattens it into one
+item per caption, so an epoch visits every caption once.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .vocab import Vocabulary
+
+
+class DataError(Exception):
+    """A dataset that cannot be used as given; the message says which file and why."""
+
+
+@dataclass
+class CaptionCorpus:
+    """Images (paths + ids) and their reference captions, aligned by index."""
+
+    paths: list[Path]
+    image_ids: list[Any]
+    captions: list[list[str]]
+    skipped_missing: int = 0
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def items(self) -> list[tuple[int, str]]:
+        """One (image index, caption) pair per caption."""
+        return [(i, c) for i, caps in enumerate(self.captions) for c in caps]
+
+    def subset(self, n: int) -> "CaptionCorpus":
+        return CaptionCorpus(self.paths[:n], self.image_ids[:n], self.captions[:n], self.skipped_missing, self.source)
+
+
+def _read_json(path: str | os.PathLike) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def _check_missing(corpus: CaptionCorpus, skip_missing: bool) -> CaptionCorpus:
+    missing = [i for i, p in enumerate(corpus.paths) if not p.is_file()]
+    if not missing:
+        return corpus
+    if not skip_missing:
+        shown = ", ".join(str(corpus.paths[i]) for i in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise DataError(f"{corpus.source}: {len(missing)} image file(s) missing: {shown}{more} "
+                        "(use --skip-missing to leave them out)")
+    gone = set(missing)
+    keep = [i for i in range(len(corpus)) if i not in gone]
+    return CaptionCorpus([corpus.paths[i] for i in keep], [corpus.image_ids[i] for i in keep],
+                         [corpus.captions[i] for i in keep], len(missing), corpus.source)
+
+
+def load_coco(annotations: str | os.PathLike, images_dir: str | os.PathLike,
+              skip_missing: bool = False) -> CaptionCorpus:
+    """COCO caption JSON (`images[{id, file_name}]`, `annotations[{image_id, caption}]`, any order).
+
+    Images without a caption are left out (nothing to learn or score against).
+    """
+    data = _read_json(annotations)
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise DataError(f"{annotations}: not a COCO caption file (needs 'images' and 'annotations')")
+    by_image: dict[Any, list[str]] = {}
+    for a in data["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(" ".join(str(a["caption"]).split()))
+    root = Path(images_dir)
+    paths, ids, caps = [], [], []
+    for img in sorted(data["images"], key=lambda im: str(im["id"])):
+        if img["id"] in by_image:
+            paths.append(root / img["file_name"])
+            ids.append(img["id"])
+            caps.append(by_image[img["id"]])
+    corpus = CaptionCorpus(paths, ids, caps, source=str(annotations))
+    return _check_missing(corpus, skip_missing)
+
+
+def load_karpathy(path: str | os.PathLike, images_root: str | os.PathLike, split: str,
+                  skip_missing: bool = False) -> CaptionCorpus:
+    """Karpathy split JSON (`images[{filename, filepath?, split, sentences[{raw, tokens}]}]`).
+
+    `split` may list several, comma-separated (e.g. "train,restval" as usual for COCO).
+    """
+    data = _read_json(path)
+    if not isinstance(data, dict) or "images" not in data:
+        raise DataError(f"{path}: not a Karpathy split file (needs 'images')")
+    wanted = {s.strip() for s in split.split(",")}
+    root = Path(images_root)
+    paths, ids, caps = [], [], []
+    for i, img in enumerate(data["images"]):
+        if img.get("split") not in wanted:
+            continue
+        paths.append(root / img.get("filepath", "") / img["filename"])
+        ids.append(img.get("cocoid", img.get("imgid", i)))
+        caps.append([s.get("raw") or " ".join(s["tokens"]) for s in img["sentences"]])
+    if not paths:
+        raise DataError(f"{path}: no images in split {split!r}")
+    return _check_missing(CaptionCorpus(paths, ids, caps, source=str(path)), skip_missing)
+
+
+@dataclass
+class Batch:
+    images: Tensor  # (B,) image indices, or (B, 3, H, W) pixels when images are loaded per step
+    captions: Tensor  # (B, T) <start> ... <end> <pad>..., longest first
+    lengths: Tensor  # (B,) including <start> and <end>
+
+
+def _clip(ids: list[int], max_len: int, end_id: int) -> list[int]:
+    """At most `max_len` words between <start> and <end>."""
+    return ids if len(ids) <= max_len + 2 else ids[: max_len + 1] + [end_id]
+
+
+class CaptionDataset(Dataset):
+    """One item per caption: (image index or pixels, token ids)."""
+
+    def __init__(self, corpus: CaptionCorpus, vocab: Vocabulary, max_len: int = 50,
+                 load_pixels: Callable[[Path], Tensor] | None = None) -> None:
+        self.corpus = corpus
+        self.items = corpus.items()
+        self.encoded = [_clip(vocab.encode(c), max_len, vocab.end_id) for _, c in self.items]
+        self.load_pixels = load_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[Tensor | int, list[int]]:
+        img = self.items[i][0]
+        if self.load_pixels is not None:
+            return self.load_pixels(self.corpus.paths[img]), self.encoded[i]
+        return img, self.encoded[i]
+
+
+def collate(batch: Sequence[tuple[Tensor | int, list[int]]], pad_id: int = 0) -> Batch:
+    """Pad captions and sort the batch longest first (what packing wants)."""
+    order = sorted(range(len(batch)), key=lambda i: -len(batch[i][1]))
+    lengths = torch.tensor([len(batch[i][1]) for i in order])
+    captions = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, i in enumerate(order):
+        captions[row, : lengths[row]] = torch.tensor(batch[i][1])
+    first = batch[0][0]
+    if isinstance(first, Tensor):
+        images = torch.stack([batch[i][0] for i in order])  # (B, 3, H, W)
+    else:
+        images = torch.tensor([batch[i][0] for i in order])  # (B,)
+    return Batch(images, captions, lengths)

@@ -1,0 +1,48 @@
+"""The per-step decoder interface that every decoding strategy is written against.
+
+A caption model turns image features into an initial `DecoderState` (`init_state`) and then,
+one token at a time, turns the previous tokens and the state into next-token log-probabilities
+(`step`). Greedy, beam search and sampling need nothing else, so each is written once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from torch import Tensor, nn
+
+
+@dataclass
+class DecoderState:
+    """Tensors whose first dim is the batch N (images, or images x beams).
+
+    Keeping N first for every field lets decoding reorder or expand beams without knowing what
+    the fields are; subclasses add fields (attention decoders keep the feature grid here).
+    """
+
+    def index(self, idx: Tensor) -> "DecoderState":
+        """Rows `idx` of every field: (N, ...) -> (len(idx), ...)."""
+        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)
+                                if getattr(self, f.name) is not None})
+
+    def repeat_interleave(self, k: int) -> "DecoderState":
+        """Each row repeated k times in place: (N, ...) -> (N*k, ...), for beams of one image."""
+        return replace(self, **{f.name: getattr(self, f.name).repeat_interleave(k, dim=0) for f in fields(self)
+                                if getattr(self, f.name) is not None})
+
+
+class CaptionModel(nn.Module):
+    """Base of all decoders: features -> state; (tokens, state) -> (log-probs, state)."""
+
+    #: which encoder output the decoder consumes: "pooled" (B, D) or "grid" (B, R, D)
+    feature_kind: str = "pooled"
+
+    def init_state(self, features: Tensor) -> DecoderState:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def step(self, tokens: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:  # pragma: no cover
+        """tokens (N,) -> log-probs (N, V) over the next token, and the next state."""
+        raise NotImplementedError
+
+    def forward(self, features: Tensor, captions: Tensor, lengths: Tensor) -> Tensor:  # pragma: no cover
+        """Teacher-forced training pass; returns the mean cross-entropy per real token."""
+        raise NotImplementedError

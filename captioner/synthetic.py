@@ -1,0 +1,86 @@
+"""A small generated captioning dataset (coloured shapes) in the COCO caption layout.
+
+Used by the quick start and the tests: it is made in a second, needs no download, and its
+captions depend on what is in the picture (colour, shape, size), so a model must look to learn.
+
+    python -m captioner.synthetic OUT_DIR [--per-combo 5] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 210, 20)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 0.22, "big": 0.42}
+TEMPLATES = (
+    "a {size} {color} {shape}",
+    "A {color} {shape} on a white background.",
+    "there is a {size} {color} {shape} in the picture",
+    "a picture of a {color} {shape} ",
+    "  One {size} {color} {shape}, on white.",
+)
+
+
+def draw_shape(color: str, shape: str, size: str, rng: random.Random, px: int = 128) -> Image.Image:
+    img = Image.new("RGB", (px, px), tuple(rng.randint(235, 255) for _ in range(3)))
+    d = ImageDraw.Draw(img)
+    r = SIZES[size] * px / 2 * rng.uniform(0.9, 1.1)
+    cx, cy = px / 2 + rng.uniform(-0.12, 0.12) * px, px / 2 + rng.uniform(-0.12, 0.12) * px
+    fill = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in COLORS[color])
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r * 0.85), (cx + r, cy + r * 0.85)], fill=fill)
+    return img
+
+
+def make_split(out: Path, name: str, per_combo: int, rng: random.Random, start_id: int = 1) -> Path:
+    """Write OUT/NAME/*.png and OUT/NAME.json (COCO captions); returns the JSON path."""
+    (out / name).mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    combos = list(itertools.product(COLORS, SHAPES, SIZES))
+    image_id = start_id
+    for color, shape, size in combos:
+        for _ in range(per_combo):
+            file_name = f"{color}_{shape}_{size}_{image_id:05d}.png"
+            draw_shape(color, shape, size, rng).save(out / name / file_name)
+            images.append({"id": image_id, "file_name": file_name, "width": 128, "height": 128})
+            for t in TEMPLATES:
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                    "caption": t.format(color=color, shape=shape, size=size)})
+            image_id += 1
+    rng.shuffle(annotations)  # like the real COCO files: annotations in no particular order
+    path = out / f"{name}.json"
+    path.write_text(json.dumps({"info": {"description": "captioner synthetic shapes"}, "licenses": [],
+                                "images": images, "annotations": annotations}))
+    return path
+
+
+def make_dataset(out: str | Path, per_combo: int = 5, test_per_combo: int = 1, seed: int = 0) -> dict[str, Path]:
+    """Train and held-back test splits of the shapes dataset under `out`."""
+    out, rng = Path(out), random.Random(seed)
+    train = make_split(out, "train", per_combo, rng, start_id=1)
+    test = make_split(out, "test", test_per_combo, rng, start_id=100_000)
+    return {"train_json": train, "train_images": out / "train", "test_json": test, "test_images": out / "test"}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out")
+    p.add_argument("--per-combo", type=int, default=5, help="training images per colour x shape x size")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    paths = make_dataset(a.out, a.per_combo, seed=a.seed)
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Training loop: teacher forcing + BPTT, validation loss, checkpoints, exact resume."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm import tqdm
+
+from .api import Captioner, pool
+from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from .data import Batch, CaptionCorpus, CaptionDataset, collate
+from .device import resolve_device
+from .encoders import build_encoder
+from .features import extract_features
+from .images import load_image
+from .models import build_decoder
+from .vocab import Vocabulary
+
+
+@dataclass
+class TrainOptions:
+    """Everything that defines a run; stored (as JSON) in every checkpoint it writes."""
+
+    encoder: str = "efficientnet_lite0"
+    decoder: str = "lstm"
+    embed_size: int = 256
+    hidden_size: int = 512
+    num_layers: int = 1
+    dropout: float = 0.5
+    min_word_count: int = 5
+    max_caption_len: int = 30
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 4e-4
+    optimizer: str = "adam"  # adam | sgd | momentum
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # constant | step | cosine
+    lr_step_epochs: int = 3
+    lr_gamma: float = 0.8
+    grad_clip: float = 5.0
+    fine_tune_encoder: int = 0  # last N encoder blocks to train (0: frozen)
+    encoder_lr: float = 1e-4
+    seed: int = 0
+    num_workers: int = 1
+
+    def decoder_hparams(self) -> dict[str, Any]:
+        return {"embed_size": self.embed_size, "hidden_size": self.hidden_size,
+                "num_layers": self.num_layers, "dropout": self.dropout}
+
+
+def _optimizer(opts: TrainOptions, groups: list[dict]) -> torch.optim.Optimizer:
+    if opts.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=opts.lr, weight_decay=opts.weight_decay)
+    if opts.optimizer in ("sgd", "momentum"):
+        momentum = opts.momentum if opts.optimizer == "momentum" else 0.0
+        return torch.optim.SGD(groups, lr=opts.lr, momentum=momentum, weight_decay=opts.weight_decay)
+    raise ValueError(f"unknown optimizer {opts.optimizer!r}: adam, sgd or momentum")
+
+
+def _scheduler(opts: TrainOptions, optim: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    if opts.lr_schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optim, lambda epoch: 1.0)
+    if opts.lr_schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optim, step_size=opts.lr_step_epochs, gamma=opts.lr_gamma)
+    if opts.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=max(1, opts.epochs))
+    raise ValueError(f"unknown lr schedule {opts.lr_schedule!r}: constant, step or cosine")
+
+
+def _rng_state(sampler_gen: torch.Generator) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "sampler": sampler_gen.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], sampler_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    sampler_gen.set_state(state["sampler"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class Trainer:
+    """Owns one run directory: RUN/last.pt every epoch, RUN/best.pt on best val loss, RUN/metrics.jsonl."""
+
+    def __init__(self, train: CaptionCorpus, val: CaptionCorpus | None, out_dir: str | Path,
+                 opts: TrainOptions | None = None, device: str = "auto", resume: bool = False,
+                 quiet: bool = False) -> None:
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(device)
+        self.quiet = quiet
+        self.train_corpus, self.val_corpus = train, val
+        self.sampler_gen = torch.Generator()
+        ckpt = None
+        if resume:
+            ckpt = load_checkpoint(self.out / "last.pt", map_location="cpu")
+            saved = TrainOptions(**ckpt["config"]["train"])
+            if opts is not None:
+                saved.epochs = opts.epochs  # the one thing a resume may change: how far to go
+            opts = saved
+        self.opts = opts = opts or TrainOptions()
+        torch.manual_seed(opts.seed)
+        random.seed(opts.seed)
+        self.sampler_gen.manual_seed(opts.seed)
+
+        vocab = Vocabulary.from_dict(ckpt["vocab"]) if ckpt else Vocabulary.build(
+            (c for caps in train.captions for c in caps), min_count=opts.min_word_count)
+        encoder = build_encoder(opts.encoder)
+        decoder = build_decoder(opts.decoder, len(vocab), encoder.feature_dim, **opts.decoder_hparams())
+        config = {"encoder": opts.encoder, "decoder": opts.decoder, "decoder_hparams": opts.decoder_hparams(),
+                  "preprocess": encoder.spec.preprocess.to_dict(), "fine_tune_encoder": opts.fine_tune_encoder,
+                  "train": asdict(opts)}
+        encoder_params = encoder.unfreeze_last(opts.fine_tune_encoder)
+        self.model = Captioner(encoder, decoder, vocab, config, self.device)
+        groups = [{"params": list(decoder.parameters())}]
+        if encoder_params:
+            groups.append({"params": encoder_params, "lr": opts.encoder_lr})
+        self.optim = _optimizer(opts, groups)
+        self.sched = _scheduler(opts, self.optim)
+        self.start_epoch = 0
+        self.best_val = math.inf
+        if ckpt:
+            if ckpt.get("encoder") is not None:
+                encoder.load_state_dict(ckpt["encoder"])
+            decoder.load_state_dict(ckpt["decoder"])
+            self.optim.load_state_dict(ckpt["optimizer"])
+            self.sched.load_state_dict(ckpt["scheduler"])
+            self.start_epoch = ckpt["epoch"]
+            self.best_val = ckpt.get("best_val_loss", math.inf)
+            self._trim_metrics(self.start_epoch)
+        self.train_data = self._dataset(train, "train features")
+        self.val_data = self._dataset(val, "val features") if val is not None and len(val) else None
+        if ckpt:
+            _set_rng_state(ckpt["rng"], self.sampler_gen)  # after feature extraction: resume continues the RNG
+
+    # ---- data ----------------------------------------------------------------------------------
+    def _dataset(self, corpus: CaptionCorpus, desc: str) -> tuple[CaptionDataset, Tensor | None]:
+        """Frozen encoder: features computed once, items are indices. Fine-tuning: items carry pixels."""
+        vocab, opts = self.model.vocab, self.opts
+        if self.model.encoder.trainable:
+            pre = self.model.preprocess
+            return CaptionDataset(corpus, vocab, opts.max_caption_len, lambda p: pre(load_image(p))), None
+        feats = extract_features(self.model.encoder, corpus.paths, self.model.decoder.feature_kind,
+                                 device=self.device, num_workers=opts.num_workers, quiet=self.quiet, desc=desc)
+        if self.device.type == "cuda":
+            feats = feats.pin_memory()
+        return CaptionDataset(corpus, vocab, opts.max_caption_len), feats
+
+    def _features(self, batch: Batch, feats: Tensor | None) -> Tensor:
+        if feats is not None:
+            return feats[batch.images].to(self.device, non_blocking=True).float()  # (B, ...)
+        x = batch.images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        return pool(self.model.encoder(x), self.model.decoder.feature_kind)  # (B, ...)
+
+    def _loader(self, dataset: CaptionDataset, shuffle: bool) -> DataLoader:
+        workers = self.opts.num_workers if dataset.load_pixels is not None else 0
+        sampler = RandomSampler(dataset, generator=self.sampler_gen) if shuffle else None
+        return DataLoader(dataset, batch_size=self.opts.batch_size, sampler=sampler, collate_fn=collate,
+                          num_workers=workers, pin_memory=self.device.type == "cuda",
+                          persistent_workers=workers > 0)
+
+    # ---- loop ----------------------------------------------------------------------------------
+    def _run_epoch(self, data: tuple[CaptionDataset, Tensor | None], train: bool, desc: str) -> float:
+        """Mean per-token cross-entropy over the whole set (weighted by real tokens)."""
+        dataset, feats = data
+        decoder = self.model.decoder
+        decoder.train(train)
+        total, tokens = 0.0, 0
+        bar = tqdm(self._loader(dataset, shuffle=train), desc=desc, unit="batch", disable=self.quiet, leave=False)
+        for batch in bar:
+            with torch.set_grad_enabled(train):
+                features = self._features(batch, feats)
+                loss = decoder(features, batch.captions.to(self.device), batch.lengths)
+            if train:
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite training loss ({loss.item()}); stopping "
+                                             f"(last good checkpoint: {self.out / 'last.pt'})")
+                self.optim.zero_grad(set_to_none=True)
+                loss.backward()
+                params = [p for g in self.optim.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, self.opts.grad_clip)
+                self.optim.step()
+            n = int((batch.lengths - 1).sum())
+            total += loss.item() * n
+            tokens += n
+            bar.set_postfix(loss=f"{total / tokens:.3f}")
+        return total / max(tokens, 1)
+
+    def fit(self) -> Path:
+        """Train to `opts.epochs`; returns the path of best.pt."""
+        for epoch in range(self.start_epoch, self.opts.epochs):
+            t0 = time.time()
+            lr = self.optim.param_groups[0]["lr"]
+            train_loss = self._run_epoch(self.train_data, True, f"epoch {epoch + 1}/{self.opts.epochs}")
+            self.sched.step()
+            record = {"epoch": epoch + 1, "train_loss": train_loss, "train_ppl": math.exp(min(train_loss, 50)),
+                      "lr": lr}
+            if self.val_data is not None:
+                val_loss = self._run_epoch(self.val_data, False, "val")
+                record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+            else:
+                val_loss = train_loss  # no val set: best follows the latest epoch
+            record["time_s"] = round(time.time() - t0, 2)
+            improved = self.val_data is None or val_loss < self.best_val
+            if improved:
+                self.best_val = val_loss
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            self._save(epoch + 1, improved)  # after the log line: a resume trims lines past the checkpoint
+            if not self.quiet:
+                shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+                print(shown + (" *" if improved else ""), file=sys.stderr, flush=True)
+        if not (self.out / "best.pt").is_file():
+            raise CheckpointError(f"{self.out}: no epochs were run, so there is no best.pt "
+                                  f"(already at epoch {self.start_epoch} of {self.opts.epochs}?)")
+        return self.out / "best.pt"
+
+    def _save(self, epoch: int, best: bool) -> None:
+        payload = self.model.checkpoint_payload() | {
+            "optimizer": self.optim.state_dict(), "scheduler": self.sched.state_dict(), "epoch": epoch,
+            "best_val_loss": self.best_val, "rng": _rng_state(self.sampler_gen)}
+        save_checkpoint(self.out / "last.pt", payload)
+        if best:
+            save_checkpoint(self.out / "best.pt", payload)
+
+    def _trim_metrics(self, epoch: int) -> None:
+        """Drop metric lines from epochs after the checkpoint (written just before a crash)."""
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            lines = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+            kept = [l for l in lines if json.loads(l)["epoch"] <= epoch]
+            atomic_write(path, lambda f: f.write("".join(l + "\n" for l in kept).encode()))

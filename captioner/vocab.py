@@ -1,0 +1,77 @@
+"""Tokenizer and vocabulary.
+
+The tokenizer is nltk's Treebank tokenizer (regex only: no downloadable data needed), which
+splits like the PTB tokenizer that the COCO caption evaluation uses, so our tokens line up with
+the metrics' tokens. Tokens without a letter or digit (punctuation) are dropped.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from nltk.tokenize import TreebankWordTokenizer
+
+PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+SPECIALS = (PAD, START, END, UNK)
+
+_tokenizer = TreebankWordTokenizer()
+_has_alnum = re.compile(r"[0-9a-z]")
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased word tokens of a caption, punctuation dropped."""
+    return [t for t in _tokenizer.tokenize(text.lower().strip()) if _has_alnum.search(t)]
+
+
+class Vocabulary:
+    """Word <-> index map with fixed specials: <pad>=0, <start>=1, <end>=2, <unk>=3."""
+
+    def __init__(self, words: Sequence[str], min_count: int = 1) -> None:
+        words = [w for w in words if w not in SPECIALS]
+        self.itos: list[str] = list(SPECIALS) + words
+        self.stoi: dict[str, int] = {w: i for i, w in enumerate(self.itos)}
+        if len(self.stoi) != len(self.itos):
+            raise ValueError("vocabulary words must be unique")
+        self.min_count = min_count
+
+    pad_id, start_id, end_id, unk_id = 0, 1, 2, 3
+
+    @classmethod
+    def build(cls, captions: Iterable[str], min_count: int = 5) -> "Vocabulary":
+        """Words seen at least `min_count` times, most frequent first (ties alphabetical)."""
+        counts = Counter(tok for c in captions for tok in tokenize(c))
+        words = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+        return cls(words, min_count=min_count)
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, caption: str | Sequence[str], add_specials: bool = True) -> list[int]:
+        """Token ids of a caption (str is tokenized first), wrapped in <start> ... <end>."""
+        tokens = tokenize(caption) if isinstance(caption, str) else caption
+        ids = [self.stoi.get(t, self.unk_id) for t in tokens]
+        return [self.start_id, *ids, self.end_id] if add_specials else ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Caption text of token ids; stops at <end>, skips <pad>/<start>."""
+        words = []
+        for i in ids:
+            i = int(i)
+            if i == self.end_id:
+                break
+            if i in (self.pad_id, self.start_id):
+                continue
+            words.append(self.itos[i])
+        return " ".join(words)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"words": self.itos[len(SPECIALS):], "min_count": self.min_count}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Vocabulary":
+        return cls(d["words"], min_count=d.get("min_count", 1))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocabulary) and self.itos == other.itos
