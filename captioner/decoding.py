@@ -15,6 +15,7 @@ from torch import Tensor
 from .models.base import CaptionModel
 
 PAD_ID, START_ID, END_ID = 0, 1, 2  # fixed by Vocabulary
+DEAD_END_LOGP = -1e4  # log-prob charged for ending a caption that the constraints left no other way out of
 
 
 @dataclass
@@ -44,6 +45,8 @@ def _constrain(logp: Tensor, history: Tensor, t: int, min_len: int, no_repeat_ng
         match = (windows[:, :, :-1] == prefix[:, None, :]).all(-1)  # (N, W)
         banned = torch.zeros_like(logp).scatter_add_(1, windows[:, :, -1], match.to(logp.dtype)) > 0  # (N, V)
         logp = logp.masked_fill(banned, float("-inf"))
+    dead = torch.isinf(logp).all(dim=-1)  # (N,) nothing allowed: end the caption here, at a heavy cost
+    logp[dead, END_ID] = DEAD_END_LOGP
     return logp
 
 

@@ -158,22 +158,48 @@ def _build_torchvision(name: str) -> Encoder:
     return Encoder(spec, trunk, stages, head=net.fc)
 
 
+def _hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment now (not at import time)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+
+
+def _timm_cached_weights(name: str) -> Path | None:
+    """The locally cached weight file of a timm model, without touching the network."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return None
+    if cfg.file and Path(cfg.file).is_file():
+        return Path(cfg.file)
+    if cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(repo, filename, cache_dir=_hf_cache_dir(), revision=revision or None)
+            if isinstance(found, str):
+                return Path(found)
+    if cfg.url:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name
+        if cached.is_file():
+            return cached
+    return None
+
+
 def _build_timm(name: str) -> Encoder:
     import timm
 
-    old = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"  # never download: only the local cache
-    try:
-        net = timm.create_model(name, pretrained=True, num_classes=0, global_pool="")
-    except Exception as e:  # timm raises several kinds for "not cached"
+    if name not in timm.list_models(pretrained=True) and name not in timm.list_models():
+        raise ValueError(f"unknown timm model {name!r}")
+    weights = _timm_cached_weights(name)
+    if weights is None:
         raise EncoderWeightsError(
-            f"encoder timm/{name}: pretrained weights not in the local Hugging Face cache "
-            f"({type(e).__name__}); put them there first (HF_HOME) on a machine with internet") from None
-    finally:
-        if old is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old
+            f"encoder timm/{name}: pretrained weights are not in the local cache ({_hf_cache_dir()} or "
+            f"{torch.hub.get_dir()}); download them on a machine with internet and copy that cache here")
+    net = timm.create_model(name, pretrained=True, num_classes=0, global_pool="",
+                            pretrained_cfg_overlay={"file": str(weights)})
     cfg = net.pretrained_cfg
     size = cfg.get("input_size", (3, 224, 224))[-1]
     pre = Preprocess(int(round(size / cfg.get("crop_pct", 0.875))), size,

@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+
+from captioner.data import CaptionDataset, DataError, collate, load_coco, load_karpathy
+from captioner.vocab import Vocabulary
+
+
+def _coco(tmp_path, n_images=3, missing=()):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    images, anns = [], []
+    for i in range(n_images):
+        images.append({"id": 10 + i, "file_name": f"im{i}.jpg", "width": 8, "height": 8, "license": 1})
+        if i not in missing:
+            (imgs / f"im{i}.jpg").write_bytes(b"x")
+        for j in range(2):
+            anns.append({"id": 100 + 2 * i + j, "image_id": 10 + i, "caption": f"  A  Dog number {i}.\n"})
+    images.append({"id": 99, "file_name": "nocaption.jpg"})  # no annotations: left out
+    anns.reverse()  # any order
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps({"info": {}, "licenses": [], "images": images, "annotations": anns}))
+    return path, imgs
+
+
+def test_coco_layout_groups_captions_per_image(tmp_path):
+    path, imgs = _coco(tmp_path)
+    c = load_coco(path, imgs)
+    assert c.image_ids == [10, 11, 12]
+    assert c.paths[1] == imgs / "im1.jpg"
+    assert c.captions[2] == ["A Dog number 2.", "A Dog number 2."]  # whitespace collapsed
+    assert len(c.items()) == 6  # one item per caption
+
+
+def test_missing_images_fail_fast_or_are_skipped(tmp_path):
+    path, imgs = _coco(tmp_path, n_images=8, missing=(1, 2, 3, 4, 5, 6))
+    with pytest.raises(DataError) as e:
+        load_coco(path, imgs)
+    msg = str(e.value)
+    assert "6 image file(s) missing" in msg and "im1.jpg" in msg and "and 1 more" in msg and "--skip-missing" in msg
+    c = load_coco(path, imgs, skip_missing=True)
+    assert c.image_ids == [10, 17] and c.skipped_missing == 6
+
+
+def test_malformed_json_names_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": [\n  {"id": 1,,}\n]}')
+    with pytest.raises(DataError, match=r"bad.json: malformed JSON at line 2 column"):
+        load_coco(bad, tmp_path)
+
+
+def test_karpathy_split_selection(tmp_path):
+    (tmp_path / "val2014").mkdir()
+    for n in ("a.jpg", "b.jpg", "c.jpg"):
+        (tmp_path / "val2014" / n).write_bytes(b"x")
+    data = {"images": [
+        {"filepath": "val2014", "filename": "a.jpg", "split": "train", "cocoid": 1,
+         "sentences": [{"tokens": ["a", "cat"], "raw": "A cat."}]},
+        {"filepath": "val2014", "filename": "b.jpg", "split": "restval", "cocoid": 2,
+         "sentences": [{"tokens": ["a", "dog"]}]},
+        {"filepath": "val2014", "filename": "c.jpg", "split": "val", "cocoid": 3,
+         "sentences": [{"tokens": ["a", "cow"], "raw": "a cow"}]}]}
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps(data))
+    train = load_karpathy(path, tmp_path, "train,restval")
+    assert train.image_ids == [1, 2] and train.captions == [["A cat."], ["a dog"]]
+    assert load_karpathy(path, tmp_path, "val").paths == [tmp_path / "val2014" / "c.jpg"]
+    with pytest.raises(DataError, match="no images in split"):
+        load_karpathy(path, tmp_path, "test")
+
+
+def test_collate_pads_and_sorts_longest_first(tmp_path):
+    path, imgs = _coco(tmp_path)
+    c = load_coco(path, imgs)
+    c.captions[0] = ["a dog", "a very very long dog caption"]
+    vocab = Vocabulary.build([x for caps in c.captions for x in caps], min_count=1)
+    ds = CaptionDataset(c, vocab, max_len=4)
+    assert len(ds) == 6
+    batch = collate([ds[0], ds[1], ds[2]])  # "a dog", the long one (clipped), "a dog number 1"
+    assert batch.lengths.tolist() == [6, 6, 4]  # <start> + at most 4 words + <end>
+    assert batch.captions.shape == (3, 6)
+    assert batch.images[2].item() == 0 and vocab.decode(batch.captions[2]) == "a dog"
+    assert batch.captions[2, 4:].tolist() == [0, 0]  # padded with <pad>
+    assert (batch.captions[torch.arange(3), batch.lengths - 1] == vocab.end_id).all()
+    assert "a very very long" in [vocab.decode(row) for row in batch.captions]

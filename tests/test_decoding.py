@@ -1,0 +1,159 @@
+"""Decoding against a fake model whose next-token distributions are set by hand (im2txt style)."""
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor
+
+from captioner.decoding import DEAD_END_LOGP, beam_search, greedy
+from captioner.models import ShowTellDecoder
+from captioner.models.base import CaptionModel, DecoderState
+
+PAD, START, END, A, B, C = range(6)
+V = 6
+
+
+def table(rows: dict[int, dict[int, float]]) -> Tensor:
+    """(V, V) next-token probabilities: row = previous token. Unlisted rows: always <end>."""
+    t = torch.zeros(V, V)
+    t[:, END] = 1.0
+    for prev, dist in rows.items():
+        t[prev] = 0.0
+        for tok, p in dist.items():
+            t[prev, tok] = p
+    return t
+
+
+# Image 0: beams are easy to work out by hand (see test_exact_beams).
+IMAGE0 = table({START: {A: 0.5, B: 0.3, C: 0.2}, A: {END: 0.62, B: 0.38}, B: {END: 0.1, C: 0.9}, C: {END: 1.0}})
+# Image 1: greedy takes "a" (0.6) and ends at 0.36; beam 2 finds "b" at 0.38.
+IMAGE1 = table({START: {A: 0.6, B: 0.4}, A: {END: 0.4, C: 0.6}, B: {END: 0.95, C: 0.05}, C: {END: 1.0}})
+# Image 2: never emits <end>.
+IMAGE2 = table({START: {A: 1.0}, A: {A: 0.6, B: 0.4}, B: {A: 0.3, B: 0.7}})
+# Image 3: loves "a b a b ...".
+IMAGE3 = table({START: {A: 0.9, B: 0.1}, A: {B: 0.8, END: 0.2}, B: {A: 0.7, END: 0.3}, C: {END: 1.0}})
+TABLES = torch.stack([IMAGE0, IMAGE1, IMAGE2, IMAGE3]).log()  # (4, V, V); impossible tokens: -inf
+
+
+@dataclass
+class FakeState(DecoderState):
+    image: Tensor  # (N,) which table
+
+
+class FakeModel(CaptionModel):
+    """features (B,) = image numbers; the next token depends on the image and the last token only."""
+
+    def init_state(self, features):
+        return FakeState(image=features.long())
+
+    def step(self, tokens, state):
+        return TABLES[state.image, tokens], state  # (N, V)
+
+
+def images(*ids):
+    return torch.tensor(ids)
+
+
+def test_exact_beams_and_scores():
+    # step 0: a .5, b .3 | step 1: a-end .31, b-c .27 (a-b .19, b-end .03 drop) | step 2: b-c-end .27
+    [hyps] = beam_search(FakeModel(), images(0), beam_size=2, n_best=2)
+    assert [h.tokens for h in hyps] == [[A], [B, C]]
+    assert [h.logprob for h in hyps] == pytest.approx([math.log(0.31), math.log(0.27)], abs=1e-6)
+    assert all(h.finished for h in hyps)
+
+
+def test_exact_beams_size_three():
+    # step 1 keeps a-end .31, b-c .27, c-end .20 (a-b .19 drops out)
+    [hyps] = beam_search(FakeModel(), images(0), beam_size=3, n_best=3)
+    assert [h.tokens for h in hyps] == [[A], [B, C], [C]]
+    assert [h.score for h in hyps] == pytest.approx([math.log(x) for x in (0.31, 0.27, 0.2)], abs=1e-6)
+
+
+def test_beam_beats_greedy_where_greedy_is_short_sighted():
+    [g] = greedy(FakeModel(), images(1))
+    assert g.tokens == [A, C] and g.logprob == pytest.approx(math.log(0.36), abs=1e-6)
+    [[best]] = beam_search(FakeModel(), images(1), beam_size=2)
+    assert best.tokens == [B] and best.logprob == pytest.approx(math.log(0.38), abs=1e-6)
+
+
+def test_beam_size_one_equals_greedy():
+    feats = images(0, 1, 2, 3)
+    gs = greedy(FakeModel(), feats, max_len=6)
+    bs = beam_search(FakeModel(), feats, beam_size=1, max_len=6)
+    assert [g.tokens for g in gs] == [b[0].tokens for b in bs]
+    assert [g.logprob for g in gs] == pytest.approx([b[0].logprob for b in bs])
+
+
+def test_batched_equals_one_image_at_a_time():
+    feats = images(0, 1, 2, 3, 1, 0)
+    batched = beam_search(FakeModel(), feats, beam_size=3, n_best=3, max_len=7, no_repeat_ngram=2)
+    alone = [beam_search(FakeModel(), feats[i:i + 1], beam_size=3, n_best=3, max_len=7, no_repeat_ngram=2)[0]
+             for i in range(len(feats))]
+    assert [[h.tokens for h in hs] for hs in batched] == [[h.tokens for h in hs] for hs in alone]
+    assert [h.score for hs in batched for h in hs] == pytest.approx([h.score for hs in alone for h in hs])
+
+
+def test_batched_equals_alone_with_a_real_decoder():
+    torch.manual_seed(0)
+    model = ShowTellDecoder(vocab_size=30, feature_dim=16, embed_size=8, hidden_size=12, num_layers=2).eval()
+    feats = torch.randn(5, 16) * 3
+    batched = beam_search(model, feats, beam_size=4, n_best=4, max_len=8)
+    for i in range(5):
+        alone = beam_search(model, feats[i:i + 1], beam_size=4, n_best=4, max_len=8)[0]
+        assert [h.tokens for h in batched[i]] == [h.tokens for h in alone]
+        assert [h.score for h in batched[i]] == pytest.approx([h.score for h in alone], abs=1e-4)
+
+
+def test_never_ending_beam_still_returns_its_best_hypothesis():
+    [hyps] = beam_search(FakeModel(), images(2), beam_size=2, n_best=2, max_len=4)
+    assert len(hyps) == 2 and all(len(h.tokens) == 4 and not h.finished for h in hyps)
+    assert hyps[0].tokens == [A, A, A, A] and hyps[0].logprob == pytest.approx(3 * math.log(0.6), abs=1e-6)
+    assert hyps[1].tokens == [A, B, B, B] and hyps[1].logprob == pytest.approx(math.log(0.4 * 0.7 * 0.7), abs=1e-6)
+    [g] = greedy(FakeModel(), images(2), max_len=4)
+    assert g.tokens == [A, A, A, A] and not g.finished
+
+
+def test_dead_end_from_constraints_ends_instead_of_crashing():
+    # image 2 can only say a/b; with unigram blocking, after "a b" nothing is allowed
+    [hyps] = beam_search(FakeModel(), images(2), beam_size=2, n_best=1, max_len=6, no_repeat_ngram=1)
+    assert hyps[0].tokens == [A, B] and hyps[0].finished
+    assert hyps[0].logprob == pytest.approx(math.log(0.4) + DEAD_END_LOGP, abs=1e-3)
+    [g] = greedy(FakeModel(), images(2), max_len=6, no_repeat_ngram=1)
+    assert g.tokens == [A, B] and g.finished
+
+
+def test_no_repeat_ngram_blocks_repeated_bigrams():
+    [[free]] = beam_search(FakeModel(), images(3), beam_size=1, max_len=8)
+    assert free.tokens[:4] == [A, B, A, B]
+    [[blocked]] = beam_search(FakeModel(), images(3), beam_size=1, max_len=8, no_repeat_ngram=2)
+    seq = blocked.tokens
+    bigrams = list(zip(seq, seq[1:]))
+    assert len(bigrams) == len(set(bigrams))
+    assert seq == [A, B, A]  # "a b" cannot come again, so after "a" the caption ends
+
+
+def test_min_len_forbids_early_end():
+    [[h]] = beam_search(FakeModel(), images(0), beam_size=2, min_len=2)
+    assert len(h.tokens) >= 2 and h.tokens == [B, C]
+    [g] = greedy(FakeModel(), images(0), min_len=3)
+    assert len(g.tokens) >= 3
+
+
+def test_max_len_caps_words():
+    for h in beam_search(FakeModel(), images(2, 3), beam_size=3, max_len=3):
+        assert len(h[0].tokens) <= 3
+
+
+def test_length_penalty_reranks_towards_longer_captions():
+    # GNMT lp(|Y|) = ((5+|Y|)/6)^alpha over words + <end>; alpha=1:
+    # "a" -1.171/(7/6) = -1.004, "b c" -1.309/(8/6) = -0.982, "c" -1.609/(7/6) = -1.380
+    [hyps] = beam_search(FakeModel(), images(0), beam_size=3, n_best=3, length_alpha=1.0)
+    assert [h.tokens for h in hyps] == [[B, C], [A], [C]]
+    assert hyps[0].score == pytest.approx(math.log(0.27) / (8 / 6), abs=1e-6)
+    assert hyps[0].logprob == pytest.approx(math.log(0.27), abs=1e-6)
+
+
+def test_bad_beam_arguments():
+    with pytest.raises(ValueError):
+        beam_search(FakeModel(), images(0), beam_size=2, n_best=3)
