@@ -6,8 +6,10 @@ save leaves the previous file intact. Loading uses `weights_only=True`.
 from __future__ import annotations
 
 import os
+import re
 from pickle import UnpicklingError  # the error torch's safe loader raises; nothing is pickled here
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +51,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused: holds pickled Python objects, not plain tensors ({first})") from None
+        m = re.search(r"WeightsUnpickler error:\s*(.+?)\n", str(e))
+        detail = m.group(1).strip() if m else type(e).__name__
+        raise CheckpointError(f"{path}: refused: not a plain tensors-and-JSON checkpoint; it may hold pickled "
+                              f"code, which is never run ({detail})") from None
     except Exception as e:  # truncated or not a torch file at all
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint: truncated or corrupt ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a captioner checkpoint")
     if ckpt.get("format_version") != FORMAT_VERSION:

@@ -1,0 +1,92 @@
+import json
+
+import pytest
+import torch
+
+from captioner.checkpoint import load_checkpoint
+from captioner.cli import main
+from captioner.data import load_coco
+from captioner.training import Trainer, TrainOptions, _optimizer
+
+from .conftest import FLICKR8K
+
+QUICK = ["--batch-size", "32", "--hidden-size", "64", "--embed-size", "32", "--min-word-count", "1",
+         "--device", "cpu", "--quiet"]
+
+
+def _train(shapes, out, *extra):
+    return main(["train", "--train-annotations", str(shapes["train_json"]), "--train-images",
+                 str(shapes["train_images"]), "--out", str(out), *QUICK, *extra])
+
+
+def test_resume_continues_exactly(shapes, tmp_path):
+    assert _train(shapes, tmp_path / "straight", "--epochs", "2") == 0
+    assert _train(shapes, tmp_path / "split", "--epochs", "1") == 0
+    assert _train(shapes, tmp_path / "split", "--epochs", "2", "--resume") == 0
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for k, v in a["decoder"].items():
+        assert torch.equal(v, b["decoder"][k]), k
+    log = [json.loads(l) for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+
+
+def test_same_seed_same_weights_other_seed_differs(shapes, tmp_path):
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        assert _train(shapes, tmp_path / name, "--epochs", "1", "--seed", str(seed)) == 0
+    w = {n: load_checkpoint(tmp_path / n / "last.pt")["decoder"]["out.weight"] for n in "abc"}
+    assert torch.equal(w["a"], w["b"]) and not torch.equal(w["a"], w["c"])
+
+
+def test_checkpoint_holds_everything_to_resume(shapes, tmp_path):
+    assert _train(shapes, tmp_path / "r", "--epochs", "1", "--optimizer", "momentum", "--lr-schedule", "step",
+                  "--lr-step-epochs", "1", "--lr-gamma", "0.5", "--lr", "0.1") == 0
+    ck = load_checkpoint(tmp_path / "r" / "last.pt")
+    assert {"optimizer", "scheduler", "epoch", "rng", "config", "vocab", "decoder"} <= set(ck)
+    assert ck["config"]["train"]["optimizer"] == "momentum"
+    assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05)  # stepped once
+    json.dumps(ck["config"]), json.dumps(ck["vocab"])  # JSON-able
+    assert (tmp_path / "r" / "best.pt").is_file()  # no val set: best follows the latest epoch
+
+
+def test_optimizers():
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert isinstance(_optimizer(TrainOptions(optimizer="adam"), [{"params": p}]), torch.optim.Adam)
+    sgd = _optimizer(TrainOptions(optimizer="sgd"), [{"params": p}])
+    mom = _optimizer(TrainOptions(optimizer="momentum", momentum=0.9), [{"params": p}])
+    assert sgd.param_groups[0]["momentum"] == 0 and mom.param_groups[0]["momentum"] == 0.9
+
+
+def test_fine_tuning_trains_the_last_encoder_blocks_only(shapes, tmp_path):
+    train = load_coco(shapes["test_json"], shapes["test_images"])  # 24 images: small enough to run the CNN
+    opts = TrainOptions(epochs=1, batch_size=24, hidden_size=32, embed_size=16, min_word_count=1,
+                        fine_tune_encoder=1, encoder_lr=1e-2, num_workers=0)
+    trainer = Trainer(train, None, tmp_path, opts, device="cpu", quiet=True)
+    enc = trainer.model.encoder
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    trainer.fit()
+    after = load_checkpoint(tmp_path / "last.pt")["encoder"]
+    changed = {k.split(".")[1] for k in before if not torch.equal(before[k], after[k]) and "running" not in k}
+    assert changed == {"9", "10"}  # the head conv + bn (the last "block"); the rest untouched
+    assert all(torch.equal(before[k], after[k]) for k in before if "running" in k)  # BN statistics frozen
+
+
+def test_cli_data_errors_are_one_line(shapes, tmp_path, capsys):
+    rc = main(["train", "--train-annotations", str(tmp_path / "none.json"), "--train-images", str(tmp_path),
+               "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "none.json: no such file" in err[0]
+
+
+@pytest.mark.skipif(not (FLICKR8K / "captions_train.json").is_file(), reason="Flickr8k not present at ../shared/data")
+def test_real_photos_loss_falls(tmp_path):
+    """200 real Flickr8k photos, ~300 steps: the training loss falls clearly."""
+    corpus = load_coco(FLICKR8K / "captions_train.json", FLICKR8K / "images").subset(200)
+    opts = TrainOptions(epochs=5, batch_size=16, hidden_size=256, embed_size=128, min_word_count=2, lr=1e-3,
+                        dropout=0.2)
+    trainer = Trainer(corpus, None, tmp_path, opts, device="cpu", quiet=True)
+    trainer.fit()
+    log = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first, last = log[0]["train_loss"], log[-1]["train_loss"]
+    assert last < first - 1.0, (first, last)
