@@ -1,0 +1,259 @@
+"""Caption metrics with the COCO caption evaluation's definitions (coco-caption / pycocoevalcap).
+
+BLEU-1..4, ROUGE-L and CIDEr-D are pure Python and match pycocoevalcap to 1e-4 (tested against
+a fixture it produced). METEOR needs outside help: the official METEOR 1.5 jar (through
+pycocoevalcap, with Java), else nltk's re-implementation when WordNet data is present, else it
+is reported as unavailable. Every result says which METEOR it used.
+
+Inputs everywhere: `refs` and `cands` are dicts keyed by image id; refs[id] is a list of raw
+reference strings, cands[id] one raw candidate string. Text is normalised as coco-caption's
+PTB tokenizer does it: lower-cased, PTB tokens, punctuation tokens removed.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from nltk.tokenize import TreebankWordTokenizer
+
+# coco-caption drops exactly these tokens after PTB tokenisation. Its tokenizer lower-cases first,
+# so brackets come out as "-lrb-" etc. and are *kept* (the upper-case entries never match); we do
+# the same, or our scores would not be theirs.
+_PUNCT = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+_tok = TreebankWordTokenizer()
+
+METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
+
+
+def normalize(text: str) -> list[str]:
+    """coco-caption's text normalisation: lower-case PTB tokens without punctuation tokens."""
+    tokens = _tok.tokenize(" ".join(text.split()), convert_parentheses=True)
+    return [t for t in (w.lower() for w in tokens) if t not in _PUNCT]
+
+
+def _ngrams(tokens: Sequence[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def bleu(refs: Mapping[Any, list[list[str]]], cands: Mapping[Any, list[str]], n: int = 4) -> list[float]:
+    """Corpus BLEU-1..n (token lists in): clipped n-gram precisions summed over the corpus, brevity
+    penalty from the reference length closest to each candidate (the shorter on ties), no smoothing."""
+    tiny, small = 1e-15, 1e-9  # coco-caption's guards against log(0) / division by zero
+    correct, guess = [0] * n, [0] * n
+    test_len = ref_len = 0
+    for key, cand in cands.items():
+        rs = refs[key]
+        test_len += len(cand)
+        ref_len += min((abs(len(r) - len(cand)), len(r)) for r in rs)[1]
+        for k in range(1, n + 1):
+            max_ref: Counter = Counter()
+            for r in rs:
+                max_ref |= _ngrams(r, k)  # element-wise max over references
+            counts = _ngrams(cand, k)
+            correct[k - 1] += sum(min(c, max_ref[g]) for g, c in counts.items())
+            guess[k - 1] += max(len(cand) - k + 1, 0)
+    scores, prod = [], 1.0
+    ratio = (test_len + tiny) / (ref_len + small)
+    for k in range(n):
+        prod *= (correct[k] + tiny) / (guess[k] + small)
+        score = prod ** (1.0 / (k + 1))
+        scores.append(score * math.exp(1 - 1 / ratio) if ratio < 1 else score)
+    return scores
+
+
+def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(refs: Sequence[list[str]], cand: list[str], beta: float = 1.2) -> float:
+    """ROUGE-L F-measure of one candidate: precision and recall each maxed over the references."""
+    if not cand:
+        return 0.0
+    lcs = [_lcs(r, cand) for r in refs]
+    prec = max(l / len(cand) for l in lcs)
+    rec = max(l / len(r) if r else 0.0 for l, r in zip(lcs, refs))
+    if prec == 0 or rec == 0:
+        return 0.0
+    return (1 + beta ** 2) * prec * rec / (rec + beta ** 2 * prec)
+
+
+def cider_d(refs: Mapping[Any, list[list[str]]], cands: Mapping[Any, list[str]], n: int = 4,
+            sigma: float = 6.0) -> dict[Any, float]:
+    """CIDEr-D per image: tf-idf n-gram cosine (idf from this reference set), candidate weights
+    clipped by the reference's, Gaussian length penalty, averaged over n and references, x10."""
+    keys = list(cands)
+    doc_freq: Counter = Counter()
+    ref_counts = {}
+    for key in keys:
+        counts = [_all_ngrams(r, n) for r in refs[key]]
+        ref_counts[key] = counts
+        doc_freq.update({g for c in counts for g in c})
+    log_docs = math.log(float(len(keys)))
+
+    def vectors(counts: Counter) -> tuple[list[dict], list[float], int]:
+        vec: list[dict] = [{} for _ in range(n)]
+        norm = [0.0] * n
+        for g, tf in counts.items():
+            w = tf * (log_docs - math.log(max(1.0, doc_freq[g])))
+            vec[len(g) - 1][g] = w
+            norm[len(g) - 1] += w * w
+        length = sum(tf for g, tf in counts.items() if len(g) == 2)  # coco-caption's "length": bigram count
+        return vec, [math.sqrt(x) for x in norm], length
+
+    scores = {}
+    for key in keys:
+        vh, nh, lh = vectors(_all_ngrams(cands[key], n))
+        total = 0.0
+        for rc in ref_counts[key]:
+            vr, nr, lr = vectors(rc)
+            penalty = math.exp(-((lh - lr) ** 2) / (2 * sigma ** 2))
+            for k in range(n):
+                val = sum(min(w, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0) for g, w in vh[k].items())
+                if nh[k] != 0 and nr[k] != 0:
+                    val /= nh[k] * nr[k]
+                total += val * penalty / n
+        scores[key] = 10.0 * total / len(ref_counts[key])
+    return scores
+
+
+def _all_ngrams(tokens: Sequence[str], n: int) -> Counter:
+    c: Counter = Counter()
+    for k in range(1, n + 1):
+        c.update(_ngrams(tokens, k))
+    return c
+
+
+# ---- METEOR -------------------------------------------------------------------------------------
+def meteor_backend() -> str:
+    """Which METEOR this machine can compute: 'official-1.5', 'nltk' or 'unavailable'."""
+    if os.environ.get("CAPTIONER_METEOR") == "off":
+        return "unavailable"
+    if shutil.which("java"):
+        try:
+            import pycocoevalcap.meteor.meteor  # noqa: F401
+            return "official-1.5"
+        except ImportError:
+            pass
+    return "nltk" if _nltk_wordnet() is not None else "unavailable"
+
+
+_LEXNAMES = ("adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body "
+             "noun.cognition noun.communication noun.event noun.feeling noun.food noun.group noun.location "
+             "noun.motive noun.object noun.person noun.phenomenon noun.plant noun.possession noun.process "
+             "noun.quantity noun.relation noun.shape noun.state noun.substance noun.time verb.body verb.change "
+             "verb.cognition verb.communication verb.competition verb.consumption verb.contact verb.creation "
+             "verb.emotion verb.motion verb.perception verb.possession verb.social verb.stative verb.weather "
+             "adj.ppl").split()  # WordNet 3.0's lexicographer files, in file-number order
+_POS_NUMBER = {"noun": 1, "verb": 2, "adj": 3, "adv": 4}
+
+
+def cache_dir() -> Path:
+    """captioner's cache folder: $CAPTIONER_CACHE_DIR, else $XDG_CACHE_HOME/captioner or ~/.cache/captioner."""
+    if os.environ.get("CAPTIONER_CACHE_DIR"):
+        return Path(os.environ["CAPTIONER_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "captioner"
+
+
+def _debian_wordnet_as_nltk_data(source: Path) -> Path | None:
+    """Lay Debian's WordNet 3.0 (wordnet-base) out as nltk data, adding the `lexnames` file nltk
+    needs and Debian lacks. The files are copied once (36 MB): nltk refuses symbolic and hard
+    links that point outside its data folder."""
+    base = cache_dir() / "nltk_data"
+    target = base / "corpora" / "wordnet"
+    if (target / "lexnames").is_file():
+        return base
+    if not (source / "data.noun").is_file():
+        return None
+    tmp = Path(tempfile.mkdtemp(prefix=".wordnet.", dir=_mkdir(base / "corpora")))
+    for f in source.iterdir():
+        if f.is_file():
+            shutil.copyfile(f, tmp / f.name)
+    (tmp / "lexnames").write_text("".join(f"{i:02d}\t{n}\t{_POS_NUMBER[n.split('.')[0]]}\n"
+                                          for i, n in enumerate(_LEXNAMES)))
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return base
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _nltk_wordnet():
+    """nltk's WordNet from nltk data, else from Debian's /usr/share/wordnet ($WORDNET_DIR); or None."""
+    import nltk
+    from nltk.corpus import wordnet
+
+    try:
+        wordnet.ensure_loaded()
+        return wordnet
+    except LookupError:
+        pass
+    base = _debian_wordnet_as_nltk_data(Path(os.environ.get("WORDNET_DIR", "/usr/share/wordnet")))
+    if base is None:
+        return None
+    if str(base) not in nltk.data.path:
+        nltk.data.path.append(str(base))
+    try:
+        wordnet.ensure_loaded()
+    except LookupError:
+        return None
+    return wordnet
+
+
+def meteor(refs: Mapping[Any, list[str]], cands: Mapping[Any, str], backend: str | None = None) -> float | None:
+    """Mean METEOR over images from raw strings, or None when no backend is available."""
+    backend = backend or meteor_backend()
+    keys = list(cands)
+    if backend == "official-1.5":
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        gts = {k: [" ".join(normalize(r)) for r in refs[k]] for k in keys}
+        res = {k: [" ".join(normalize(cands[k]))] for k in keys}
+        score, _ = Meteor().compute_score(gts, res)  # runs the METEOR 1.5 jar in a Java subprocess
+        return float(score)
+    if backend == "nltk":
+        from nltk.translate.meteor_score import meteor_score
+
+        wn = _nltk_wordnet()
+        return sum(meteor_score([normalize(r) for r in refs[k]], normalize(cands[k]), wordnet=wn)
+                   for k in keys) / max(len(keys), 1)
+    return None
+
+
+def evaluate(refs: Mapping[Any, list[str]], cands: Mapping[Any, str], use_meteor: bool = True) -> dict[str, Any]:
+    """All COCO caption metrics for raw strings; keys as in METRICS plus 'METEOR_backend' and counts."""
+    missing = [k for k in cands if k not in refs]
+    if missing:
+        raise KeyError(f"{len(missing)} candidate(s) have no references, e.g. image id {missing[0]!r}")
+    r_tok = {k: [normalize(r) for r in refs[k]] for k in cands}
+    c_tok = {k: normalize(cands[k]) for k in cands}
+    out: dict[str, Any] = {}
+    if not cands:
+        return {**{m: None for m in METRICS}, "METEOR_backend": "unavailable", "images": 0, "references": 0}
+    for k, b in enumerate(bleu(r_tok, c_tok), start=1):
+        out[f"BLEU-{k}"] = b
+    backend = meteor_backend() if use_meteor else "unavailable"
+    out["METEOR"] = meteor(refs, cands, backend) if backend != "unavailable" else None
+    out["ROUGE-L"] = sum(rouge_l(r_tok[k], c_tok[k]) for k in cands) / len(cands)
+    cider = cider_d(r_tok, c_tok)
+    out["CIDEr-D"] = sum(cider.values()) / len(cider)
+    out["METEOR_backend"] = backend
+    out["images"] = len(cands)
+    out["references"] = sum(len(refs[k]) for k in cands)
+    return out
