@@ -105,30 +105,37 @@ class Captioner:
             grid = self.encoder(x)  # (B, R, D)
         return pool(grid.float(), self.decoder.feature_kind)
 
-    def generate(self, inputs: Sequence[ImageInput], beam_size: int = 5, n_best: int = 1, max_len: int = 20,
-                 min_len: int = 1, length_alpha: float = 0.0, no_repeat_ngram: int = 0,
-                 batch_size: int = 32) -> Iterator[list[tuple[str, float]] | ImageError]:
+    def decode(self, features: Tensor, beam_size: int = 5, n_best: int = 1, max_len: int = 20, min_len: int = 1,
+               length_alpha: float = 0.0, no_repeat_ngram: int = 0) -> list[list[tuple[str, float]]]:
+        """Encoder features (B, ...) -> for each image its n-best (caption, score), best first."""
+        was_training = self.decoder.training
+        self.decoder.eval()
+        try:
+            hyps = beam_search(self.decoder, features.to(self.device).float(), beam_size=max(beam_size, n_best),
+                               max_len=max_len, min_len=min_len, length_alpha=length_alpha,
+                               no_repeat_ngram=no_repeat_ngram, n_best=n_best)
+        finally:
+            self.decoder.train(was_training)
+        return [[(self.vocab.decode(h.tokens), h.score) for h in hs] for hs in hyps]
+
+    def generate(self, inputs: Sequence[ImageInput], batch_size: int = 32,
+                 **decode_opts: Any) -> Iterator[list[tuple[str, float]] | ImageError]:
         """For each input, in order: its n-best (caption, score) list, or the ImageError it raised.
 
         A bad input never stops the others; images are encoded and beam-searched in batches.
+        decode_opts: beam_size, n_best, max_len, min_len, length_alpha, no_repeat_ngram (see `decode`).
         """
         for start in range(0, len(inputs), batch_size):
-            chunk = inputs[start:start + batch_size]
             prepared: list[Tensor | ImageError] = []
-            for item in chunk:
+            for item in inputs[start:start + batch_size]:
                 try:
                     prepared.append(self.prepare(item))
                 except ImageError as e:
                     prepared.append(e)
             good = [p for p in prepared if isinstance(p, Tensor)]
-            hyps = []
-            if good:
-                feats = self.encode(torch.stack(good))  # (B, ...)
-                hyps = beam_search(self.decoder, feats, beam_size=beam_size, max_len=max_len, min_len=min_len,
-                                   length_alpha=length_alpha, no_repeat_ngram=no_repeat_ngram, n_best=n_best)
-            it = iter(hyps)
+            decoded = iter(self.decode(self.encode(torch.stack(good)), **decode_opts) if good else [])
             for p in prepared:
-                yield p if isinstance(p, ImageError) else [(self.vocab.decode(h.tokens), h.score) for h in next(it)]
+                yield p if isinstance(p, ImageError) else next(decoded)
 
     def caption(self, x: ImageInput | Sequence[ImageInput], beam_size: int = 5, max_len: int = 20,
                 errors: str = "raise", **decode_opts: Any) -> str | list[str | None]:
@@ -153,7 +160,7 @@ class Captioner:
         """The n best (caption, score) pairs, best first; score = summed log-prob (length-penalised if asked)."""
         single = not isinstance(x, (list, tuple))
         out = []
-        for r in self.generate([x] if single else list(x), beam_size=max(n, beam_size or n), n_best=n,
+        for r in self.generate([x] if single else list(x), beam_size=beam_size or n, n_best=n,
                                max_len=max_len, **decode_opts):
             if isinstance(r, ImageError):
                 raise r

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .checkpoint import CheckpointError
-from .data import DataError, load_coco, load_karpathy
+from .data import DataError, load_coco, load_coco_references, load_karpathy
 from .encoders import EncoderWeightsError
 from .images import ImageError, list_images
 from .training import TrainOptions
@@ -51,7 +51,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     for e in failed:
         _err(str(e))
     n_failed = len(failed)
-    results = model.generate(paths, beam_size=max(args.beam_size, args.n_best), n_best=args.n_best,
+    results = model.generate(paths, beam_size=args.beam_size, n_best=args.n_best,
                              max_len=args.max_len, min_len=args.min_len, length_alpha=args.length_penalty,
                              no_repeat_ngram=args.no_repeat_ngram, batch_size=args.batch_size)
     for path, r in zip(paths, results):
@@ -86,6 +86,46 @@ def _corpora(args: argparse.Namespace):
         if c is not None and c.skipped_missing and not args.quiet:
             _err(f"{name}: skipped {c.skipped_missing} missing image(s) from {c.source}")
     return train, val
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .api import Captioner
+    from .evaluation import caption_corpus, references, score, write_results
+
+    if args.karpathy_json:
+        corpus = load_karpathy(args.karpathy_json, args.images_root or Path(args.karpathy_json).parent, args.split,
+                               args.skip_missing)
+    elif args.annotations and args.images:
+        corpus = load_coco(args.annotations, args.images, args.skip_missing)
+    else:
+        raise DataError("give --annotations and --images, or --karpathy-json and --split")
+    model = Captioner.load(args.model, device=args.device)
+    results, failed = caption_corpus(model, corpus, batch_size=args.batch_size, quiet=args.quiet,
+                                     beam_size=args.beam_size, max_len=args.max_len)
+    for e in failed:
+        _err(str(e))
+    if args.results:
+        write_results(args.results, results)
+    report = {"model": str(args.model or "bundled"), "beam_size": args.beam_size, "failed": len(failed),
+              "skipped_missing": corpus.skipped_missing, **score(references(corpus), results)}
+    print(json.dumps(report))
+    return 1 if failed else 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .evaluation import read_results, score
+
+    report = {"results": str(args.results), **score(load_coco_references(args.annotations), read_results(args.results))}
+    print(json.dumps(report))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .viz import plot_training
+
+    out = plot_training(args.run_dir, args.out)
+    print(out)
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -150,18 +190,52 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--optimizer", default=d.optimizer, choices=["adam", "sgd", "momentum"])
     o.add_argument("--momentum", type=float, default=d.momentum)
     o.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    o.add_argument("--lr-schedule", default=d.lr_schedule, choices=["constant", "step", "cosine"])
-    o.add_argument("--lr-step-epochs", type=int, default=d.lr_step_epochs, help="step schedule: decay every N epochs")
-    o.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="step schedule: decay factor")
+    o.add_argument("--lr-schedule", default=d.lr_schedule, choices=["plateau", "constant", "step", "cosine"],
+                   help="plateau: decay when the selection metric stalls")
+    o.add_argument("--lr-patience", type=int, default=d.lr_patience, help="plateau: epochs without improvement")
+    o.add_argument("--lr-step-epochs", type=int, default=d.lr_step_epochs, help="step: decay every N epochs")
+    o.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="step / plateau: decay factor")
     o.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max global gradient norm")
     o.add_argument("--seed", type=int, default=d.seed)
     o.add_argument("--num-workers", type=int, default=d.num_workers, help="image-decoding worker processes")
+    v = t.add_argument_group("validation and model selection")
+    v.add_argument("--select-metric", default=d.select_metric,
+                   help="what best.pt follows: CIDEr-D, BLEU-4, METEOR, ROUGE-L, BLEU-1..3 or val_loss")
+    v.add_argument("--patience", type=int, default=d.patience,
+                   help="stop after N epochs without improvement of the selection metric (0: never)")
+    v.add_argument("--val-beam-size", type=int, default=d.val_beam_size, help="beam for val captions (1: greedy)")
     r = t.add_argument_group("run")
     r.add_argument("--out", required=True, help="run folder: last.pt, best.pt, metrics.jsonl")
     r.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (its settings; --epochs may grow)")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda")
     r.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="caption a dataset's images and score them (BLEU, METEOR, ROUGE-L, CIDEr-D)")
+    e.add_argument("--model", help="checkpoint (default: the bundled model)")
+    e.add_argument("--annotations", help="COCO caption JSON with the references")
+    e.add_argument("--images", help="folder of its images")
+    e.add_argument("--karpathy-json", help="Karpathy split file instead of --annotations/--images")
+    e.add_argument("--images-root", help="with --karpathy-json: folder the filepaths are relative to")
+    e.add_argument("--split", default="val", help="with --karpathy-json: which split(s)")
+    e.add_argument("--skip-missing", action="store_true", help="leave out missing image files instead of failing")
+    e.add_argument("--beam-size", type=int, default=5)
+    e.add_argument("--max-len", type=int, default=20)
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--results", help="also write the captions here, in the COCO results format")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("score", help="score an existing COCO results file against reference captions")
+    s.add_argument("--results", required=True, help='[{"image_id": ..., "caption": ...}, ...]')
+    s.add_argument("--annotations", required=True, help="COCO caption JSON with the references")
+    s.set_defaults(func=cmd_score)
+
+    pl = sub.add_parser("plot", help="draw a run's training curves (loss, val metrics) as a PNG")
+    pl.add_argument("run_dir", help="a run folder with metrics.jsonl")
+    pl.add_argument("--out", help="PNG path (default: RUN_DIR/curves.png)")
+    pl.set_defaults(func=cmd_plot)
     return p
 
 

@@ -44,7 +44,7 @@ class CaptionCorpus:
         return CaptionCorpus(self.paths[:n], self.image_ids[:n], self.captions[:n], self.skipped_missing, self.source)
 
 
-def _read_json(path: str | os.PathLike) -> Any:
+def read_json(path: str | os.PathLike) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -69,21 +69,31 @@ def _check_missing(corpus: CaptionCorpus, skip_missing: bool) -> CaptionCorpus:
                          [corpus.captions[i] for i in keep], len(missing), corpus.source)
 
 
+def _coco(annotations: str | os.PathLike) -> tuple[list[dict], dict[Any, list[str]]]:
+    data = read_json(annotations)
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise DataError(f"{annotations}: not a COCO caption file (needs 'images' and 'annotations')")
+    by_image: dict[Any, list[str]] = {}
+    for a in data["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(" ".join(str(a["caption"]).split()))
+    return data["images"], by_image
+
+
+def load_coco_references(annotations: str | os.PathLike) -> dict[Any, list[str]]:
+    """{image_id: [reference captions]} of a COCO caption file (no image files needed)."""
+    return _coco(annotations)[1]
+
+
 def load_coco(annotations: str | os.PathLike, images_dir: str | os.PathLike,
               skip_missing: bool = False) -> CaptionCorpus:
     """COCO caption JSON (`images[{id, file_name}]`, `annotations[{image_id, caption}]`, any order).
 
     Images without a caption are left out (nothing to learn or score against).
     """
-    data = _read_json(annotations)
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise DataError(f"{annotations}: not a COCO caption file (needs 'images' and 'annotations')")
-    by_image: dict[Any, list[str]] = {}
-    for a in data["annotations"]:
-        by_image.setdefault(a["image_id"], []).append(" ".join(str(a["caption"]).split()))
+    images, by_image = _coco(annotations)
     root = Path(images_dir)
     paths, ids, caps = [], [], []
-    for img in sorted(data["images"], key=lambda im: str(im["id"])):
+    for img in images:
         if img["id"] in by_image:
             paths.append(root / img["file_name"])
             ids.append(img["id"])
@@ -98,7 +108,7 @@ def load_karpathy(path: str | os.PathLike, images_root: str | os.PathLike, split
 
     `split` may list several, comma-separated (e.g. "train,restval" as usual for COCO).
     """
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict) or "images" not in data:
         raise DataError(f"{path}: not a Karpathy split file (needs 'images')")
     wanted = {s.strip() for s in split.split(",")}

@@ -1,4 +1,5 @@
-"""Training loop: teacher forcing + BPTT, validation loss, checkpoints, exact resume."""
+"""Training loop: teacher forcing + BPTT; per-epoch validation (loss, and the COCO caption metrics
+of captions decoded from the val images); best.pt by a chosen metric; early stopping; exact resume."""
 from __future__ import annotations
 
 import json
@@ -20,8 +21,10 @@ from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_che
 from .data import Batch, CaptionCorpus, CaptionDataset, collate
 from .device import resolve_device
 from .encoders import build_encoder
+from .evaluation import caption_corpus, references
 from .features import extract_features
 from .images import load_image
+from .metrics import METRICS, evaluate, meteor_backend
 from .models import build_decoder
 from .vocab import Vocabulary
 
@@ -44,14 +47,18 @@ class TrainOptions:
     optimizer: str = "adam"  # adam | sgd | momentum
     momentum: float = 0.9
     weight_decay: float = 0.0
-    lr_schedule: str = "constant"  # constant | step | cosine
-    lr_step_epochs: int = 3
-    lr_gamma: float = 0.8
+    lr_schedule: str = "plateau"  # plateau | constant | step | cosine
+    lr_step_epochs: int = 3  # step: decay every N epochs
+    lr_patience: int = 2  # plateau: decay after this many epochs without improvement
+    lr_gamma: float = 0.8  # step / plateau: decay factor
     grad_clip: float = 5.0
     fine_tune_encoder: int = 0  # last N encoder blocks to train (0: frozen)
     encoder_lr: float = 1e-4
     seed: int = 0
     num_workers: int = 1
+    select_metric: str = "CIDEr-D"  # what best.pt, early stopping and plateau decay follow
+    patience: int = 0  # stop after this many epochs without improvement (0: never)
+    val_beam_size: int = 1  # 1: greedy
 
     def decoder_hparams(self) -> dict[str, Any]:
         return {"embed_size": self.embed_size, "hidden_size": self.hidden_size,
@@ -67,14 +74,29 @@ def _optimizer(opts: TrainOptions, groups: list[dict]) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {opts.optimizer!r}: adam, sgd or momentum")
 
 
-def _scheduler(opts: TrainOptions, optim: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+_METRIC_NAMES = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "meteor": "METEOR",
+                 "rougel": "ROUGE-L", "cider": "CIDEr-D", "ciderd": "CIDEr-D", "valloss": "val_loss"}
+
+
+def canonical_metric(name: str) -> str:
+    """'cider', 'CIDEr-D', 'bleu4', 'BLEU-4', 'val_loss', ... -> the key used in metrics.jsonl."""
+    key = "".join(ch for ch in name.lower() if ch.isalnum())
+    if key not in _METRIC_NAMES:
+        raise ValueError(f"unknown metric {name!r}: choose from {', '.join(sorted(set(_METRIC_NAMES.values())))}")
+    return _METRIC_NAMES[key]
+
+
+def _scheduler(opts: TrainOptions, optim: torch.optim.Optimizer, mode: str):
+    if opts.lr_schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optim, mode=mode, factor=opts.lr_gamma,
+                                                          patience=opts.lr_patience, eps=0.0)
     if opts.lr_schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optim, lambda epoch: 1.0)
     if opts.lr_schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optim, step_size=opts.lr_step_epochs, gamma=opts.lr_gamma)
     if opts.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=max(1, opts.epochs))
-    raise ValueError(f"unknown lr schedule {opts.lr_schedule!r}: constant, step or cosine")
+    raise ValueError(f"unknown lr schedule {opts.lr_schedule!r}: plateau, constant, step or cosine")
 
 
 def _rng_state(sampler_gen: torch.Generator) -> dict[str, Any]:
@@ -97,7 +119,8 @@ def _as_tuple(x: Any) -> Any:
 
 
 class Trainer:
-    """Owns one run directory: RUN/last.pt every epoch, RUN/best.pt on best val loss, RUN/metrics.jsonl."""
+    """Owns one run directory: RUN/last.pt every epoch, RUN/best.pt on the best `select_metric`
+    (with no val set: the latest epoch), RUN/metrics.jsonl one line per epoch."""
 
     def __init__(self, train: CaptionCorpus, val: CaptionCorpus | None, out_dir: str | Path,
                  opts: TrainOptions | None = None, device: str = "auto", resume: bool = False,
@@ -116,6 +139,11 @@ class Trainer:
                 saved.epochs = opts.epochs  # the one thing a resume may change: how far to go
             opts = saved
         self.opts = opts = opts or TrainOptions()
+        has_val = val is not None and len(val) > 0
+        self.select = canonical_metric(opts.select_metric) if has_val else "train_loss"
+        self.higher_is_better = self.select not in ("val_loss", "train_loss")
+        if self.select == "METEOR" and meteor_backend() == "unavailable":
+            raise ValueError("--select-metric METEOR, but no METEOR is available here (see README: Metrics)")
         torch.manual_seed(opts.seed)
         random.seed(opts.seed)
         self.sampler_gen.manual_seed(opts.seed)
@@ -133,9 +161,10 @@ class Trainer:
         if encoder_params:
             groups.append({"params": encoder_params, "lr": opts.encoder_lr})
         self.optim = _optimizer(opts, groups)
-        self.sched = _scheduler(opts, self.optim)
+        self.sched = _scheduler(opts, self.optim, "max" if self.higher_is_better else "min")
         self.start_epoch = 0
-        self.best_val = math.inf
+        self.best_score = -math.inf if self.higher_is_better else math.inf
+        self.bad_epochs = 0  # epochs since the selection metric last improved
         if ckpt:
             if ckpt.get("encoder") is not None:
                 encoder.load_state_dict(ckpt["encoder"])
@@ -143,10 +172,10 @@ class Trainer:
             self.optim.load_state_dict(ckpt["optimizer"])
             self.sched.load_state_dict(ckpt["scheduler"])
             self.start_epoch = ckpt["epoch"]
-            self.best_val = ckpt.get("best_val_loss", math.inf)
+            self.best_score, self.bad_epochs = ckpt["best_score"], ckpt["bad_epochs"]
             self._trim_metrics(self.start_epoch)
         self.train_data = self._dataset(train, "train features")
-        self.val_data = self._dataset(val, "val features") if val is not None and len(val) else None
+        self.val_data = self._dataset(val, "val features") if has_val else None
         if ckpt:
             _set_rng_state(ckpt["rng"], self.sampler_gen)  # after feature extraction: resume continues the RNG
 
@@ -203,30 +232,62 @@ class Trainer:
             bar.set_postfix(loss=f"{total / tokens:.3f}")
         return total / max(tokens, 1)
 
+    def _val_captions(self) -> dict:
+        """Decode every val image once (greedy, or beam with val_beam_size): {image_id: caption}."""
+        dataset, feats = self.val_data
+        corpus = dataset.corpus
+        if feats is None:  # fine-tuning: no cached features, encode the images
+            return caption_corpus(self.model, corpus, beam_size=self.opts.val_beam_size, quiet=True)[0]
+        out, step = {}, 256
+        for i in range(0, len(corpus), step):
+            decoded = self.model.decode(feats[i:i + step], beam_size=self.opts.val_beam_size)
+            out.update({k: hs[0][0] for k, hs in zip(corpus.image_ids[i:i + step], decoded)})
+        return out
+
+    def _validate(self) -> dict[str, Any]:
+        val_loss = self._run_epoch(self.val_data, False, "val")
+        record = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+        scores = evaluate(references(self.val_data[0].corpus), self._val_captions())
+        return record | {k: scores[k] for k in METRICS} | {"METEOR_backend": scores["METEOR_backend"]}
+
+    def _better(self, score: float) -> bool:
+        return score > self.best_score if self.higher_is_better else score < self.best_score
+
     def fit(self) -> Path:
-        """Train to `opts.epochs`; returns the path of best.pt."""
+        """Train to `opts.epochs` or until early stopping; returns the path of best.pt."""
         for epoch in range(self.start_epoch, self.opts.epochs):
             t0 = time.time()
             lr = self.optim.param_groups[0]["lr"]
             train_loss = self._run_epoch(self.train_data, True, f"epoch {epoch + 1}/{self.opts.epochs}")
-            self.sched.step()
             record = {"epoch": epoch + 1, "train_loss": train_loss, "train_ppl": math.exp(min(train_loss, 50)),
                       "lr": lr}
             if self.val_data is not None:
-                val_loss = self._run_epoch(self.val_data, False, "val")
-                record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
-            else:
-                val_loss = train_loss  # no val set: best follows the latest epoch
-            record["time_s"] = round(time.time() - t0, 2)
-            improved = self.val_data is None or val_loss < self.best_val
+                record |= self._validate()
+            score = record[self.select]
+            if score is None:  # e.g. METEOR unavailable: cannot happen for the chosen metric (checked above)
+                raise ValueError(f"validation produced no {self.select}")
+            improved = self.val_data is None or self._better(score)
             if improved:
-                self.best_val = val_loss
+                self.best_score, self.bad_epochs = score, 0
+            else:
+                self.bad_epochs += 1
+            if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.sched.step(score)
+            else:
+                self.sched.step()
+            record |= {"best": improved, "time_s": round(time.time() - t0, 2)}
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             self._save(epoch + 1, improved)  # after the log line: a resume trims lines past the checkpoint
             if not self.quiet:
-                shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
-                print(shown + (" *" if improved else ""), file=sys.stderr, flush=True)
+                shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                                 if k not in ("best", "METEOR_backend"))
+                print(shown + (f" * best {self.select}" if improved else ""), file=sys.stderr, flush=True)
+            if self.opts.patience and self.bad_epochs >= self.opts.patience:
+                if not self.quiet:
+                    print(f"early stop: {self.select} has not improved for {self.bad_epochs} epochs",
+                          file=sys.stderr, flush=True)
+                break
         if not (self.out / "best.pt").is_file():
             raise CheckpointError(f"{self.out}: no epochs were run, so there is no best.pt "
                                   f"(already at epoch {self.start_epoch} of {self.opts.epochs}?)")
@@ -235,7 +296,8 @@ class Trainer:
     def _save(self, epoch: int, best: bool) -> None:
         payload = self.model.checkpoint_payload() | {
             "optimizer": self.optim.state_dict(), "scheduler": self.sched.state_dict(), "epoch": epoch,
-            "best_val_loss": self.best_val, "rng": _rng_state(self.sampler_gen)}
+            "best_score": self.best_score, "bad_epochs": self.bad_epochs, "select_metric": self.select,
+            "rng": _rng_state(self.sampler_gen)}
         save_checkpoint(self.out / "last.pt", payload)
         if best:
             save_checkpoint(self.out / "best.pt", payload)
