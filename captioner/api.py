@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any, Union
 
 import torch
@@ -14,24 +13,13 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .decoding import beam_search
 from .device import resolve_device
 from .encoders import Encoder, build_encoder
+from .features import default_workers, encode_pixels, pool, prepared_batches, split_batch
 from .images import ImageError, Preprocess, load_image, to_rgb
 from .models import CaptionModel, build_decoder
+from .paths import bundled_model_path
 from .vocab import Vocabulary
 
 ImageInput = Union[str, os.PathLike, Image.Image, Tensor]
-BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "model" / "captioner-flickr8k.pt"
-
-
-def bundled_model_path() -> Path:
-    """Where `Captioner.load()` looks when no path is given: $CAPTIONER_MODEL, else the bundled file."""
-    return Path(os.environ.get("CAPTIONER_MODEL", BUNDLED_MODEL))
-
-
-def pool(grid: Tensor, kind: str) -> Tensor:
-    """What a decoder consumes from the encoder grid (B, R, D): pooled (B, D) or the grid itself."""
-    return grid.mean(dim=1) if kind == "pooled" else grid
-
-
 class Captioner:
     """A trained captioning model: encoder + decoder + vocabulary, ready to describe images."""
 
@@ -97,13 +85,9 @@ class Captioner:
             return self.preprocess(item)
         raise ImageError(repr(item)[:60], f"unsupported input type {type(item).__name__}")
 
-    @torch.no_grad()
     def encode(self, pixels: Tensor) -> Tensor:
         """Preprocessed images (B, 3, S, S) -> the features this decoder consumes."""
-        x = pixels.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            grid = self.encoder(x)  # (B, R, D)
-        return pool(grid.float(), self.decoder.feature_kind)
+        return pool(encode_pixels(self.encoder, pixels, self.device), self.decoder.feature_kind)
 
     def decode(self, features: Tensor, beam_size: int = 5, n_best: int = 1, max_len: int = 20, min_len: int = 1,
                length_alpha: float = 0.0, no_repeat_ngram: int = 0) -> list[list[tuple[str, float]]]:
@@ -118,24 +102,20 @@ class Captioner:
             self.decoder.train(was_training)
         return [[(self.vocab.decode(h.tokens), h.score) for h in hs] for hs in hyps]
 
-    def generate(self, inputs: Sequence[ImageInput], batch_size: int = 32,
+    def generate(self, inputs: Sequence[ImageInput], batch_size: int = 32, num_workers: int | None = None,
                  **decode_opts: Any) -> Iterator[list[tuple[str, float]] | ImageError]:
         """For each input, in order: its n-best (caption, score) list, or the ImageError it raised.
 
-        A bad input never stops the others; images are encoded and beam-searched in batches.
+        A bad input never stops the others. Images are decoded in worker processes (when there is
+        more than one batch), then encoded and beam-searched a batch at a time.
         decode_opts: beam_size, n_best, max_len, min_len, length_alpha, no_repeat_ngram (see `decode`).
         """
-        for start in range(0, len(inputs), batch_size):
-            prepared: list[Tensor | ImageError] = []
-            for item in inputs[start:start + batch_size]:
-                try:
-                    prepared.append(self.prepare(item))
-                except ImageError as e:
-                    prepared.append(e)
-            good = [p for p in prepared if isinstance(p, Tensor)]
-            decoded = iter(self.decode(self.encode(torch.stack(good)), **decode_opts) if good else [])
-            for p in prepared:
-                yield p if isinstance(p, ImageError) else next(decoded)
+        workers = default_workers(len(inputs), batch_size) if num_workers is None else num_workers
+        for batch in prepared_batches(inputs, self.prepare, batch_size, workers):
+            idx, pixels, _ = split_batch(batch)
+            decoded = iter(self.decode(self.encode(pixels), **decode_opts) if idx else [])
+            for item in batch:
+                yield item if isinstance(item, ImageError) else next(decoded)
 
     def caption(self, x: ImageInput | Sequence[ImageInput], beam_size: int = 5, max_len: int = 20,
                 errors: str = "raise", **decode_opts: Any) -> str | list[str | None]:

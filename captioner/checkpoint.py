@@ -60,7 +60,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path}: refused: not a plain tensors-and-JSON checkpoint; it may hold pickled "
                               f"code, which is never run ({detail})") from None
     except Exception as e:  # truncated or not a torch file at all
-        raise CheckpointError(f"{path}: not a readable checkpoint: truncated or corrupt ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint: truncated or corrupt "
+                              f"({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a captioner checkpoint")
     if ckpt.get("format_version") != FORMAT_VERSION:

@@ -12,6 +12,7 @@ from . import __version__
 from .checkpoint import CheckpointError
 from .data import DataError, load_coco, load_coco_references, load_karpathy
 from .encoders import EncoderWeightsError
+from .features import FeatureCache
 from .images import ImageError, list_images
 from .training import TrainOptions
 
@@ -100,7 +101,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         raise DataError("give --annotations and --images, or --karpathy-json and --split")
     model = Captioner.load(args.model, device=args.device)
-    results, failed = caption_corpus(model, corpus, batch_size=args.batch_size, quiet=args.quiet,
+    cache = None if args.no_cache else FeatureCache(model.encoder, args.cache_dir)
+    results, failed = caption_corpus(model, corpus, batch_size=args.batch_size, quiet=args.quiet, cache=cache,
                                      beam_size=args.beam_size, max_len=args.max_len)
     for e in failed:
         _err(str(e))
@@ -109,6 +111,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = {"model": str(args.model or "bundled"), "beam_size": args.beam_size, "failed": len(failed),
               "skipped_missing": corpus.skipped_missing, **score(references(corpus), results)}
     print(json.dumps(report))
+    return 1 if failed else 0
+
+
+def cmd_extract_features(args: argparse.Namespace) -> int:
+    from .device import resolve_device
+    from .encoders import build_encoder
+
+    paths: list = []
+    if args.annotations:
+        if not args.images:
+            raise DataError("--annotations needs --images (the folder its file_names are in)")
+        paths += load_coco(args.annotations, args.images, args.skip_missing).paths
+    if args.karpathy_json:
+        paths += load_karpathy(args.karpathy_json, args.images_root or Path(args.karpathy_json).parent, args.split,
+                               args.skip_missing).paths
+    found, problems = expand_inputs(args.inputs)
+    paths += found
+    if not paths and not problems:
+        raise DataError("nothing to extract: give image files/folders/globs, --annotations with --images, "
+                        "or --karpathy-json")
+    cache = FeatureCache(build_encoder(args.encoder), args.cache_dir)
+    failed = problems + cache.fill(paths, batch_size=args.batch_size, device=resolve_device(args.device),
+                                   num_workers=args.num_workers, quiet=args.quiet)
+    for e in failed:
+        _err(str(e))
+    if not args.quiet:
+        print(f"{len(paths) - len(failed)} image(s) cached in {cache.dir}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -133,11 +162,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     train, val = _corpora(args)
     opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__})
-    trainer = Trainer(train, val, args.out, opts, device=args.device, resume=args.resume, quiet=args.quiet)
+    trainer = Trainer(train, val, args.out, opts, device=args.device, resume=args.resume, quiet=args.quiet,
+                      use_cache=not args.no_cache, cache_dir=args.cache_dir)
     best = trainer.fit()
     if not args.quiet:
         print(f"best checkpoint: {best}", file=sys.stderr)
     return 0
+
+
+def _cache_args(group) -> None:
+    group.add_argument("--cache-dir", help="feature cache folder (default: $CAPTIONER_CACHE_DIR or ~/.cache/captioner)")
+    group.add_argument("--no-cache", action="store_true", help="compute encoder features in memory, cache nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max global gradient norm")
     o.add_argument("--seed", type=int, default=d.seed)
     o.add_argument("--num-workers", type=int, default=d.num_workers, help="image-decoding worker processes")
+    o.add_argument("--amp", default=d.amp, choices=["auto", "off", "bf16", "fp16"],
+                   help="mixed precision; auto: bf16 on CUDA, off on CPU (bf16 also pays on CPUs with AVX512-BF16/AMX)")
     v = t.add_argument_group("validation and model selection")
     v.add_argument("--select-metric", default=d.select_metric,
                    help="what best.pt follows: CIDEr-D, BLEU-4, METEOR, ROUGE-L, BLEU-1..3 or val_loss")
@@ -209,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (its settings; --epochs may grow)")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda")
     r.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    _cache_args(r)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="caption a dataset's images and score them (BLEU, METEOR, ROUGE-L, CIDEr-D)")
@@ -225,7 +263,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--results", help="also write the captions here, in the COCO results format")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    _cache_args(e)
     e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("extract-features", help="fill the feature cache ahead of training or evaluation")
+    x.add_argument("inputs", nargs="*", help="image files, folders or glob patterns")
+    x.add_argument("--annotations", help="COCO caption JSON: its images")
+    x.add_argument("--images", help="with --annotations: the folder its file_names are in")
+    x.add_argument("--karpathy-json", help="Karpathy split file: the images of --split")
+    x.add_argument("--images-root", help="with --karpathy-json: folder the filepaths are relative to")
+    x.add_argument("--split", default="train,restval,val,test", help="with --karpathy-json: which split(s)")
+    x.add_argument("--skip-missing", action="store_true")
+    x.add_argument("--encoder", default=TrainOptions().encoder)
+    x.add_argument("--batch-size", type=int, default=32)
+    x.add_argument("--num-workers", type=int, default=1, help="image-decoding worker processes")
+    x.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    x.add_argument("--quiet", action="store_true")
+    x.add_argument("--cache-dir", help="feature cache folder (default: $CAPTIONER_CACHE_DIR or ~/.cache/captioner)")
+    x.set_defaults(func=cmd_extract_features)
 
     s = sub.add_parser("score", help="score an existing COCO results file against reference captions")
     s.add_argument("--results", required=True, help='[{"image_id": ..., "caption": ...}, ...]')

@@ -4,15 +4,19 @@ Beam search is batched: all images x beams advance as one (B*K, ...) tensor prog
 of 32 images costs about one model step per word, not 32. Finished beams stay in place with
 their score frozen (their only continuation is <pad> at log-prob 0), so they keep competing
 with the live ones; the search stops when every beam has ended or `max_len` words are out.
+Only live rows are run through the model, so finished beams and images cost nothing more, and
+(without a length penalty) an image stops as soon as its n-best beams have ended, since no live
+beam can overtake them: the result is exact, only reached sooner.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .models.base import CaptionModel
+from .models.base import CaptionModel, DecoderState
 
 PAD_ID, START_ID, END_ID = 0, 1, 2  # fixed by Vocabulary
 DEAD_END_LOGP = -1e4  # log-prob charged for ending a caption that the constraints left no other way out of
@@ -24,11 +28,6 @@ class Hypothesis:
     logprob: float  # summed log-probability, <end> included when emitted
     score: float  # ranking score: logprob / GNMT length penalty (== logprob when alpha = 0)
     finished: bool  # emitted <end> (False: cut at max_len)
-
-
-def length_penalty(length: Tensor, alpha: float) -> Tensor:
-    """GNMT length penalty ((5 + |Y|) / 6) ** alpha; 1 when alpha == 0."""
-    return ((5.0 + length.float()) / 6.0) ** alpha
 
 
 def _constrain(logp: Tensor, history: Tensor, t: int, min_len: int, no_repeat_ngram: int) -> Tensor:
@@ -61,7 +60,7 @@ def greedy(model: CaptionModel, features: Tensor, max_len: int = 20, min_len: in
     logprob = torch.zeros(B, device=features.device)
     finished = torch.zeros(B, dtype=torch.bool, device=features.device)
     for t in range(max_len):
-        logp, state = model.step(tokens, state)  # (B, V)
+        logp, state = _step_live(model, tokens, state, ~finished)  # (B, V)
         logp = _constrain(logp, history, t, min_len, no_repeat_ngram)
         best, tokens = logp.max(dim=-1)  # (B,), (B,)
         logprob += torch.where(finished, torch.zeros_like(best), best)
@@ -70,14 +69,24 @@ def greedy(model: CaptionModel, features: Tensor, max_len: int = 20, min_len: in
         finished |= tokens == END_ID
         if finished.all():
             break
-    return [_hypothesis(history[b], logprob[b], finished[b], 0.0) for b in range(B)]
+    return [_hypothesis(seq, lp, fin, 0.0) for seq, lp, fin in zip(history.tolist(), logprob.tolist(), finished.tolist())]
 
 
-def _hypothesis(seq: Tensor, logprob: Tensor, finished: Tensor, alpha: float) -> Hypothesis:
-    words = [int(w) for w in seq.tolist() if w not in (PAD_ID, END_ID)]
-    n_scored = len(words) + int(bool(finished))
-    lp = float(length_penalty(torch.tensor(n_scored), alpha))
-    return Hypothesis(words, float(logprob), float(logprob) / lp, bool(finished))
+def _step_live(model: CaptionModel, tokens: Tensor, state: DecoderState, live: Tensor) -> tuple[Tensor, DecoderState]:
+    """model.step on the live rows only; finished rows get -inf log-probs and keep their state."""
+    if bool(live.all()):
+        return model.step(tokens, state)
+    idx = live.nonzero().squeeze(1)  # (n_live,)
+    logp_live, state_live = model.step(tokens[idx], state.index(idx))  # (n_live, V)
+    logp = logp_live.new_full((tokens.size(0), logp_live.size(1)), float("-inf"))
+    logp[idx] = logp_live
+    return logp, state.put(idx, state_live)
+
+
+def _hypothesis(seq: list[int], logprob: float, finished: bool, alpha: float) -> Hypothesis:
+    words = [w for w in seq if w not in (PAD_ID, END_ID)]
+    lp = ((5.0 + len(words) + int(finished)) / 6.0) ** alpha  # GNMT length penalty over words + <end>
+    return Hypothesis(words, logprob, logprob / lp, finished)
 
 
 @torch.no_grad()
@@ -95,12 +104,11 @@ def beam_search(model: CaptionModel, features: Tensor, beam_size: int = 5, max_l
     finished = torch.zeros(B * K, dtype=torch.bool, device=dev)
     offsets = (torch.arange(B, device=dev) * K)[:, None]  # (B, 1)
     for t in range(max_len):
-        logp, state = model.step(tokens, state)  # (B*K, V)
+        logp, state = _step_live(model, tokens, state, ~finished)  # (B*K, V)
         V = logp.size(-1)
         logp = _constrain(logp.float(), history, t, min_len, no_repeat_ngram)
-        frozen = torch.full_like(logp, float("-inf"))
-        frozen[:, PAD_ID] = 0.0
-        logp = torch.where(finished[:, None], frozen, logp)  # finished beams: only <pad>, at no cost
+        logp[finished] = float("-inf")
+        logp[finished, PAD_ID] = 0.0  # finished beams: only <pad>, at no cost
         cand = (beam_logp.view(B * K, 1) + logp).view(B, K * V)  # (B, K*V)
         beam_logp, idx = cand.topk(K, dim=1)  # (B, K)
         src = (offsets + idx // V).view(-1)  # (B*K,) beam each survivor came from
@@ -108,13 +116,19 @@ def beam_search(model: CaptionModel, features: Tensor, beam_size: int = 5, max_l
         state = state.index(src)
         history = torch.cat([history[src], tokens[:, None]], dim=1)  # (B*K, t+1)
         finished = finished[src] | (tokens == END_ID) | torch.isinf(beam_logp.view(-1))
+        if length_alpha == 0:
+            # beams are sorted by score and scores only fall as words are added: once an image's
+            # n_best leading beams have ended, no live beam can overtake them, so stop it
+            settled = finished.view(B, K)[:, :n_best].all(dim=1)  # (B,)
+            finished |= settled.repeat_interleave(K)
         if finished.all():
             break
-    ended = (history == END_ID).any(dim=1)  # (B*K,)
+    ended = (history == END_ID).any(dim=1).tolist()  # (B*K,)
+    seqs, scores = history.tolist(), beam_logp.view(-1).tolist()
     results = []
     for b in range(B):
-        hyps = [_hypothesis(history[b * K + k], beam_logp[b, k], ended[b * K + k], length_alpha)
-                for k in range(K) if torch.isfinite(beam_logp[b, k])]
+        hyps = [_hypothesis(seqs[i], scores[i], ended[i], length_alpha)
+                for i in range(b * K, (b + 1) * K) if math.isfinite(scores[i])]
         hyps.sort(key=lambda h: h.score, reverse=True)
         results.append(hyps[:n_best])
     return results

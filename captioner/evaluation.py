@@ -11,15 +11,29 @@ from tqdm import tqdm
 from .api import Captioner
 from .checkpoint import atomic_write
 from .data import CaptionCorpus, DataError, read_json
+from .features import FeatureCache
 from .images import ImageError
 from .metrics import evaluate
 
 
 def caption_corpus(model: Captioner, corpus: CaptionCorpus, batch_size: int = 32, quiet: bool = False,
-                   **decode_opts: Any) -> tuple[dict[Any, str], list[ImageError]]:
-    """Caption every image of the corpus once: {image_id: caption}, and the images that failed."""
+                   cache: FeatureCache | None = None, **decode_opts: Any) -> tuple[dict[Any, str], list[ImageError]]:
+    """Caption every image of the corpus once: {image_id: caption}, and the images that failed.
+
+    With a feature cache the images are encoded only if they are not cached yet.
+    """
     results: dict[Any, str] = {}
     failed: list[ImageError] = []
+    if cache is not None:
+        failed = cache.fill(corpus.paths, batch_size=batch_size, device=model.device, quiet=quiet)
+        bad = {e.path for e in failed}
+        keep = [i for i, p in enumerate(corpus.paths) if str(p) not in bad]
+        feats = cache.load([corpus.paths[i] for i in keep], model.decoder.feature_kind)
+        step = 256
+        for s in tqdm(range(0, len(keep), step), desc="captioning", unit="batch", disable=quiet, leave=False):
+            for i, hyps in zip(keep[s:s + step], model.decode(feats[s:s + step], **decode_opts)):
+                results[corpus.image_ids[i]] = hyps[0][0]
+        return results, failed
     with tqdm(total=len(corpus), desc="captioning", unit="img", disable=quiet, leave=False) as bar:
         for image_id, r in zip(corpus.image_ids, model.generate(corpus.paths, batch_size=batch_size, **decode_opts)):
             if isinstance(r, ImageError):

@@ -1,53 +1,265 @@
-"""Running the frozen encoder over a set of images, once, in batches.
+"""Encoder features, computed once: in memory for one run, or in a shared on-disk cache.
 
-With a frozen encoder the features of an image never change, so training computes them once per
-run instead of once per caption per epoch.
+With a frozen encoder the features of an image never change, so running the CNN on every image
+at every epoch (as the classic tutorials do) wastes almost all of the training time. The cache
+keeps, per encoder (name + weights hash + preprocessing), an append-only pair of fp16 arrays —
+the grid (M, R, D) and the pooled vector (M, D) — and an index from image identity (absolute
+path, size, mtime) to row. Any change to the encoder, its weights, its preprocessing or an image
+file therefore misses the cache and is extracted afresh. Extraction appends batch by batch, so an
+interrupted run keeps what it finished and the next one resumes; a file lock keeps concurrent runs
+from writing at once. Memory-mapped reads mean a grid for 100k images never has to fit in RAM.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .api import pool
-from .data import DataError
 from .encoders import Encoder
 from .images import ImageError, Preprocess, load_image
+from .paths import cache_dir
 
 
-class ImageFiles(Dataset):
-    """Preprocessed pixels of image files; decoding runs in DataLoader workers."""
+class LoadImage:
+    """Path -> preprocessed pixels (3, S, S); a picklable callable for DataLoader workers."""
 
-    def __init__(self, paths: Sequence[Path], preprocess: Preprocess) -> None:
-        self.paths, self.preprocess = list(paths), preprocess
+    def __init__(self, preprocess: Preprocess) -> None:
+        self.preprocess = preprocess
+
+    def __call__(self, path: str | os.PathLike) -> Tensor:
+        return self.preprocess(load_image(path))
+
+
+class _Prepared(Dataset):
+    """Each item prepared, or the ImageError it raised, so one bad file never stops a batch."""
+
+    def __init__(self, items: Sequence, prepare: Callable[[object], Tensor]) -> None:
+        self.items, self.prepare = items, prepare
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.items)
 
-    def __getitem__(self, i: int) -> Tensor:
+    def __getitem__(self, i: int) -> Tensor | ImageError:
         try:
-            return self.preprocess(load_image(self.paths[i]))  # (3, S, S)
+            return self.prepare(self.items[i])
         except ImageError as e:
-            raise DataError(str(e)) from None
+            return e
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+def default_workers(n_items: int, batch_size: int) -> int:
+    """Decode in a worker process only when there is a next batch to overlap with the CNN."""
+    return 0 if n_items <= batch_size else max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def prepared_batches(items: Sequence, prepare: Callable[[object], Tensor], batch_size: int = 32,
+                     num_workers: int = 0) -> Iterator[list[Tensor | ImageError]]:
+    """Items prepared in batches, in order; with workers, decoding overlaps the caller's compute."""
+    if num_workers == 0:
+        data = _Prepared(items, prepare)
+        for start in range(0, len(items), batch_size):
+            yield [data[i] for i in range(start, min(start + batch_size, len(items)))]
+        return
+    yield from DataLoader(_Prepared(items, prepare), batch_size=batch_size, num_workers=num_workers,
+                          collate_fn=_as_list)
+
+
+def split_batch(batch: list[Tensor | ImageError]) -> tuple[list[int], Tensor | None, list[ImageError]]:
+    """(positions of the good items, their pixels stacked (b, 3, S, S), the errors)."""
+    idx = [i for i, x in enumerate(batch) if isinstance(x, Tensor)]
+    pixels = torch.stack([batch[i] for i in idx]) if idx else None
+    return idx, pixels, [x for x in batch if isinstance(x, ImageError)]
+
+
+@torch.no_grad()
+def encode_pixels(encoder: Encoder, pixels: Tensor, device: torch.device) -> Tensor:
+    """(B, 3, S, S) -> grid (B, R, D) fp32; channels_last, bf16 autocast on CUDA."""
+    x = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return encoder(x).float()
+
+
+def pool(grid: Tensor, kind: str) -> Tensor:
+    """What a decoder consumes from the encoder grid (B, R, D): pooled (B, D) or the grid itself."""
+    return grid.mean(dim=1) if kind == "pooled" else grid
 
 
 @torch.no_grad()
 def extract_features(encoder: Encoder, paths: Sequence[Path], kind: str = "pooled", batch_size: int = 32,
                      device: torch.device = torch.device("cpu"), num_workers: int = 1,
-                     quiet: bool = False, desc: str = "features") -> Tensor:
-    """Features of every image, in order: (N, D) pooled or (N, R, D) grid, fp32 for pooled, fp16 grid."""
+                     quiet: bool = False, desc: str = "features") -> tuple[Tensor, list[ImageError]]:
+    """In-memory features of every image, in order (no cache): (N, D) pooled fp32 or (N, R, D) grid fp16.
+
+    Rows of images that failed are zero; the errors come back alongside.
+    """
     encoder = encoder.to(device, memory_format=torch.channels_last).eval()
-    loader = DataLoader(ImageFiles(paths, encoder.spec.preprocess), batch_size=batch_size,
-                        num_workers=num_workers, pin_memory=device.type == "cuda")
-    out: list[Tensor] = []
-    for pixels in tqdm(loader, desc=desc, unit="batch", disable=quiet, leave=False):
-        x = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            grid = encoder(x)  # (B, R, D)
-        f = pool(grid.float(), kind)
-        out.append((f if kind == "pooled" else f.half()).cpu())
-    return torch.cat(out)
+    out: Tensor | None = None
+    failed: list[ImageError] = []
+    start = 0
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=quiet, leave=False) as bar:
+        for batch in prepared_batches(paths, LoadImage(encoder.spec.preprocess), batch_size, num_workers):
+            idx, pixels, errors = split_batch(batch)
+            failed += errors
+            if pixels is not None:
+                f = pool(encode_pixels(encoder, pixels, device), kind)
+                f = (f if kind == "pooled" else f.half()).cpu()
+                if out is None:
+                    out = torch.zeros((len(paths), *f.shape[1:]), dtype=f.dtype)
+                out[[start + i for i in idx]] = f
+            start += len(batch)
+            bar.update(len(batch))
+    if out is None:
+        raise ValueError("no image could be read")
+    return out, failed
+
+
+# ---- the on-disk cache ------------------------------------------------------------------------------
+def image_identity(path: str | os.PathLike) -> str:
+    """What makes cached features valid for a file: absolute path, size and modification time."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return f"{p}\t{st.st_size}\t{st.st_mtime_ns}"
+
+
+def encoder_key(encoder: Encoder) -> str:
+    """Name + hash of the weights + preprocessing: features made by anything else never match."""
+    h = hashlib.sha256()
+    for name, t in sorted(encoder.trunk.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(json.dumps(encoder.spec.preprocess.to_dict(), sort_keys=True).encode())
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in encoder.spec.name)
+    return f"{safe}-{h.hexdigest()[:16]}"
+
+
+@dataclass
+class GridFeatures:
+    """Grid features (N, R, D) of a dataset, read from the memory-mapped cache a batch at a time."""
+
+    array: np.ndarray  # (M, R, D) fp16 memmap of the whole store
+    rows: np.ndarray  # (N,) store row of each dataset image
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.array.shape[1:])
+
+    def __getitem__(self, idx) -> Tensor:
+        rows = self.rows[idx] if isinstance(idx, slice) else self.rows[np.asarray(idx)]
+        return torch.from_numpy(np.ascontiguousarray(self.array[rows]))  # (b, R, D) fp16
+
+
+class FeatureCache:
+    """One encoder's cached features under CACHE/features/<encoder key>/."""
+
+    def __init__(self, encoder: Encoder, root: str | os.PathLike | None = None) -> None:
+        if encoder.trainable:
+            raise ValueError("a fine-tuned encoder's features change while training: they cannot be cached")
+        self.encoder = encoder
+        self.dir = Path(root or cache_dir()) / "features" / encoder_key(encoder)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.index: dict[str, int] = {}
+        self.shape: tuple[int, int] | None = None  # (R, D)
+
+    # files: meta.json {"regions", "dim", "encoder"}, index.jsonl, grid.f16, pooled.f16, lock
+    def _read(self) -> None:
+        meta = self.dir / "meta.json"
+        self.shape = tuple(json.loads(meta.read_text())["shape"]) if meta.is_file() else None
+        self.index = {}
+        index = self.dir / "index.jsonl"
+        if index.is_file():
+            for line in index.read_text(encoding="utf-8").splitlines():
+                if line.endswith("}"):  # a line cut short by a crash is ignored
+                    rec = json.loads(line)
+                    self.index[rec["k"]] = rec["r"]
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        n = len(self.index)
+        R, D = self.shape
+        grid = np.memmap(self.dir / "grid.f16", dtype=np.float16, mode="r", shape=(n, R, D))
+        pooled = np.memmap(self.dir / "pooled.f16", dtype=np.float16, mode="r", shape=(n, D))
+        return grid, pooled
+
+    def fill(self, paths: Sequence[Path], batch_size: int = 32, device: torch.device = torch.device("cpu"),
+             num_workers: int = 1, quiet: bool = False, desc: str = "features") -> list[ImageError]:
+        """Extract and append whatever of `paths` is not cached yet; returns the images that failed."""
+        with open(self.dir / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time; others wait, then find their rows
+            self._read()
+            todo, seen = [], set()
+            for p in paths:
+                try:
+                    key = image_identity(p)
+                except OSError as e:
+                    todo.append((p, None, ImageError(p, "no such file" if isinstance(e, FileNotFoundError)
+                                                     else f"unreadable ({e.strerror})")))
+                    continue
+                if key not in self.index and key not in seen:
+                    seen.add(key)
+                    todo.append((p, key, None))
+            failed = [err for _, _, err in todo if err is not None]
+            todo = [(p, k) for p, k, err in todo if err is None]
+            if todo:
+                failed += self._extract(todo, batch_size, device, num_workers, quiet, desc)
+        return failed
+
+    def _extract(self, todo: list[tuple[Path, str]], batch_size: int, device: torch.device, num_workers: int,
+                 quiet: bool, desc: str) -> list[ImageError]:
+        encoder = self.encoder.to(device, memory_format=torch.channels_last).eval()
+        failed: list[ImageError] = []
+        n = len(self.index)
+        if self.shape is not None:  # drop rows a crash left without an index line
+            R, D = self.shape
+            for name, row_bytes in (("grid.f16", R * D * 2), ("pooled.f16", D * 2)):
+                if (self.dir / name).exists():
+                    os.truncate(self.dir / name, n * row_bytes)
+        with open(self.dir / "grid.f16", "ab") as fg, open(self.dir / "pooled.f16", "ab") as fp, \
+                open(self.dir / "index.jsonl", "a", encoding="utf-8") as fi, \
+                tqdm(total=len(todo), desc=desc, unit="img", disable=quiet, leave=False) as bar:
+            paths, start = [p for p, _ in todo], 0
+            for batch in prepared_batches(paths, LoadImage(encoder.spec.preprocess), batch_size, num_workers):
+                idx, pixels, errors = split_batch(batch)
+                idx = [start + i for i in idx]
+                start += len(batch)
+                failed += errors
+                if pixels is not None:
+                    grid = encode_pixels(encoder, pixels, device)  # (b, R, D) fp32
+                    if self.shape is None:
+                        self.shape = tuple(grid.shape[1:])
+                        (self.dir / "meta.json").write_text(json.dumps(
+                            {"encoder": encoder.spec.name, "shape": list(self.shape), "dtype": "float16"}))
+                    fg.write(grid.half().cpu().numpy().tobytes())
+                    fp.write(grid.mean(dim=1).half().cpu().numpy().tobytes())
+                    fg.flush()
+                    fp.flush()
+                    for i in idx:  # index lines only after their rows are written
+                        fi.write(json.dumps({"k": todo[i][1], "r": n}) + "\n")
+                        self.index[todo[i][1]] = n
+                        n += 1
+                    fi.flush()
+                bar.update(len(batch))
+        return failed
+
+    def load(self, paths: Sequence[Path], kind: str = "pooled") -> Tensor | GridFeatures:
+        """Cached features of `paths` (all must be cached): pooled (N, D) fp16 in RAM, or grid via memmap."""
+        self._read()
+        rows = np.array([self.index[image_identity(p)] for p in paths], dtype=np.int64)
+        grid, pooled = self._arrays()
+        if kind == "pooled":
+            return torch.from_numpy(np.ascontiguousarray(pooled[rows]))  # (N, D) fp16
+        return GridFeatures(grid, rows)

@@ -24,6 +24,9 @@ class ImageError(Exception):
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
 
+    def __reduce__(self):  # travels back from DataLoader worker processes
+        return (ImageError, (self.path, self.reason))
+
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL image as RGB; transparency is composited on white, not dropped to black."""

@@ -22,6 +22,8 @@ from typing import Any
 
 from nltk.tokenize import TreebankWordTokenizer
 
+from .paths import cache_dir
+
 # coco-caption drops exactly these tokens after PTB tokenisation. Its tokenizer lower-cases first,
 # so brackets come out as "-lrb-" etc. and are *kept* (the upper-case entries never match); we do
 # the same, or our scores would not be theirs.
@@ -157,13 +159,6 @@ _LEXNAMES = ("adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artif
              "verb.emotion verb.motion verb.perception verb.possession verb.social verb.stative verb.weather "
              "adj.ppl").split()  # WordNet 3.0's lexicographer files, in file-number order
 _POS_NUMBER = {"noun": 1, "verb": 2, "adj": 3, "adv": 4}
-
-
-def cache_dir() -> Path:
-    """captioner's cache folder: $CAPTIONER_CACHE_DIR, else $XDG_CACHE_HOME/captioner or ~/.cache/captioner."""
-    if os.environ.get("CAPTIONER_CACHE_DIR"):
-        return Path(os.environ["CAPTIONER_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "captioner"
 
 
 def _debian_wordnet_as_nltk_data(source: Path) -> Path | None:

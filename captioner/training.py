@@ -16,14 +16,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
-from .api import Captioner, pool
+from .api import Captioner
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
-from .data import Batch, CaptionCorpus, CaptionDataset, collate
+from .data import Batch, CaptionCorpus, CaptionDataset, DataError, collate
 from .device import resolve_device
 from .encoders import build_encoder
 from .evaluation import caption_corpus, references
-from .features import extract_features
-from .images import load_image
+from .features import FeatureCache, GridFeatures, LoadImage, extract_features, pool
 from .metrics import METRICS, evaluate, meteor_backend
 from .models import build_decoder
 from .vocab import Vocabulary
@@ -56,6 +55,7 @@ class TrainOptions:
     encoder_lr: float = 1e-4
     seed: int = 0
     num_workers: int = 1
+    amp: str = "auto"  # mixed precision: auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16
     select_metric: str = "CIDEr-D"  # what best.pt, early stopping and plateau decay follow
     patience: int = 0  # stop after this many epochs without improvement (0: never)
     val_beam_size: int = 1  # 1: greedy
@@ -99,6 +99,17 @@ def _scheduler(opts: TrainOptions, optim: torch.optim.Optimizer, mode: str):
     raise ValueError(f"unknown lr schedule {opts.lr_schedule!r}: plateau, constant, step or cosine")
 
 
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for --amp on this device, or None for full fp32."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if amp in ("off", "none"):
+        return None
+    if amp in ("bf16", "fp16"):
+        return torch.bfloat16 if amp == "bf16" else torch.float16
+    raise ValueError(f"unknown --amp {amp!r}: auto, off, bf16 or fp16")
+
+
 def _rng_state(sampler_gen: torch.Generator) -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "sampler": sampler_gen.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -118,18 +129,21 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+Features = Tensor | GridFeatures  # per-image encoder outputs, indexed by dataset image index
+
+
 class Trainer:
     """Owns one run directory: RUN/last.pt every epoch, RUN/best.pt on the best `select_metric`
     (with no val set: the latest epoch), RUN/metrics.jsonl one line per epoch."""
 
     def __init__(self, train: CaptionCorpus, val: CaptionCorpus | None, out_dir: str | Path,
                  opts: TrainOptions | None = None, device: str = "auto", resume: bool = False,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, use_cache: bool = True, cache_dir: str | Path | None = None) -> None:
         self.out = Path(out_dir)
+        self.use_cache, self.cache_dir = use_cache, cache_dir
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(device)
         self.quiet = quiet
-        self.train_corpus, self.val_corpus = train, val
         self.sampler_gen = torch.Generator()
         ckpt = None
         if resume:
@@ -161,6 +175,8 @@ class Trainer:
         if encoder_params:
             groups.append({"params": encoder_params, "lr": opts.encoder_lr})
         self.optim = _optimizer(opts, groups)
+        self.amp = amp_dtype(opts.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.sched = _scheduler(opts, self.optim, "max" if self.higher_is_better else "min")
         self.start_epoch = 0
         self.best_score = -math.inf if self.higher_is_better else math.inf
@@ -171,30 +187,46 @@ class Trainer:
             decoder.load_state_dict(ckpt["decoder"])
             self.optim.load_state_dict(ckpt["optimizer"])
             self.sched.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt.get("scaler") or {})
             self.start_epoch = ckpt["epoch"]
             self.best_score, self.bad_epochs = ckpt["best_score"], ckpt["bad_epochs"]
             self._trim_metrics(self.start_epoch)
         self.train_data = self._dataset(train, "train features")
         self.val_data = self._dataset(val, "val features") if has_val else None
+        # the training RNG stream starts here, so whether features came from the cache or were just
+        # extracted (DataLoader workers draw seeds) cannot change a run; a resume continues the stream
+        torch.manual_seed(opts.seed)
+        random.seed(opts.seed)
         if ckpt:
-            _set_rng_state(ckpt["rng"], self.sampler_gen)  # after feature extraction: resume continues the RNG
+            _set_rng_state(ckpt["rng"], self.sampler_gen)
 
     # ---- data ----------------------------------------------------------------------------------
-    def _dataset(self, corpus: CaptionCorpus, desc: str) -> tuple[CaptionDataset, Tensor | None]:
-        """Frozen encoder: features computed once, items are indices. Fine-tuning: items carry pixels."""
-        vocab, opts = self.model.vocab, self.opts
-        if self.model.encoder.trainable:
-            pre = self.model.preprocess
-            return CaptionDataset(corpus, vocab, opts.max_caption_len, lambda p: pre(load_image(p))), None
-        feats = extract_features(self.model.encoder, corpus.paths, self.model.decoder.feature_kind,
-                                 device=self.device, num_workers=opts.num_workers, quiet=self.quiet, desc=desc)
-        if self.device.type == "cuda":
-            feats = feats.pin_memory()
+    def _dataset(self, corpus: CaptionCorpus, desc: str) -> tuple[CaptionDataset, Features | None]:
+        """Frozen encoder: features computed once (cached on disk unless --no-cache), items are image
+        indices. Fine-tuning: items carry pixels and the encoder runs every step."""
+        vocab, opts, encoder = self.model.vocab, self.opts, self.model.encoder
+        if encoder.trainable:
+            return CaptionDataset(corpus, vocab, opts.max_caption_len, LoadImage(self.model.preprocess)), None
+        kind, common = self.model.decoder.feature_kind, dict(device=self.device, num_workers=opts.num_workers,
+                                                             quiet=self.quiet, desc=desc)
+        if self.use_cache:
+            cache = FeatureCache(encoder, self.cache_dir)
+            failed = cache.fill(corpus.paths, **common)
+        else:
+            feats, failed = extract_features(encoder, corpus.paths, kind, **common)
+        if failed:
+            shown = "; ".join(str(e) for e in failed[:3])
+            raise DataError(f"{corpus.source}: {len(failed)} image(s) could not be read: {shown}")
+        if self.use_cache:
+            feats = cache.load(corpus.paths, kind)
         return CaptionDataset(corpus, vocab, opts.max_caption_len), feats
 
-    def _features(self, batch: Batch, feats: Tensor | None) -> Tensor:
+    def _features(self, batch: Batch, feats: Features | None) -> Tensor:
         if feats is not None:
-            return feats[batch.images].to(self.device, non_blocking=True).float()  # (B, ...)
+            f = feats[batch.images]  # (B, ...)
+            if self.device.type == "cuda":
+                f = f.pin_memory()  # so the copy below overlaps with compute
+            return f.to(self.device, non_blocking=True).float()
         x = batch.images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         return pool(self.model.encoder(x), self.model.decoder.feature_kind)  # (B, ...)
 
@@ -206,26 +238,29 @@ class Trainer:
                           persistent_workers=workers > 0)
 
     # ---- loop ----------------------------------------------------------------------------------
-    def _run_epoch(self, data: tuple[CaptionDataset, Tensor | None], train: bool, desc: str) -> float:
+    def _run_epoch(self, data: tuple[CaptionDataset, Features | None], train: bool, desc: str) -> float:
         """Mean per-token cross-entropy over the whole set (weighted by real tokens)."""
         dataset, feats = data
         decoder = self.model.decoder
         decoder.train(train)
         total, tokens = 0.0, 0
         bar = tqdm(self._loader(dataset, shuffle=train), desc=desc, unit="batch", disable=self.quiet, leave=False)
+        autocast = dict(device_type=self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
         for batch in bar:
-            with torch.set_grad_enabled(train):
+            with torch.set_grad_enabled(train), torch.autocast(**autocast):
                 features = self._features(batch, feats)
-                loss = decoder(features, batch.captions.to(self.device), batch.lengths)
+                loss = decoder(features, batch.captions.to(self.device), batch.lengths).float()
             if train:
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite training loss ({loss.item()}); stopping "
                                              f"(last good checkpoint: {self.out / 'last.pt'})")
                 self.optim.zero_grad(set_to_none=True)
-                loss.backward()
+                self.scaler.scale(loss).backward()  # the scaler is a no-op unless --amp fp16
+                self.scaler.unscale_(self.optim)
                 params = [p for g in self.optim.param_groups for p in g["params"]]
                 torch.nn.utils.clip_grad_norm_(params, self.opts.grad_clip)
-                self.optim.step()
+                self.scaler.step(self.optim)
+                self.scaler.update()
             n = int((batch.lengths - 1).sum())
             total += loss.item() * n
             tokens += n
@@ -296,6 +331,7 @@ class Trainer:
     def _save(self, epoch: int, best: bool) -> None:
         payload = self.model.checkpoint_payload() | {
             "optimizer": self.optim.state_dict(), "scheduler": self.sched.state_dict(), "epoch": epoch,
+            "scaler": self.scaler.state_dict(),
             "best_score": self.best_score, "bad_epochs": self.bad_epochs, "select_metric": self.select,
             "rng": _rng_state(self.sampler_gen)}
         save_checkpoint(self.out / "last.pt", payload)

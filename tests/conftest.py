@@ -15,6 +15,15 @@ TRAIN_ARGS = ["--epochs", "15", "--batch-size", "32", "--hidden-size", "256", "-
               "--min-word-count", "1", "--lr", "2e-3", "--dropout", "0.2", "--device", "cpu", "--quiet"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Tests never touch the user's cache: one temporary feature cache for the whole session."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CAPTIONER_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def shapes(tmp_path_factory) -> dict[str, Path]:
     return make_dataset(tmp_path_factory.mktemp("shapes"), per_combo=5, test_per_combo=1, seed=0)

@@ -24,6 +24,11 @@ class DecoderState:
         return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)
                                 if getattr(self, f.name) is not None})
 
+    def put(self, idx: Tensor, rows: "DecoderState") -> "DecoderState":
+        """A copy with rows `idx` replaced by `rows` (len(idx), ...); the other rows kept."""
+        return replace(self, **{f.name: getattr(self, f.name).index_copy(0, idx, getattr(rows, f.name))
+                                for f in fields(self) if getattr(self, f.name) is not None})
+
     def repeat_interleave(self, k: int) -> "DecoderState":
         """Each row repeated k times in place: (N, ...) -> (N*k, ...), for beams of one image."""
         return replace(self, **{f.name: getattr(self, f.name).repeat_interleave(k, dim=0) for f in fields(self)

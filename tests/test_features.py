@@ -1,0 +1,182 @@
+"""The on-disk feature cache: extract once, invalidate on change, resume after interruption."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from captioner.data import load_coco
+from captioner.encoders import build_encoder
+from captioner.features import FeatureCache, encoder_key, extract_features
+from captioner.images import ImageError
+from captioner.training import Trainer, TrainOptions
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return build_encoder()
+
+
+@pytest.fixture
+def images(shapes, tmp_path):
+    """A private copy of 8 test images (so the tests may touch and break them)."""
+    out = []
+    for p in sorted(shapes["test_images"].glob("*.png"))[:8]:
+        q = tmp_path / p.name
+        q.write_bytes(p.read_bytes())
+        out.append(q)
+    return out
+
+
+def _count_encodes(monkeypatch):
+    import captioner.features as F
+
+    calls = []
+    real = F.encode_pixels
+
+    def counting(encoder, pixels, device):
+        calls.append(len(pixels))
+        return real(encoder, pixels, device)
+
+    monkeypatch.setattr(F, "encode_pixels", counting)
+    return calls
+
+
+def test_cached_features_equal_in_memory_ones_and_are_extracted_once(lite0, images, tmp_path, monkeypatch):
+    ref_pooled, _ = extract_features(lite0, images, "pooled", num_workers=0, quiet=True)
+    ref_grid, _ = extract_features(lite0, images, "grid", num_workers=0, quiet=True)
+    cache = FeatureCache(lite0, tmp_path / "cache")
+    calls = _count_encodes(monkeypatch)
+    assert cache.fill(images, batch_size=3, num_workers=0, quiet=True) == []
+    assert sum(calls) == 8
+    pooled = cache.load(images, "pooled")  # (N, D) fp16
+    grid = cache.load(images, "grid")
+    assert pooled.dtype == torch.float16 and pooled.shape == (8, 1280)
+    assert torch.allclose(pooled.float(), ref_pooled, atol=2e-3, rtol=1e-2)
+    assert grid.shape == (8, 49, 1280) and torch.equal(grid[torch.tensor([2, 5])], ref_grid[[2, 5]])
+    assert torch.equal(grid[2:5], ref_grid[2:5])
+    # a second run (another object, as in another process) extracts nothing
+    again = FeatureCache(lite0, tmp_path / "cache")
+    assert again.fill(list(reversed(images)) + images, num_workers=0, quiet=True) == [] and sum(calls) == 8
+    assert torch.equal(again.load(images[::-1], "pooled"), pooled.flip(0))
+
+
+def test_a_changed_image_is_extracted_again(lite0, images, tmp_path, monkeypatch):
+    cache = FeatureCache(lite0, tmp_path / "cache")
+    cache.fill(images, num_workers=0, quiet=True)
+    before = cache.load(images, "pooled")
+    images[3].write_bytes(images[0].read_bytes())  # new content, size and mtime
+    os.utime(images[3], ns=(1, 10**18))
+    calls = _count_encodes(monkeypatch)
+    cache.fill(images, num_workers=0, quiet=True)
+    assert sum(calls) == 1
+    after = cache.load(images, "pooled")
+    assert torch.allclose(after[3].float(), before[0].float(), atol=1e-2)  # same pixels, other batch
+    assert not torch.allclose(after[3].float(), before[3].float(), atol=1e-2)
+    assert torch.equal(after[[0, 1, 2, 4]], before[[0, 1, 2, 4]])  # untouched rows are read back as they were
+
+
+def test_encoder_weights_and_preprocessing_are_part_of_the_key(lite0):
+    other = build_encoder()
+    assert encoder_key(other) == encoder_key(lite0)
+    with torch.no_grad():
+        other.trunk[0].weight[0, 0, 0, 0] += 1e-3
+    assert encoder_key(other) != encoder_key(lite0)
+    third = build_encoder()
+    object.__setattr__(third.spec, "preprocess", type(third.spec.preprocess)(288, 256))
+    assert encoder_key(third) != encoder_key(lite0)
+
+
+def test_interrupted_extraction_resumes_where_it_stopped(lite0, images, tmp_path, monkeypatch):
+    import captioner.features as F
+
+    class Crash(Exception):
+        pass
+
+    real, seen = F.encode_pixels, []
+
+    def dies_on_third_batch(encoder, pixels, device):
+        if len(seen) == 2:
+            raise Crash
+        seen.append(len(pixels))
+        return real(encoder, pixels, device)
+
+    monkeypatch.setattr(F, "encode_pixels", dies_on_third_batch)
+    cache = FeatureCache(lite0, tmp_path / "cache")
+    with pytest.raises(Crash):
+        cache.fill(images, batch_size=2, num_workers=0, quiet=True)
+    # a crash can also leave rows written without their index lines: they must be dropped
+    with open(cache.dir / "grid.f16", "ab") as f:
+        f.write(b"\x13" * 1000)
+    assert len((cache.dir / "index.jsonl").read_text().splitlines()) == 4
+    monkeypatch.setattr(F, "encode_pixels", real)
+    calls = _count_encodes(monkeypatch)
+    cache = FeatureCache(lite0, tmp_path / "cache")
+    cache.fill(images, batch_size=2, num_workers=0, quiet=True)
+    assert sum(calls) == 4  # only the images that were not done
+    fresh = FeatureCache(lite0, tmp_path / "fresh")
+    fresh.fill(images, num_workers=0, quiet=True)
+    resumed, whole = cache.load(images, "grid")[np.arange(8)], fresh.load(images, "grid")[np.arange(8)]
+    assert torch.allclose(resumed.float(), whole.float(), atol=1e-2)  # batches of 2 vs one batch of 8
+
+
+def test_bad_images_are_reported_and_not_cached(lite0, images, tmp_path):
+    images[1].write_bytes(b"not a png")
+    cache = FeatureCache(lite0, tmp_path / "cache")
+    failed = cache.fill(images + [tmp_path / "gone.png"], num_workers=1, quiet=True)
+    assert sorted(os.path.basename(e.path) for e in failed) == sorted([images[1].name, "gone.png"])
+    assert all(isinstance(e, ImageError) for e in failed)
+    good = [p for i, p in enumerate(images) if i != 1]
+    assert cache.load(good, "pooled").shape == (7, 1280)
+    index = [json.loads(l) for l in (cache.dir / "index.jsonl").read_text().splitlines()]
+    assert len(index) == 7
+
+
+def test_fine_tuned_encoders_are_not_cached():
+    enc = build_encoder()
+    enc.unfreeze_last(1)
+    with pytest.raises(ValueError, match="cannot be cached"):
+        FeatureCache(enc)
+
+
+def test_cached_and_uncached_training_agree(shapes, tmp_path):
+    train = load_coco(shapes["test_json"], shapes["test_images"])
+    opts = TrainOptions(epochs=2, batch_size=16, hidden_size=64, embed_size=32, min_word_count=1, num_workers=0)
+    losses = {}
+    for name, use_cache in (("cached", True), ("uncached", False)):
+        Trainer(train, None, tmp_path / name, opts, device="cpu", quiet=True, use_cache=use_cache,
+                cache_dir=tmp_path / "cache").fit()
+        losses[name] = [json.loads(l)["train_loss"] for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert losses["cached"] == pytest.approx(losses["uncached"], rel=2e-3)
+    assert (tmp_path / "cache" / "features").is_dir() and not any((tmp_path / "uncached").glob("*.f16"))
+
+
+def test_a_warm_cache_does_not_change_a_run(shapes, tmp_path):
+    """Same seed, cold cache vs warm cache: identical weights (extraction must not touch the training RNG)."""
+    train = load_coco(shapes["test_json"], shapes["test_images"])
+    opts = TrainOptions(epochs=1, batch_size=16, hidden_size=32, embed_size=16, min_word_count=1, num_workers=1)
+    for name in ("cold", "warm"):
+        Trainer(train, None, tmp_path / name, opts, device="cpu", quiet=True, cache_dir=tmp_path / "cache").fit()
+    from captioner.checkpoint import load_checkpoint
+
+    a, b = (load_checkpoint(tmp_path / n / "last.pt")["decoder"] for n in ("cold", "warm"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_extract_features_cli_then_train_extracts_nothing(shapes, tmp_path, capsys):
+    from captioner.cli import main
+
+    cache = tmp_path / "cache"
+    rc = main(["extract-features", "--annotations", str(shapes["test_json"]), "--images", str(shapes["test_images"]),
+               "--cache-dir", str(cache), "--quiet"])
+    assert rc == 0
+    [index] = cache.glob("features/*/index.jsonl")
+    assert len(index.read_text().splitlines()) == 24
+    before = index.stat().st_mtime_ns, (index.parent / "grid.f16").stat().st_size
+    rc = main(["train", "--train-annotations", str(shapes["test_json"]), "--train-images", str(shapes["test_images"]),
+               "--out", str(tmp_path / "run"), "--epochs", "1", "--hidden-size", "32", "--min-word-count", "1",
+               "--cache-dir", str(cache), "--quiet"])
+    assert rc == 0 and (index.stat().st_mtime_ns, (index.parent / "grid.f16").stat().st_size) == before
+    rc = main(["extract-features", str(tmp_path / "nothing-here.png"), "--cache-dir", str(cache), "--quiet"])
+    assert rc == 1 and "nothing-here.png: no such file" in capsys.readouterr().err
