@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import torch
 from PIL import Image
@@ -20,6 +20,12 @@ from .paths import bundled_model_path
 from .vocab import Vocabulary
 
 ImageInput = Union[str, os.PathLike, Image.Image, Tensor]
+
+
+class Caption(NamedTuple):
+    text: str
+    score: float  # summed log-prob (divided by the length penalty when one is set)
+    attention: Tensor | None = None  # (words, R) attention weights, for attention decoders
 class Captioner:
     """A trained captioning model: encoder + decoder + vocabulary, ready to describe images."""
 
@@ -90,8 +96,8 @@ class Captioner:
         return pool(encode_pixels(self.encoder, pixels, self.device), self.decoder.feature_kind)
 
     def decode(self, features: Tensor, beam_size: int = 5, n_best: int = 1, max_len: int = 20, min_len: int = 1,
-               length_alpha: float = 0.0, no_repeat_ngram: int = 0) -> list[list[tuple[str, float]]]:
-        """Encoder features (B, ...) -> for each image its n-best (caption, score), best first."""
+               length_alpha: float = 0.0, no_repeat_ngram: int = 0) -> list[list[Caption]]:
+        """Encoder features (B, ...) -> for each image its n-best Captions, best first."""
         was_training = self.decoder.training
         self.decoder.eval()
         try:
@@ -100,11 +106,11 @@ class Captioner:
                                no_repeat_ngram=no_repeat_ngram, n_best=n_best)
         finally:
             self.decoder.train(was_training)
-        return [[(self.vocab.decode(h.tokens), h.score) for h in hs] for hs in hyps]
+        return [[Caption(self.vocab.decode(h.tokens), h.score, h.attention) for h in hs] for hs in hyps]
 
     def generate(self, inputs: Sequence[ImageInput], batch_size: int = 32, num_workers: int | None = None,
-                 **decode_opts: Any) -> Iterator[list[tuple[str, float]] | ImageError]:
-        """For each input, in order: its n-best (caption, score) list, or the ImageError it raised.
+                 **decode_opts: Any) -> Iterator[list[Caption] | ImageError]:
+        """For each input, in order: its n-best Captions, or the ImageError it raised.
 
         A bad input never stops the others. Images are decoded in worker processes (when there is
         more than one batch), then encoded and beam-searched a batch at a time.
@@ -118,21 +124,28 @@ class Captioner:
                 yield item if isinstance(item, ImageError) else next(decoded)
 
     def caption(self, x: ImageInput | Sequence[ImageInput], beam_size: int = 5, max_len: int = 20,
-                errors: str = "raise", **decode_opts: Any) -> str | list[str | None]:
+                errors: str = "raise", return_attention: bool = False, **decode_opts: Any) -> Any:
         """Caption one image (-> str) or a list (-> list[str]).
 
         errors="raise" raises the first ImageError; errors="skip" puts None for failed items.
-        decode_opts: min_len, length_alpha, no_repeat_ngram, batch_size.
+        return_attention=True (attention decoders) gives (caption, weights (words, h, w)) instead,
+        the weights of each word over the encoder's h x w grid.
+        decode_opts: min_len, length_alpha, no_repeat_ngram, batch_size, num_workers.
         """
+        if return_attention and self.decoder.feature_kind != "grid":
+            raise ValueError(f"this model's decoder ({self.config['decoder']}) has no attention to return")
         single = not isinstance(x, (list, tuple))
-        results = []
+        results: list = []
         for r in self.generate([x] if single else list(x), beam_size=beam_size, max_len=max_len, **decode_opts):
             if isinstance(r, ImageError):
                 if errors != "skip" or single:
                     raise r
                 results.append(None)
+            elif return_attention:
+                side = int(round(r[0].attention.size(1) ** 0.5)) if r[0].attention.numel() else 0
+                results.append((r[0].text, r[0].attention.view(-1, side, side) if side else r[0].attention))
             else:
-                results.append(r[0][0])
+                results.append(r[0].text)
         return results[0] if single else results
 
     def caption_nbest(self, x: ImageInput | Sequence[ImageInput], n: int = 5, beam_size: int | None = None,
@@ -144,5 +157,5 @@ class Captioner:
                                max_len=max_len, **decode_opts):
             if isinstance(r, ImageError):
                 raise r
-            out.append(r)
+            out.append([(c.text, c.score) for c in r])
         return out[0] if single else out

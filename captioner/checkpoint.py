@@ -24,6 +24,12 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message names the file and the reason."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call write(file_object) on a temp file next to `path`, then rename it over `path`."""
     path = Path(path)
@@ -34,6 +40,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

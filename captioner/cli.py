@@ -48,7 +48,11 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from .api import Captioner
 
     model = Captioner.load(args.model, device=args.device)
+    if args.attention_map and model.decoder.feature_kind != "grid":
+        raise ValueError(f"--attention-map needs a model trained with --decoder attention "
+                         f"(this one has --decoder {model.config['decoder']})")
     paths, failed = expand_inputs(args.inputs)
+    maps_written: set[str] = set()
     for e in failed:
         _err(str(e))
     n_failed = len(failed)
@@ -60,13 +64,34 @@ def cmd_caption(args: argparse.Namespace) -> int:
             _err(str(r))
             n_failed += 1
             continue
+        if args.attention_map:
+            try:
+                _write_attention_map(model, path, r[0], Path(args.attention_map), maps_written)
+            except (OSError, ValueError) as e:  # the caption still gets printed below
+                _err(f"{path}: attention map not written ({e})")
+                n_failed += 1
         if args.json:
-            line = json.dumps({"path": path, "caption": r[0][0],
-                               "nbest": [{"caption": c, "score": round(s, 4)} for c, s in r]}, ensure_ascii=False)
+            line = json.dumps({"path": path, "caption": r[0].text,
+                               "nbest": [{"caption": c.text, "score": round(c.score, 4)} for c in r]},
+                              ensure_ascii=False)
         else:
-            line = f"{path}\t{r[0][0]}"
+            line = f"{path}\t{r[0].text}"
         print(line, flush=True)
     return 1 if n_failed else 0
+
+
+def _write_attention_map(model, path: str, caption, out_dir: Path, taken: set[str]) -> None:
+    from .images import load_image
+    from .viz import attention_map
+
+    name = Path(path).stem
+    while name in taken:  # two inputs with the same file name: keep both maps
+        name += "_"
+    taken.add(name)
+    words = caption.text.split()
+    side = int(round(caption.attention.size(1) ** 0.5))
+    attention_map(load_image(path), words, caption.attention.view(-1, side, side).numpy(), model.preprocess,
+                  out_dir / f"{name}.png")
 
 
 def _corpora(args: argparse.Namespace):
@@ -191,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-repeat-ngram", type=int, default=0, help="forbid repeating n-grams of this size; 0 = off")
     c.add_argument("--batch-size", type=int, default=32)
     c.add_argument("--json", action="store_true", help="one JSON object per line, with the n-best list")
+    c.add_argument("--attention-map", metavar="OUT_DIR",
+                   help="attention models: write OUT_DIR/<image>.png, the image and each word's attention")
     c.add_argument("--device", default="auto", help="auto | cpu | cuda")
     c.set_defaults(func=cmd_caption)
 
@@ -210,11 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-caption-len", type=int, default=d.max_caption_len, help="longer captions are cut")
     m = t.add_argument_group("model")
     m.add_argument("--encoder", default=d.encoder, help="efficientnet_lite0 | resnet50|101|152 | timm/<name>")
-    m.add_argument("--decoder", default=d.decoder, choices=["lstm"])
+    m.add_argument("--decoder", default=d.decoder, choices=["lstm", "attention"],
+                   help="lstm: Show-and-Tell on the pooled vector; attention: Show-Attend-Tell on the 7x7 grid")
     m.add_argument("--embed-size", type=int, default=d.embed_size)
     m.add_argument("--hidden-size", type=int, default=d.hidden_size)
     m.add_argument("--num-layers", type=int, default=d.num_layers)
     m.add_argument("--dropout", type=float, default=d.dropout)
+    m.add_argument("--attention-size", type=int, default=d.attention_size, help="attention decoder: hidden size")
+    m.add_argument("--alpha-c", type=float, default=d.alpha_c,
+                   help="attention decoder: doubly stochastic attention regularisation weight")
     m.add_argument("--fine-tune-encoder", type=int, default=d.fine_tune_encoder, metavar="N",
                    help="train the last N encoder blocks too (0: frozen encoder)")
     m.add_argument("--encoder-lr", type=float, default=d.encoder_lr)

@@ -28,6 +28,7 @@ class Hypothesis:
     logprob: float  # summed log-probability, <end> included when emitted
     score: float  # ranking score: logprob / GNMT length penalty (== logprob when alpha = 0)
     finished: bool  # emitted <end> (False: cut at max_len)
+    attention: Tensor | None = None  # (len(tokens), R) attention weights per word, for attention decoders
 
 
 def _constrain(logp: Tensor, history: Tensor, t: int, min_len: int, no_repeat_ngram: int) -> Tensor:
@@ -83,10 +84,12 @@ def _step_live(model: CaptionModel, tokens: Tensor, state: DecoderState, live: T
     return logp, state.put(idx, state_live)
 
 
-def _hypothesis(seq: list[int], logprob: float, finished: bool, alpha: float) -> Hypothesis:
+def _hypothesis(seq: list[int], logprob: float, finished: bool, alpha: float,
+                attention: Tensor | None = None) -> Hypothesis:
     words = [w for w in seq if w not in (PAD_ID, END_ID)]
     lp = ((5.0 + len(words) + int(finished)) / 6.0) ** alpha  # GNMT length penalty over words + <end>
-    return Hypothesis(words, logprob, logprob / lp, finished)
+    attn = attention[: len(words)].cpu() if attention is not None else None  # words are a prefix of seq
+    return Hypothesis(words, logprob, logprob / lp, finished, attn)
 
 
 @torch.no_grad()
@@ -103,6 +106,7 @@ def beam_search(model: CaptionModel, features: Tensor, beam_size: int = 5, max_l
     beam_logp[:, 0] = 0.0  # all beams start identical: expand only the first at step 0
     finished = torch.zeros(B * K, dtype=torch.bool, device=dev)
     offsets = (torch.arange(B, device=dev) * K)[:, None]  # (B, 1)
+    attention = None  # (B*K, t, R) when the model exposes per-step attention (state.alpha)
     for t in range(max_len):
         logp, state = _step_live(model, tokens, state, ~finished)  # (B*K, V)
         V = logp.size(-1)
@@ -115,6 +119,9 @@ def beam_search(model: CaptionModel, features: Tensor, beam_size: int = 5, max_l
         tokens = (idx % V).view(-1)  # (B*K,)
         state = state.index(src)
         history = torch.cat([history[src], tokens[:, None]], dim=1)  # (B*K, t+1)
+        if getattr(state, "alpha", None) is not None:
+            step_attn = state.alpha[:, None, :]  # (B*K, 1, R): what produced this step's word
+            attention = step_attn if attention is None else torch.cat([attention[src], step_attn], dim=1)
         finished = finished[src] | (tokens == END_ID) | torch.isinf(beam_logp.view(-1))
         if length_alpha == 0:
             # beams are sorted by score and scores only fall as words are added: once an image's
@@ -127,7 +134,7 @@ def beam_search(model: CaptionModel, features: Tensor, beam_size: int = 5, max_l
     seqs, scores = history.tolist(), beam_logp.view(-1).tolist()
     results = []
     for b in range(B):
-        hyps = [_hypothesis(seqs[i], scores[i], ended[i], length_alpha)
+        hyps = [_hypothesis(seqs[i], scores[i], ended[i], length_alpha, None if attention is None else attention[i])
                 for i in range(b * K, (b + 1) * K) if math.isfinite(scores[i])]
         hyps.sort(key=lambda h: h.score, reverse=True)
         results.append(hyps[:n_best])

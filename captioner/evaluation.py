@@ -32,14 +32,14 @@ def caption_corpus(model: Captioner, corpus: CaptionCorpus, batch_size: int = 32
         step = 256
         for s in tqdm(range(0, len(keep), step), desc="captioning", unit="batch", disable=quiet, leave=False):
             for i, hyps in zip(keep[s:s + step], model.decode(feats[s:s + step], **decode_opts)):
-                results[corpus.image_ids[i]] = hyps[0][0]
+                results[corpus.image_ids[i]] = hyps[0].text
         return results, failed
     with tqdm(total=len(corpus), desc="captioning", unit="img", disable=quiet, leave=False) as bar:
         for image_id, r in zip(corpus.image_ids, model.generate(corpus.paths, batch_size=batch_size, **decode_opts)):
             if isinstance(r, ImageError):
                 failed.append(r)
             else:
-                results[image_id] = r[0][0]
+                results[image_id] = r[0].text
             bar.update(1)
     return results, failed
 

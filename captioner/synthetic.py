@@ -64,6 +64,64 @@ def make_split(out: Path, name: str, per_combo: int, rng: random.Random, start_i
     return path
 
 
+RELATION_TEMPLATES = (  # x is named first by colour order, so only *where* it is decides the relation
+    "a {x} to the {rel} of a {y}",
+    "a {x} {rel} of a {y}",
+    "a {x} is to the {rel} of a {y}",
+    "a {x} on the {rel} of a {y}",
+    "a {x} placed {rel} of a {y}",
+)
+
+
+def draw_pair(left: tuple[str, str], right: tuple[str, str], rng: random.Random, px: int = 160) -> Image.Image:
+    """Two shapes side by side: `left` = (colour, shape) in the left half, `right` in the right half."""
+    img = Image.new("RGB", (px, px), tuple(rng.randint(235, 255) for _ in range(3)))
+    d = ImageDraw.Draw(img)
+    for (color, shape), cx in ((left, 0.3), (right, 0.7)):
+        r = px * rng.uniform(0.1, 0.13)
+        x, y = px * (cx + rng.uniform(-0.05, 0.05)), px * (0.5 + rng.uniform(-0.15, 0.15))
+        fill = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in COLORS[color])
+        if shape == "circle":
+            d.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+        elif shape == "square":
+            d.rectangle([x - r, y - r, x + r, y + r], fill=fill)
+        else:
+            d.polygon([(x, y - r), (x - r, y + r * 0.85), (x + r, y + r * 0.85)], fill=fill)
+    return img
+
+
+def make_relation_split(out: Path, name: str, n_images: int, rng: random.Random, start_id: int = 1) -> Path:
+    """Pairs of shapes whose captions say which is left of which: OUT/NAME/*.png + OUT/NAME.json."""
+    (out / name).mkdir(parents=True, exist_ok=True)
+    colors = list(COLORS)
+    images, annotations = [], []
+    for image_id in range(start_id, start_id + n_images):
+        c1, c2 = sorted(rng.sample(colors, 2), key=colors.index)  # x: the first colour in COLORS order
+        x, y = (c1, rng.choice(SHAPES)), (c2, rng.choice(SHAPES))
+        x_left = rng.random() < 0.5
+        a, b = (x, y) if x_left else (y, x)  # a: the shape drawn on the left
+        file_name = f"{'_'.join(a)}__left_of__{'_'.join(b)}_{image_id:05d}.png"
+        draw_pair(a, b, rng).save(out / name / file_name)
+        images.append({"id": image_id, "file_name": file_name, "width": 160, "height": 160})
+        for t in RELATION_TEMPLATES:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "caption": t.format(
+                x=" ".join(x), y=" ".join(y), rel="left" if x_left else "right")})
+    path = out / f"{name}.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return path
+
+
+def relation_is_right(caption: str, left: str, right: str) -> bool:
+    """Does the caption state the true left/right relation between the two named objects?"""
+    import re
+
+    m = re.search(r"a (\w+ \w+) (?:is |placed )?(?:to the |on the )?(left|right) of a (\w+ \w+)", caption)
+    if not m:
+        return False
+    x, rel, y = m.groups()
+    return (rel, x, y) in (("left", left, right), ("right", right, left))
+
+
 def make_dataset(out: str | Path, per_combo: int = 5, test_per_combo: int = 1, seed: int = 0) -> dict[str, Path]:
     """Train and held-back test splits of the shapes dataset under `out`."""
     out, rng = Path(out), random.Random(seed)

@@ -38,6 +38,8 @@ class TrainOptions:
     hidden_size: int = 512
     num_layers: int = 1
     dropout: float = 0.5
+    attention_size: int = 512  # attention decoder only
+    alpha_c: float = 1.0  # attention decoder: weight of the doubly stochastic attention penalty
     min_word_count: int = 5
     max_caption_len: int = 30
     epochs: int = 10
@@ -61,8 +63,11 @@ class TrainOptions:
     val_beam_size: int = 1  # 1: greedy
 
     def decoder_hparams(self) -> dict[str, Any]:
-        return {"embed_size": self.embed_size, "hidden_size": self.hidden_size,
-                "num_layers": self.num_layers, "dropout": self.dropout}
+        hp = {"embed_size": self.embed_size, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
+              "dropout": self.dropout}
+        if self.decoder == "attention":
+            hp |= {"attention_size": self.attention_size, "alpha_c": self.alpha_c}
+        return hp
 
 
 def _optimizer(opts: TrainOptions, groups: list[dict]) -> torch.optim.Optimizer:
@@ -276,7 +281,7 @@ class Trainer:
         out, step = {}, 256
         for i in range(0, len(corpus), step):
             decoded = self.model.decode(feats[i:i + step], beam_size=self.opts.val_beam_size)
-            out.update({k: hs[0][0] for k, hs in zip(corpus.image_ids[i:i + step], decoded)})
+            out.update({k: hs[0].text for k, hs in zip(corpus.image_ids[i:i + step], decoded)})
         return out
 
     def _validate(self) -> dict[str, Any]:

@@ -52,3 +52,52 @@ def plot_training(run_dir: str | os.PathLike, out: str | os.PathLike | None = No
     atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return out
+
+
+PANEL, TEXT_H, PAD, COLUMNS = 224, 24, 4, 5  # attention-map layout, in pixels
+
+
+def attention_map_size(n_words: int) -> tuple[int, int]:
+    """(width, height) of an attention map: the image + one panel per word, COLUMNS panels a row."""
+    panels = n_words + 1
+    cols = min(COLUMNS, panels)
+    rows = -(-panels // cols)
+    return cols * (PANEL + PAD) + PAD, rows * (PANEL + TEXT_H + PAD) + PAD
+
+
+def attention_map(image, words: list[str], weights, preprocess, out: str | os.PathLike) -> Path:
+    """Write a PNG: the image as the model saw it (resized, centre-cropped), then for each word the
+    image with that word's attention (upsampled from the h x w grid, smoothed) blended over it as
+    a heat map, the word written under each panel. weights: (len(words), h, w)."""
+    import numpy as np
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw, ImageFilter
+
+    w, h = image.size
+    scale = preprocess.resize / min(w, h)
+    img = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+    left, top = (img.width - preprocess.crop) // 2, (img.height - preprocess.crop) // 2
+    img = img.crop((left, top, left + preprocess.crop, top + preprocess.crop)).resize((PANEL, PANEL))
+    base = np.asarray(img, dtype=np.float32) / 255.0  # (P, P, 3)
+    jet = colormaps["jet"]
+    panels = [(img, "(image)")]
+    for word, a in zip(words, weights):
+        a = np.asarray(a, dtype=np.float32)
+        a8 = Image.fromarray(np.uint8(np.round(255 * a / max(float(a.max()), 1e-8))))  # (h, w), 0-255
+        heat = a8.resize((PANEL, PANEL), Image.BICUBIC).filter(ImageFilter.GaussianBlur(PANEL / 28))
+        heat = np.asarray(heat, dtype=np.float32) / 255.0  # (P, P) in [0, 1]
+        blended = 0.45 * base + 0.55 * jet(heat)[..., :3]
+        panels.append((Image.fromarray((blended * 255).astype(np.uint8)), word))
+    width, height = attention_map_size(len(words))
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    cols = min(COLUMNS, len(panels))
+    for i, (panel, label) in enumerate(panels):
+        x = PAD + (i % cols) * (PANEL + PAD)
+        y = PAD + (i // cols) * (PANEL + TEXT_H + PAD)
+        sheet.paste(panel, (x, y))
+        tw = draw.textlength(label)
+        draw.text((x + (PANEL - tw) / 2, y + PANEL + 6), label, fill="black")
+    out = Path(out)
+    atomic_write(out, lambda f: sheet.save(f, format="PNG"))
+    return out

@@ -1,10 +1,11 @@
 """Caption decoders behind one per-step interface (see base.py)."""
 from __future__ import annotations
 
+from .attention import AttentionDecoder
 from .base import CaptionModel, DecoderState
 from .show_tell import ShowTellDecoder
 
-DECODERS = {"lstm": ShowTellDecoder}
+DECODERS = {"lstm": ShowTellDecoder, "attention": AttentionDecoder}
 
 
 def build_decoder(kind: str, vocab_size: int, feature_dim: int, **hparams) -> CaptionModel:
@@ -13,4 +14,4 @@ def build_decoder(kind: str, vocab_size: int, feature_dim: int, **hparams) -> Ca
     return DECODERS[kind](vocab_size=vocab_size, feature_dim=feature_dim, **hparams)
 
 
-__all__ = ["CaptionModel", "DecoderState", "ShowTellDecoder", "DECODERS", "build_decoder"]
+__all__ = ["AttentionDecoder", "CaptionModel", "DecoderState", "ShowTellDecoder", "DECODERS", "build_decoder"]

@@ -6,33 +6,40 @@ one token at a time, turns the previous tokens and the state into next-token log
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 from torch import Tensor, nn
+
+
+def shared(default=None):
+    """A DecoderState field that is the same for every row (e.g. the batch's feature grid):
+    beam reordering leaves it alone instead of copying it per beam."""
+    return field(default=default, metadata={"shared": True})
 
 
 @dataclass
 class DecoderState:
     """Tensors whose first dim is the batch N (images, or images x beams).
 
-    Keeping N first for every field lets decoding reorder or expand beams without knowing what
-    the fields are; subclasses add fields (attention decoders keep the feature grid here).
+    Keeping N first for every per-row field lets decoding reorder or expand beams without
+    knowing what the fields are; subclasses add fields. Fields declared with `shared()` are
+    whole-batch tensors that rows point into (through an index field), never copied per beam.
     """
 
+    def _rows(self) -> list[str]:
+        return [f.name for f in fields(self) if not f.metadata.get("shared") and getattr(self, f.name) is not None]
+
     def index(self, idx: Tensor) -> "DecoderState":
-        """Rows `idx` of every field: (N, ...) -> (len(idx), ...)."""
-        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)
-                                if getattr(self, f.name) is not None})
+        """Rows `idx` of every per-row field: (N, ...) -> (len(idx), ...)."""
+        return replace(self, **{n: getattr(self, n)[idx] for n in self._rows()})
 
     def put(self, idx: Tensor, rows: "DecoderState") -> "DecoderState":
         """A copy with rows `idx` replaced by `rows` (len(idx), ...); the other rows kept."""
-        return replace(self, **{f.name: getattr(self, f.name).index_copy(0, idx, getattr(rows, f.name))
-                                for f in fields(self) if getattr(self, f.name) is not None})
+        return replace(self, **{n: getattr(self, n).index_copy(0, idx, getattr(rows, n)) for n in self._rows()})
 
     def repeat_interleave(self, k: int) -> "DecoderState":
         """Each row repeated k times in place: (N, ...) -> (N*k, ...), for beams of one image."""
-        return replace(self, **{f.name: getattr(self, f.name).repeat_interleave(k, dim=0) for f in fields(self)
-                                if getattr(self, f.name) is not None})
+        return replace(self, **{n: getattr(self, n).repeat_interleave(k, dim=0) for n in self._rows()})
 
 
 class CaptionModel(nn.Module):

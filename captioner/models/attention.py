@@ -1,0 +1,114 @@
+"""Show, Attend and Tell (Xu et al. 2015): soft additive attention over the CNN's feature grid."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import CaptionModel, DecoderState, shared
+
+
+def _grid_coords(regions: int, device: torch.device) -> Tensor:
+    """(R, 2) (x, y) centres of a square grid's regions in row-major order, in [-1, 1]."""
+    side = round(regions ** 0.5)
+    if side * side != regions:
+        raise ValueError(f"the attention decoder needs a square feature grid, got {regions} regions")
+    axis = torch.linspace(-1.0, 1.0, side, device=device)
+    ys, xs = torch.meshgrid(axis, axis, indexing="ij")
+    return torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1)
+
+
+@dataclass
+class AttentionState(DecoderState):
+    h: Tensor  # (N, H)
+    c: Tensor  # (N, H)
+    image: Tensor  # (N,) row of `feats` / `keys` this beam describes
+    alpha: Tensor  # (N, R) attention of the latest step (uniform before the first)
+    feats: Tensor = shared()  # (B, R, D) the batch's grids, shared by all beams of an image
+    keys: Tensor = shared()  # (B, R, A) their projections for the attention scores
+
+
+class AttentionDecoder(CaptionModel):
+    """Embedding + attended context -> LSTM cell -> vocabulary logits, one word at a time.
+
+    At every step, additive (Bahdanau) attention scores each of the R grid regions against the
+    previous hidden state; their softmax weights (alpha) average the regions into a context
+    vector, scaled by a learned gate sigmoid(W h) as in the paper. The state starts from the
+    mean region. Training adds the doubly stochastic penalty alpha_c * (1 - sum_t alpha_t)^2,
+    which asks every region to be looked at about once over a caption.
+
+    One addition to the paper: CNN region features barely encode *where* a region is (convolution
+    is translation-equivariant), so the context alone cannot tell "left of" from "right of". The
+    LSTM also gets where it looked: the attention-weighted mean of the regions' (x, y) positions.
+    """
+
+    feature_kind = "grid"
+
+    def __init__(self, vocab_size: int, feature_dim: int, embed_size: int = 256, hidden_size: int = 512,
+                 num_layers: int = 1, dropout: float = 0.5, attention_size: int = 512, alpha_c: float = 1.0,
+                 pad_id: int = 0) -> None:
+        super().__init__()
+        if num_layers != 1:
+            raise ValueError("the attention decoder has one LSTM layer (--num-layers 1)")
+        self.pad_id, self.alpha_c = pad_id, alpha_c
+        self.embed = nn.Embedding(vocab_size, embed_size, padding_idx=pad_id)
+        self.att_feat = nn.Linear(feature_dim, attention_size)
+        self.att_hidden = nn.Linear(hidden_size, attention_size)
+        self.att_score = nn.Linear(attention_size, 1)
+        self.gate = nn.Linear(hidden_size, feature_dim)
+        self.init_h = nn.Linear(feature_dim, hidden_size)
+        self.init_c = nn.Linear(feature_dim, hidden_size)
+        self.where = nn.Linear(2, embed_size)  # attended (x, y) -> LSTM input
+        self.cell = nn.LSTMCell(2 * embed_size + feature_dim, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_size, vocab_size)
+
+    def _attend(self, feats: Tensor, keys: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """feats (N, R, D), keys (N, R, A), h (N, H) -> LSTM input from the image (N, D + E), alpha (N, R)."""
+        scores = self.att_score(torch.tanh(keys + self.att_hidden(h)[:, None, :])).squeeze(2)  # (N, R)
+        alpha = scores.softmax(dim=1)  # (N, R)
+        context = torch.bmm(alpha[:, None, :], feats).squeeze(1)  # (N, D)
+        where = alpha @ _grid_coords(feats.size(1), feats.device)  # (N, 2) attended position in [-1, 1]^2
+        return torch.cat([torch.sigmoid(self.gate(h)) * context, self.where(where)], dim=1), alpha
+
+    def _start(self, feats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mean = feats.mean(dim=1)  # (B, D)
+        return torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)), self.att_feat(feats)  # (B,H) (B,H) (B,R,A)
+
+    def init_state(self, features: Tensor) -> AttentionState:
+        feats = features.float()  # (B, R, D)
+        h, c, keys = self._start(feats)
+        B, R = feats.shape[:2]
+        return AttentionState(h=h, c=c, image=torch.arange(B, device=feats.device),
+                              alpha=feats.new_full((B, R), 1.0 / R), feats=feats, keys=keys)
+
+    def step(self, tokens: Tensor, state: AttentionState) -> tuple[Tensor, AttentionState]:
+        feats, keys = state.feats[state.image], state.keys[state.image]  # (N, R, D), (N, R, A)
+        context, alpha = self._attend(feats, keys, state.h)
+        h, c = self.cell(torch.cat([self.embed(tokens), context], dim=1), (state.h, state.c))  # (N, H)
+        logp = F.log_softmax(self.out(self.dropout(h)), dim=-1)  # (N, V)
+        return logp, AttentionState(h=h, c=c, image=state.image, alpha=alpha, feats=state.feats, keys=state.keys)
+
+    def forward(self, features: Tensor, captions: Tensor, lengths: Tensor) -> Tensor:
+        """features (B, R, D); captions (B, T) <start> .. <end> <pad>..; lengths (B,) incl. specials.
+
+        Teacher forcing with full BPTT; rows are processed longest first and drop out of the
+        batch as their captions end, so padding costs nothing.
+        """
+        order = lengths.argsort(descending=True)
+        feats, captions, steps = features.float()[order], captions[order], (lengths[order] - 1).tolist()
+        h, c, keys = self._start(feats)
+        emb = self.dropout(self.embed(captions[:, :-1]))  # (B, T-1, E)
+        logits, targets, alpha_sum = [], [], feats.new_zeros(feats.shape[:2])  # alpha_sum (B, R)
+        for t in range(steps[0]):
+            n = sum(1 for s in steps if s > t)  # rows still inside their caption
+            context, alpha = self._attend(feats[:n], keys[:n], h[:n])
+            h_n, c_n = self.cell(torch.cat([emb[:n, t], context], dim=1), (h[:n], c[:n]))  # (n, H)
+            h, c = torch.cat([h_n, h[n:]]), torch.cat([c_n, c[n:]])
+            alpha_sum = torch.cat([alpha_sum[:n] + alpha, alpha_sum[n:]])
+            logits.append(self.out(self.dropout(h_n)))  # (n, V)
+            targets.append(captions[:n, t + 1])
+        loss = F.cross_entropy(torch.cat(logits), torch.cat(targets), ignore_index=self.pad_id)
+        return loss + self.alpha_c * ((1.0 - alpha_sum) ** 2).mean()
