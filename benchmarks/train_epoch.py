@@ -14,6 +14,7 @@ batches and scales to the epoch (the per-batch cost is flat), for a quicker run.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -28,6 +29,12 @@ from captioner.training import Trainer, TrainOptions
 from common import FLICKR8K, Timer, machine
 
 
+def _warm_epoch_seconds(trainer: Trainer) -> float:
+    """Train two epochs; the second one's wall time (the first also pays one-off warm-up)."""
+    trainer.fit()
+    return [json.loads(line)["time_s"] for line in (trainer.out / "metrics.jsonl").read_text().splitlines()][-1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=1000)
@@ -36,18 +43,15 @@ def main() -> None:
     if not (FLICKR8K / "captions_train.json").is_file():
         sys.exit(f"needs Flickr8k at {FLICKR8K}")
     corpus = load_coco(FLICKR8K / "captions_train.json", FLICKR8K / "images").subset(a.images)
-    opts = TrainOptions(epochs=1, batch_size=64, lr_schedule="constant", num_workers=1)
+    opts = TrainOptions(epochs=2, batch_size=64, lr_schedule="constant", num_workers=1)
     cache_dir = tempfile.mkdtemp(prefix="captioner-bench-cache-")
     try:
         with Timer() as fill:  # builds the model and fills a fresh cache: the one-time cost
             trainer = Trainer(corpus, None, tempfile.mkdtemp(), opts, device="cpu", quiet=True, cache_dir=cache_dir)
-        with Timer() as cached:
-            trainer.fit()
+        cached = _warm_epoch_seconds(trainer)
         bf16_opts = TrainOptions(**{**opts.__dict__, "amp": "bf16"})
-        bf16_trainer = Trainer(corpus, None, tempfile.mkdtemp(), bf16_opts, device="cpu", quiet=True,
-                               cache_dir=cache_dir)  # the cache is warm now: no extraction
-        with Timer() as cached_bf16:
-            bf16_trainer.fit()
+        cached_bf16 = _warm_epoch_seconds(Trainer(corpus, None, tempfile.mkdtemp(), bf16_opts, device="cpu",
+                                                  quiet=True, cache_dir=cache_dir))  # warm cache: no extraction
 
         # baseline: same decoder recipe, images decoded and encoded at every step
         dataset = CaptionDataset(corpus, trainer.model.vocab, opts.max_caption_len, LoadImage(trainer.model.preprocess))
@@ -74,10 +78,10 @@ def main() -> None:
     print("| one epoch | seconds | captions/s |")
     print("|---|---|---|")
     print(f"| re-encoding images every step (classic tutorials) | {baseline:.1f} | {len(dataset) / baseline:.0f} |")
-    print(f"| from the feature cache (captioner) | {cached.s:.1f} | {len(dataset) / cached.s:.0f} |")
-    print(f"| **speed-up** | **{baseline / cached.s:.1f}x** | |")
-    print(f"| from the cache with --amp bf16 (opt-in on CPU) | {cached_bf16.s:.1f} | {len(dataset) / cached_bf16.s:.0f} |")
-    print(f"| **speed-up with --amp bf16** | **{baseline / cached_bf16.s:.1f}x** | |")
+    print(f"| from the feature cache (captioner; 2nd epoch) | {cached:.1f} | {len(dataset) / cached:.0f} |")
+    print(f"| **speed-up** | **{baseline / cached:.1f}x** | |")
+    print(f"| from the cache with --amp bf16 (opt-in on CPU) | {cached_bf16:.1f} | {len(dataset) / cached_bf16:.0f} |")
+    print(f"| **speed-up with --amp bf16** | **{baseline / cached_bf16:.1f}x** | |")
     print(f"one-time cache fill ({len(corpus)} images, incl. model set-up): {fill.s:.1f} s")
 
 

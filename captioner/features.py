@@ -87,6 +87,8 @@ def split_batch(batch: list[Tensor | ImageError]) -> tuple[list[int], Tensor | N
 @torch.no_grad()
 def encode_pixels(encoder: Encoder, pixels: Tensor, device: torch.device) -> Tensor:
     """(B, 3, S, S) -> grid (B, R, D) fp32; channels_last, bf16 autocast on CUDA."""
+    if device.type == "cuda":
+        pixels = pixels.pin_memory()  # so the copy to the GPU is asynchronous
     x = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         return encoder(x).float()

@@ -20,22 +20,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from nltk.tokenize import TreebankWordTokenizer
-
 from .paths import cache_dir
+from .vocab import treebank_tokenizer
 
 # coco-caption drops exactly these tokens after PTB tokenisation. Its tokenizer lower-cases first,
 # so brackets come out as "-lrb-" etc. and are *kept* (the upper-case entries never match); we do
 # the same, or our scores would not be theirs.
 _PUNCT = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
-_tok = TreebankWordTokenizer()
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 
 
 def normalize(text: str) -> list[str]:
     """coco-caption's text normalisation: lower-case PTB tokens without punctuation tokens."""
-    tokens = _tok.tokenize(" ".join(text.split()), convert_parentheses=True)
+    tokens = treebank_tokenizer().tokenize(" ".join(text.split()), convert_parentheses=True)
     return [t for t in (w.lower() for w in tokens) if t not in _PUNCT]
 
 

@@ -11,18 +11,26 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from nltk.tokenize import TreebankWordTokenizer
+from functools import cache
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 
-_tokenizer = TreebankWordTokenizer()
 _has_alnum = re.compile(r"[0-9a-z]")
+
+
+@cache
+def treebank_tokenizer():
+    """nltk's Treebank tokenizer, imported on first use: importing nltk costs ~0.8 s (it pulls in
+    scipy), which `captioner caption` never needs."""
+    from nltk.tokenize import TreebankWordTokenizer
+
+    return TreebankWordTokenizer()
 
 
 def tokenize(text: str) -> list[str]:
     """Lower-cased word tokens of a caption, punctuation dropped."""
-    return [t for t in _tokenizer.tokenize(text.lower().strip()) if _has_alnum.search(t)]
+    return [t for t in treebank_tokenizer().tokenize(text.lower().strip()) if _has_alnum.search(t)]
 
 
 class Vocabulary:
