@@ -94,20 +94,25 @@ def _write_attention_map(model, path: str, caption, out_dir: Path, taken: set[st
                   out_dir / f"{name}.png")
 
 
+def _load_corpus(annotations: str | None, images: str | None, karpathy_json: str | None, images_root: str | None,
+                 split: str, skip_missing: bool):
+    """A COCO caption file + image folder, or a Karpathy split file's split(s); None if neither is given."""
+    if karpathy_json:
+        return load_karpathy(karpathy_json, images_root or Path(karpathy_json).parent, split, skip_missing)
+    if annotations:
+        if not images:
+            raise DataError(f"{annotations}: give the folder of its images too")
+        return load_coco(annotations, images, skip_missing)
+    return None
+
+
 def _corpora(args: argparse.Namespace):
-    if args.karpathy_json:
-        root = args.images_root or Path(args.karpathy_json).parent
-        train = load_karpathy(args.karpathy_json, root, args.split, args.skip_missing)
-        val = load_karpathy(args.karpathy_json, root, args.val_split, args.skip_missing) if args.val_split else None
-    else:
-        if not (args.train_annotations and args.train_images):
-            raise DataError("give --train-annotations and --train-images (or --karpathy-json)")
-        train = load_coco(args.train_annotations, args.train_images, args.skip_missing)
-        val = None
-        if args.val_annotations:
-            if not args.val_images:
-                raise DataError("--val-annotations needs --val-images")
-            val = load_coco(args.val_annotations, args.val_images, args.skip_missing)
+    train = _load_corpus(args.train_annotations, args.train_images, args.karpathy_json, args.images_root,
+                         args.split, args.skip_missing)
+    if train is None:
+        raise DataError("give --train-annotations and --train-images (or --karpathy-json)")
+    val = _load_corpus(args.val_annotations, args.val_images, args.karpathy_json if args.val_split else None,
+                       args.images_root, args.val_split, args.skip_missing)
     for name, c in (("train", train), ("val", val)):
         if c is not None and c.skipped_missing and not args.quiet:
             _err(f"{name}: skipped {c.skipped_missing} missing image(s) from {c.source}")
@@ -118,12 +123,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .api import Captioner
     from .evaluation import caption_corpus, references, score, write_results
 
-    if args.karpathy_json:
-        corpus = load_karpathy(args.karpathy_json, args.images_root or Path(args.karpathy_json).parent, args.split,
-                               args.skip_missing)
-    elif args.annotations and args.images:
-        corpus = load_coco(args.annotations, args.images, args.skip_missing)
-    else:
+    corpus = _load_corpus(args.annotations, args.images, args.karpathy_json, args.images_root, args.split,
+                          args.skip_missing)
+    if corpus is None:
         raise DataError("give --annotations and --images, or --karpathy-json and --split")
     model = Captioner.load(args.model, device=args.device)
     cache = None if args.no_cache else FeatureCache(model.encoder, args.cache_dir)
@@ -143,16 +145,10 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
     from .device import resolve_device
     from .encoders import build_encoder
 
-    paths: list = []
-    if args.annotations:
-        if not args.images:
-            raise DataError("--annotations needs --images (the folder its file_names are in)")
-        paths += load_coco(args.annotations, args.images, args.skip_missing).paths
-    if args.karpathy_json:
-        paths += load_karpathy(args.karpathy_json, args.images_root or Path(args.karpathy_json).parent, args.split,
-                               args.skip_missing).paths
+    corpus = _load_corpus(args.annotations, args.images, args.karpathy_json, args.images_root, args.split,
+                          args.skip_missing)
     found, problems = expand_inputs(args.inputs)
-    paths += found
+    paths = (corpus.paths if corpus is not None else []) + [Path(p) for p in found]
     if not paths and not problems:
         raise DataError("nothing to extract: give image files/folders/globs, --annotations with --images, "
                         "or --karpathy-json")

@@ -32,6 +32,13 @@ def draw_shape(color: str, shape: str, size: str, rng: random.Random, px: int = 
     d = ImageDraw.Draw(img)
     r = SIZES[size] * px / 2 * rng.uniform(0.9, 1.1)
     cx, cy = px / 2 + rng.uniform(-0.12, 0.12) * px, px / 2 + rng.uniform(-0.12, 0.12) * px
+    _draw(d, color, shape, cx, cy, r, rng)
+    return img
+
+
+def _draw(d: ImageDraw.ImageDraw, color: str, shape: str, cx: float, cy: float, r: float,
+          rng: random.Random) -> None:
+    """One shape of radius r at (cx, cy), its colour jittered a little."""
     fill = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in COLORS[color])
     if shape == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -39,7 +46,6 @@ def draw_shape(color: str, shape: str, size: str, rng: random.Random, px: int = 
         d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:
         d.polygon([(cx, cy - r), (cx - r, cy + r * 0.85), (cx + r, cy + r * 0.85)], fill=fill)
-    return img
 
 
 def make_split(out: Path, name: str, per_combo: int, rng: random.Random, start_id: int = 1) -> Path:
@@ -80,13 +86,7 @@ def draw_pair(left: tuple[str, str], right: tuple[str, str], rng: random.Random,
     for (color, shape), cx in ((left, 0.3), (right, 0.7)):
         r = px * rng.uniform(0.1, 0.13)
         x, y = px * (cx + rng.uniform(-0.05, 0.05)), px * (0.5 + rng.uniform(-0.15, 0.15))
-        fill = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in COLORS[color])
-        if shape == "circle":
-            d.ellipse([x - r, y - r, x + r, y + r], fill=fill)
-        elif shape == "square":
-            d.rectangle([x - r, y - r, x + r, y + r], fill=fill)
-        else:
-            d.polygon([(x, y - r), (x - r, y + r * 0.85), (x + r, y + r * 0.85)], fill=fill)
+        _draw(d, color, shape, x, y, r, rng)
     return img
 
 
