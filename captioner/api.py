@@ -26,6 +26,11 @@ class Caption(NamedTuple):
     text: str
     score: float  # summed log-prob (divided by the length penalty when one is set)
     attention: Tensor | None = None  # (words, R) attention weights, for attention decoders
+
+    def attention_grid(self) -> Tensor:
+        """The attention as (words, h, w) over the encoder's square grid."""
+        side = round(self.attention.size(1) ** 0.5)
+        return self.attention.view(-1, side, side)
 class Captioner:
     """A trained captioning model: encoder + decoder + vocabulary, ready to describe images."""
 
@@ -142,8 +147,7 @@ class Captioner:
                     raise r
                 results.append(None)
             elif return_attention:
-                side = int(round(r[0].attention.size(1) ** 0.5)) if r[0].attention.numel() else 0
-                results.append((r[0].text, r[0].attention.view(-1, side, side) if side else r[0].attention))
+                results.append((r[0].text, r[0].attention_grid()))
             else:
                 results.append(r[0].text)
         return results[0] if single else results

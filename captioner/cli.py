@@ -89,8 +89,7 @@ def _write_attention_map(model, path: str, caption, out_dir: Path, taken: set[st
         name += "_"
     taken.add(name)
     words = caption.text.split()
-    side = int(round(caption.attention.size(1) ** 0.5))
-    attention_map(load_image(path), words, caption.attention.view(-1, side, side).numpy(), model.preprocess,
+    attention_map(load_image(path), words, caption.attention_grid().numpy(), model.preprocess,
                   out_dir / f"{name}.png")
 
 

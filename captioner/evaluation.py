@@ -29,11 +29,7 @@ def caption_corpus(model: Captioner, corpus: CaptionCorpus, batch_size: int = 32
         bad = {e.path for e in failed}
         keep = [i for i, p in enumerate(corpus.paths) if str(p) not in bad]
         feats = cache.load([corpus.paths[i] for i in keep], model.decoder.feature_kind)
-        step = 256
-        for s in tqdm(range(0, len(keep), step), desc="captioning", unit="batch", disable=quiet, leave=False):
-            for i, hyps in zip(keep[s:s + step], model.decode(feats[s:s + step], **decode_opts)):
-                results[corpus.image_ids[i]] = hyps[0].text
-        return results, failed
+        return caption_features(model, [corpus.image_ids[i] for i in keep], feats, quiet, **decode_opts), failed
     with tqdm(total=len(corpus), desc="captioning", unit="img", disable=quiet, leave=False) as bar:
         for image_id, r in zip(corpus.image_ids, model.generate(corpus.paths, batch_size=batch_size, **decode_opts)):
             if isinstance(r, ImageError):
@@ -42,6 +38,16 @@ def caption_corpus(model: Captioner, corpus: CaptionCorpus, batch_size: int = 32
                 results[image_id] = r[0].text
             bar.update(1)
     return results, failed
+
+
+def caption_features(model: Captioner, image_ids: list, feats, quiet: bool = True, step: int = 256,
+                     **decode_opts: Any) -> dict[Any, str]:
+    """Caption images from their encoder features (N, ...) in chunks: {image_id: best caption}."""
+    results: dict[Any, str] = {}
+    for s in tqdm(range(0, len(image_ids), step), desc="captioning", unit="batch", disable=quiet, leave=False):
+        for image_id, hyps in zip(image_ids[s:s + step], model.decode(feats[s:s + step], **decode_opts)):
+            results[image_id] = hyps[0].text
+    return results
 
 
 def references(corpus: CaptionCorpus) -> dict[Any, list[str]]:

@@ -21,7 +21,7 @@ from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_che
 from .data import Batch, CaptionCorpus, CaptionDataset, DataError, collate
 from .device import resolve_device
 from .encoders import build_encoder
-from .evaluation import caption_corpus, references
+from .evaluation import caption_corpus, caption_features, references
 from .features import FeatureCache, GridFeatures, LoadImage, extract_features, pool
 from .metrics import METRICS, evaluate, meteor_backend
 from .models import build_decoder
@@ -278,11 +278,7 @@ class Trainer:
         corpus = dataset.corpus
         if feats is None:  # fine-tuning: no cached features, encode the images
             return caption_corpus(self.model, corpus, beam_size=self.opts.val_beam_size, quiet=True)[0]
-        out, step = {}, 256
-        for i in range(0, len(corpus), step):
-            decoded = self.model.decode(feats[i:i + step], beam_size=self.opts.val_beam_size)
-            out.update({k: hs[0].text for k, hs in zip(corpus.image_ids[i:i + step], decoded)})
-        return out
+        return caption_features(self.model, corpus.image_ids, feats, beam_size=self.opts.val_beam_size)
 
     def _validate(self) -> dict[str, Any]:
         val_loss = self._run_epoch(self.val_data, False, "val")
