@@ -15,7 +15,7 @@ from .device import resolve_device
 from .encoders import Encoder, build_encoder
 from .features import default_workers, encode_pixels, pool, prepared_batches, split_batch
 from .images import ImageError, Preprocess, load_image, to_rgb
-from .models import CaptionModel, build_decoder
+from .models import CaptionModel, SequenceModel, build_model
 from .paths import bundled_model_path
 from .vocab import Vocabulary
 
@@ -51,7 +51,7 @@ class Captioner:
         encoder = build_encoder(config["encoder"])
         if ckpt.get("encoder") is not None:  # fine-tuned encoder weights travel in the checkpoint
             encoder.load_state_dict(ckpt["encoder"])
-        decoder = build_decoder(config["decoder"], len(vocab), encoder.feature_dim, **config["decoder_hparams"])
+        decoder = build_model(config, len(vocab), encoder.feature_dim)
         try:
             decoder.load_state_dict(ckpt["decoder"])
         except RuntimeError as e:
@@ -96,13 +96,36 @@ class Captioner:
             return self.preprocess(item)
         raise ImageError(repr(item)[:60], f"unsupported input type {type(item).__name__}")
 
-    def encode(self, pixels: Tensor) -> Tensor:
-        """Preprocessed images (B, 3, S, S) -> the features this decoder consumes."""
+    @property
+    def is_sequence_model(self) -> bool:
+        """Trained on image sequences with an order-aware temporal model (see models/sequence.py)."""
+        return isinstance(self.decoder, SequenceModel)
+
+    def _frame_features(self, pixels: Tensor) -> Tensor:
+        """Preprocessed images (B, 3, S, S) -> per-image features of the decoder's kind (B, ...)."""
         return pool(encode_pixels(self.encoder, pixels, self.device), self.decoder.feature_kind)
 
-    def decode(self, features: Tensor, beam_size: int = 5, n_best: int = 1, max_len: int = 20, min_len: int = 1,
+    def encode(self, pixels: Tensor) -> Any:
+        """Preprocessed images (B, 3, S, S) -> the decoder's input; a sequence model sees each image
+        as a one-frame sequence."""
+        feats = self._frame_features(pixels)  # (B, ...)
+        return self.decoder.from_frames(list(feats.unsqueeze(1))) if self.is_sequence_model else feats
+
+    def encode_sequences(self, sequences: Sequence[Tensor], batch_size: int = 32) -> Any:
+        """Preprocessed frame sequences [(F_i, 3, S, S)] -> the decoder's input for the batch of them.
+
+        A single-image decoder gets each sequence's mean frame, so a one-frame sequence is
+        captioned exactly as the image.
+        """
+        frames = []
+        for pixels in sequences:
+            frames.append(torch.cat([self._frame_features(pixels[s:s + batch_size])
+                                     for s in range(0, len(pixels), batch_size)]))  # (F_i, ...)
+        return self.decoder.from_frames(frames)
+
+    def decode(self, features: Any, beam_size: int = 5, n_best: int = 1, max_len: int = 20, min_len: int = 1,
                length_alpha: float = 0.0, no_repeat_ngram: int = 0) -> list[list[Caption]]:
-        """Encoder features (B, ...) -> for each image its n-best Captions, best first."""
+        """The decoder's input for B images or sequences (see `encode`) -> for each its n-best Captions, best first."""
         was_training = self.decoder.training
         self.decoder.eval()
         try:
@@ -137,8 +160,9 @@ class Captioner:
         the weights of each word over the encoder's h x w grid.
         decode_opts: min_len, length_alpha, no_repeat_ngram, batch_size, num_workers.
         """
-        if return_attention and self.decoder.feature_kind != "grid":
-            raise ValueError(f"this model's decoder ({self.config['decoder']}) has no attention to return")
+        if return_attention and self.decoder.attends_over != "regions":
+            raise ValueError("this model has no attention over image regions to return "
+                             f"(decoder {self.config['decoder']}{', sequence model' if self.is_sequence_model else ''})")
         single = not isinstance(x, (list, tuple))
         results: list = []
         for r in self.generate([x] if single else list(x), beam_size=beam_size, max_len=max_len, **decode_opts):
@@ -151,6 +175,44 @@ class Captioner:
             else:
                 results.append(r[0].text)
         return results[0] if single else results
+
+    def generate_sequences(self, sequences: Sequence[Sequence[ImageInput]], batch_size: int = 32,
+                           num_workers: int | None = None, **decode_opts: Any) -> Iterator[list[Caption] | ImageError]:
+        """For each sequence of images (frames in temporal order): its n-best Captions, or the
+        ImageError of its first bad frame (a sequence with a bad frame is not captioned; the
+        others still are). decode_opts as for `generate`."""
+        for frames in sequences:
+            if len(frames) == 0:
+                yield ImageError("<sequence>", "a sequence needs at least one frame")
+                continue
+            workers = default_workers(len(frames), batch_size) if num_workers is None else num_workers
+            pixels, errors = [], []
+            for batch in prepared_batches(list(frames), self.prepare, batch_size, workers):
+                _, p, errs = split_batch(batch)
+                errors += errs
+                if p is not None:
+                    pixels.append(p)
+            if errors:
+                yield errors[0]
+                continue
+            yield self.decode(self.encode_sequences([torch.cat(pixels)], batch_size), **decode_opts)[0]
+
+    def caption_sequence(self, frames: Sequence[ImageInput], beam_size: int = 5, max_len: int = 20,
+                         return_attention: bool = False, **decode_opts: Any) -> Any:
+        """One caption for an ordered sequence of images (an album, a burst, video frames).
+
+        A sequence model reads the frames in order; a single-image model describes their mean
+        frame (order-blind). Raises ImageError for a bad frame. return_attention=True (sequence
+        models with the attention decoder) gives (caption, weights (words, frames)).
+        decode_opts: n_best, min_len, length_alpha, no_repeat_ngram, batch_size, num_workers.
+        """
+        if return_attention and self.decoder.attends_over != "frames":
+            raise ValueError("this model has no attention over frames to return (train on sequences "
+                             "with --decoder attention)")
+        r = next(self.generate_sequences([frames], beam_size=beam_size, max_len=max_len, **decode_opts))
+        if isinstance(r, ImageError):
+            raise r
+        return (r[0].text, r[0].attention) if return_attention else r[0].text
 
     def caption_nbest(self, x: ImageInput | Sequence[ImageInput], n: int = 5, beam_size: int | None = None,
                       max_len: int = 20, **decode_opts: Any) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .checkpoint import CheckpointError
-from .data import DataError, load_coco, load_coco_references, load_karpathy
+from .data import DataError, load_coco, load_coco_references, load_karpathy, load_sequences
 from .encoders import EncoderWeightsError
 from .features import FeatureCache
 from .images import ImageError, list_images
@@ -47,19 +47,26 @@ def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[ImageError]]:
 def cmd_caption(args: argparse.Namespace) -> int:
     from .api import Captioner
 
+    given = [bool(args.inputs), bool(args.sequence), bool(args.sequence_dir)]
+    if sum(given) != 1:
+        raise ValueError("give images to caption one by one, or --sequence FRAME..., or --sequence-dir DIR "
+                         "(one of them)")
     model = Captioner.load(args.model, device=args.device)
-    if args.attention_map and model.decoder.feature_kind != "grid":
-        raise ValueError(f"--attention-map needs a model trained with --decoder attention "
-                         f"(this one has --decoder {model.config['decoder']})")
+    if args.attention_map and model.decoder.attends_over != "regions":
+        raise ValueError(f"--attention-map needs a single-image model trained with --decoder attention "
+                         f"(this one has --decoder {model.config['decoder']}"
+                         f"{' on sequences' if model.is_sequence_model else ''})")
+    decode_opts = dict(beam_size=args.beam_size, n_best=args.n_best, max_len=args.max_len, min_len=args.min_len,
+                       length_alpha=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram,
+                       batch_size=args.batch_size)
+    if not args.inputs:
+        return _caption_sequences(model, args, decode_opts)
     paths, failed = expand_inputs(args.inputs)
     maps_written: set[str] = set()
     for e in failed:
         _err(str(e))
     n_failed = len(failed)
-    results = model.generate(paths, beam_size=args.beam_size, n_best=args.n_best,
-                             max_len=args.max_len, min_len=args.min_len, length_alpha=args.length_penalty,
-                             no_repeat_ngram=args.no_repeat_ngram, batch_size=args.batch_size)
-    for path, r in zip(paths, results):
+    for path, r in zip(paths, model.generate(paths, **decode_opts)):
         if isinstance(r, ImageError):
             _err(str(r))
             n_failed += 1
@@ -70,13 +77,44 @@ def cmd_caption(args: argparse.Namespace) -> int:
             except (OSError, ValueError) as e:  # the caption still gets printed below
                 _err(f"{path}: attention map not written ({e})")
                 n_failed += 1
-        if args.json:
-            line = json.dumps({"path": path, "caption": r[0].text,
-                               "nbest": [{"caption": c.text, "score": round(c.score, 4)} for c in r]},
-                              ensure_ascii=False)
-        else:
-            line = f"{path}\t{r[0].text}"
-        print(line, flush=True)
+        _print_caption(args, {"path": path}, path, r)
+    return 1 if n_failed else 0
+
+
+def _print_caption(args: argparse.Namespace, key: dict, label: str, nbest: list) -> None:
+    if args.json:
+        line = json.dumps(key | {"caption": nbest[0].text,
+                                 "nbest": [{"caption": c.text, "score": round(c.score, 4)} for c in nbest]},
+                          ensure_ascii=False)
+    else:
+        line = f"{label}\t{nbest[0].text}"
+    print(line, flush=True)
+
+
+def _caption_sequences(model, args: argparse.Namespace, decode_opts: dict) -> int:
+    """--sequence F1 F2 ... (order as given) or --sequence-dir DIR ... (each folder's images in
+    natural order): one caption per sequence."""
+    if args.sequence:
+        sequences, labels = [args.sequence], [" ".join(args.sequence)]
+    else:
+        sequences, labels = [], []
+        for d in args.sequence_dir:
+            if not Path(d).is_dir():
+                _err(f"{d}: not a folder")
+                continue
+            frames = [str(f) for f in list_images(d)]
+            if not frames:
+                _err(f"{d}: folder holds no image files")
+                continue
+            sequences.append(frames)
+            labels.append(d)
+    n_failed = len(args.sequence_dir or []) - len(sequences) if not args.sequence else 0
+    for frames, label, r in zip(sequences, labels, model.generate_sequences(sequences, **decode_opts)):
+        if isinstance(r, ImageError):
+            _err(f"{r} (sequence not captioned)")
+            n_failed += 1
+            continue
+        _print_caption(args, {"sequence": frames}, label, r)
     return 1 if n_failed else 0
 
 
@@ -94,24 +132,26 @@ def _write_attention_map(model, path: str, caption, out_dir: Path, taken: set[st
 
 
 def _load_corpus(annotations: str | None, images: str | None, karpathy_json: str | None, images_root: str | None,
-                 split: str, skip_missing: bool):
-    """A COCO caption file + image folder, or a Karpathy split file's split(s); None if neither is given."""
+                 split: str, skip_missing: bool, sequences: str | None = None):
+    """A COCO caption file + image folder, a sequence file + image folder, or a Karpathy split file's
+    split(s); None if none is given."""
     if karpathy_json:
         return load_karpathy(karpathy_json, images_root or Path(karpathy_json).parent, split, skip_missing)
-    if annotations:
-        if not images:
-            raise DataError(f"{annotations}: give the folder of its images too")
-        return load_coco(annotations, images, skip_missing)
+    for path, loader in ((annotations, load_coco), (sequences, load_sequences)):
+        if path:
+            if not images:
+                raise DataError(f"{path}: give the folder of its images too")
+            return loader(path, images, skip_missing)
     return None
 
 
 def _corpora(args: argparse.Namespace):
     train = _load_corpus(args.train_annotations, args.train_images, args.karpathy_json, args.images_root,
-                         args.split, args.skip_missing)
+                         args.split, args.skip_missing, args.train_sequences)
     if train is None:
-        raise DataError("give --train-annotations and --train-images (or --karpathy-json)")
+        raise DataError("give --train-annotations (or --train-sequences) and --train-images, or --karpathy-json")
     val = _load_corpus(args.val_annotations, args.val_images, args.karpathy_json if args.val_split else None,
-                       args.images_root, args.val_split, args.skip_missing)
+                       args.images_root, args.val_split, args.skip_missing, args.val_sequences)
     for name, c in (("train", train), ("val", val)):
         if c is not None and c.skipped_missing and not args.quiet:
             _err(f"{name}: skipped {c.skipped_missing} missing image(s) from {c.source}")
@@ -123,9 +163,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import caption_corpus, references, score, write_results
 
     corpus = _load_corpus(args.annotations, args.images, args.karpathy_json, args.images_root, args.split,
-                          args.skip_missing)
+                          args.skip_missing, args.sequences)
     if corpus is None:
-        raise DataError("give --annotations and --images, or --karpathy-json and --split")
+        raise DataError("give --annotations (or --sequences) and --images, or --karpathy-json and --split")
     model = Captioner.load(args.model, device=args.device)
     cache = None if args.no_cache else FeatureCache(model.encoder, args.cache_dir)
     results, failed = caption_corpus(model, corpus, batch_size=args.batch_size, quiet=args.quiet, cache=cache,
@@ -145,7 +185,7 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
     from .encoders import build_encoder
 
     corpus = _load_corpus(args.annotations, args.images, args.karpathy_json, args.images_root, args.split,
-                          args.skip_missing)
+                          args.skip_missing, args.sequences)
     found, problems = expand_inputs(args.inputs)
     paths = (corpus.paths if corpus is not None else []) + [Path(p) for p in found]
     if not paths and not problems:
@@ -201,10 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("caption", help="caption images, folders or glob patterns")
-    c.add_argument("inputs", nargs="+", help="image files, folders of images, or glob patterns")
+    c.add_argument("inputs", nargs="*", help="image files, folders of images, or glob patterns (one caption each)")
+    c.add_argument("--sequence", nargs="+", metavar="FRAME",
+                   help="one caption for these images as an ordered sequence (album, burst, video frames)")
+    c.add_argument("--sequence-dir", action="append", metavar="DIR",
+                   help="one caption for a folder's images as a sequence, in natural file-name order "
+                        "(frame2 before frame10); repeat for several")
     c.add_argument("--model", help="checkpoint (default: the bundled model)")
     c.add_argument("--beam-size", type=int, default=5)
-    c.add_argument("--n-best", type=int, default=1, help="how many captions per image (with --json)")
+    c.add_argument("--n-best", type=int, default=1, help="how many captions per image or sequence (with --json)")
     c.add_argument("--max-len", type=int, default=20, help="most words per caption")
     c.add_argument("--min-len", type=int, default=1, help="fewest words per caption")
     c.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha; 0 = off")
@@ -223,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-images", help="folder of the training images")
     g.add_argument("--val-annotations", help="COCO caption JSON for validation")
     g.add_argument("--val-images", help="folder of the validation images")
+    g.add_argument("--train-sequences", help="sequence caption JSON for training (images, sequences, annotations)")
+    g.add_argument("--val-sequences", help="sequence caption JSON for validation")
     g.add_argument("--karpathy-json", help="Karpathy split file (dataset_coco.json / dataset_flickr8k.json)")
     g.add_argument("--images-root", help="with --karpathy-json: folder the filepaths are relative to")
     g.add_argument("--split", default="train", help="with --karpathy-json: training split(s), e.g. train,restval")
@@ -241,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--attention-size", type=int, default=d.attention_size, help="attention decoder: hidden size")
     m.add_argument("--alpha-c", type=float, default=d.alpha_c,
                    help="attention decoder: doubly stochastic attention regularisation weight")
+    m.add_argument("--temporal", default=d.temporal, choices=["auto", "gru", "lstm", "none"],
+                   help="sequences: RNN over the frames (auto: gru for sequence data, none for images); "
+                        "none: a single-image decoder on the mean frame (order-blind)")
+    m.add_argument("--temporal-size", type=int, default=d.temporal_size, help="hidden size of the temporal RNN")
+    m.add_argument("--keypoints", type=int, default=d.keypoints,
+                   help="temporal model: soft keypoints per frame (where things are)")
+    m.add_argument("--tbptt", type=int, default=d.tbptt, metavar="K",
+                   help="truncated BPTT: back-propagate through at most K frames (0: all frames)")
     m.add_argument("--fine-tune-encoder", type=int, default=d.fine_tune_encoder, metavar="N",
                    help="train the last N encoder blocks too (0: frozen encoder)")
     m.add_argument("--encoder-lr", type=float, default=d.encoder_lr)
@@ -278,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="caption a dataset's images and score them (BLEU, METEOR, ROUGE-L, CIDEr-D)")
     e.add_argument("--model", help="checkpoint (default: the bundled model)")
     e.add_argument("--annotations", help="COCO caption JSON with the references")
+    e.add_argument("--sequences", help="sequence caption JSON instead of --annotations (one caption per sequence)")
     e.add_argument("--images", help="folder of its images")
     e.add_argument("--karpathy-json", help="Karpathy split file instead of --annotations/--images")
     e.add_argument("--images-root", help="with --karpathy-json: folder the filepaths are relative to")
@@ -295,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("extract-features", help="fill the feature cache ahead of training or evaluation")
     x.add_argument("inputs", nargs="*", help="image files, folders or glob patterns")
     x.add_argument("--annotations", help="COCO caption JSON: its images")
-    x.add_argument("--images", help="with --annotations: the folder its file_names are in")
+    x.add_argument("--sequences", help="sequence caption JSON: the frames of its sequences")
+    x.add_argument("--images", help="with --annotations or --sequences: the folder its file_names are in")
     x.add_argument("--karpathy-json", help="Karpathy split file: the images of --split")
     x.add_argument("--images-root", help="with --karpathy-json: folder the filepaths are relative to")
     x.add_argument("--split", default="train,restval,val,test", help="with --karpathy-json: which split(s)")

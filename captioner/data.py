@@ -1,7 +1,8 @@
-"""Caption datasets: COCO caption JSON and Karpathy split JSON -> (image, caption) items.
+"""Caption datasets: COCO caption JSON, Karpathy split JSON and COCO-style sequence JSON ->
+(item, caption) pairs, where an item is an image or an ordered sequence of images.
 
-A `CaptionCorpus` is the images and their reference captions; training flattens it into one
-item per caption, so an epoch visits every caption once.
+A `CaptionCorpus` is the items and their reference captions; training flattens it into one
+pair per caption, so an epoch visits every caption once.
 """
 from __future__ import annotations
 
@@ -25,23 +26,45 @@ class DataError(Exception):
 
 @dataclass
 class CaptionCorpus:
-    """Images (paths + ids) and their reference captions, aligned by index."""
+    """Captioned items aligned by index: images, or (with `frames`) image sequences.
+
+    paths: the image files, each once (for sequences: every distinct frame)
+    image_ids: the items' ids (image ids, or sequence ids)
+    captions: each item's reference captions
+    frames: for sequences, each item's frames in temporal order, as indices into `paths`
+    """
 
     paths: list[Path]
     image_ids: list[Any]
     captions: list[list[str]]
     skipped_missing: int = 0
     source: str = ""
+    frames: list[list[int]] | None = None
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.image_ids)
 
     def items(self) -> list[tuple[int, str]]:
-        """One (image index, caption) pair per caption."""
+        """One (item index, caption) pair per caption."""
         return [(i, c) for i, caps in enumerate(self.captions) for c in caps]
 
+    def item_frames(self) -> list[list[int]]:
+        """Each item's images as indices into `paths`: its frames, or the image alone."""
+        return self.frames if self.frames is not None else [[i] for i in range(len(self.paths))]
+
+    def keep(self, items: list[int], skipped: int = 0) -> "CaptionCorpus":
+        """Only these items (and only the images they use)."""
+        if self.frames is None:
+            return CaptionCorpus([self.paths[i] for i in items], [self.image_ids[i] for i in items],
+                                 [self.captions[i] for i in items], self.skipped_missing + skipped, self.source)
+        used = sorted({f for i in items for f in self.frames[i]})
+        new = {old: n for n, old in enumerate(used)}
+        return CaptionCorpus([self.paths[i] for i in used], [self.image_ids[i] for i in items],
+                             [self.captions[i] for i in items], self.skipped_missing + skipped, self.source,
+                             [[new[f] for f in self.frames[i]] for i in items])
+
     def subset(self, n: int) -> "CaptionCorpus":
-        return CaptionCorpus(self.paths[:n], self.image_ids[:n], self.captions[:n], self.skipped_missing, self.source)
+        return self.keep(list(range(min(n, len(self)))))
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -55,22 +78,20 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def _check_missing(corpus: CaptionCorpus, skip_missing: bool) -> CaptionCorpus:
-    missing = [i for i, p in enumerate(corpus.paths) if not p.is_file()]
+    missing = {i for i, p in enumerate(corpus.paths) if not p.is_file()}
     if not missing:
         return corpus
     if not skip_missing:
-        shown = ", ".join(str(corpus.paths[i]) for i in missing[:5])
+        shown = ", ".join(str(corpus.paths[i]) for i in sorted(missing)[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise DataError(f"{corpus.source}: {len(missing)} image file(s) missing: {shown}{more} "
                         "(use --skip-missing to leave them out)")
-    gone = set(missing)
-    keep = [i for i in range(len(corpus)) if i not in gone]
-    return CaptionCorpus([corpus.paths[i] for i in keep], [corpus.image_ids[i] for i in keep],
-                         [corpus.captions[i] for i in keep], len(missing), corpus.source)
+    keep = [k for k, fr in enumerate(corpus.item_frames()) if not missing.intersection(fr)]
+    return corpus.keep(keep, skipped=len(corpus) - len(keep))
 
 
-def _coco(annotations: str | os.PathLike) -> tuple[list[dict], dict[Any, list[str]]]:
-    data = read_json(annotations)
+def _coco(annotations: str | os.PathLike, data: Any = None) -> tuple[list[dict], dict[Any, list[str]]]:
+    data = read_json(annotations) if data is None else data
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise DataError(f"{annotations}: not a COCO caption file (needs 'images' and 'annotations')")
     by_image: dict[Any, list[str]] = {}
@@ -80,8 +101,15 @@ def _coco(annotations: str | os.PathLike) -> tuple[list[dict], dict[Any, list[st
 
 
 def load_coco_references(annotations: str | os.PathLike) -> dict[Any, list[str]]:
-    """{image_id: [reference captions]} of a COCO caption file (no image files needed)."""
-    return _coco(annotations)[1]
+    """{image_id: [reference captions]} of a COCO caption file, or {sequence_id: [...]} of a sequence
+    file (no image files needed)."""
+    data = read_json(annotations)
+    if isinstance(data, dict) and "sequences" in data:
+        by_seq: dict[Any, list[str]] = {}
+        for a in data.get("annotations", []):
+            by_seq.setdefault(a["sequence_id"], []).append(" ".join(str(a["caption"]).split()))
+        return by_seq
+    return _coco(annotations, data)[1]
 
 
 def load_coco(annotations: str | os.PathLike, images_dir: str | os.PathLike,
@@ -123,6 +151,43 @@ def load_karpathy(path: str | os.PathLike, images_root: str | os.PathLike, split
     if not paths:
         raise DataError(f"{path}: no images in split {split!r}")
     return _check_missing(CaptionCorpus(paths, ids, caps, source=str(path)), skip_missing)
+
+
+def load_sequences(path: str | os.PathLike, images_dir: str | os.PathLike,
+                   skip_missing: bool = False) -> CaptionCorpus:
+    """COCO-style sequence JSON: `images[{id, file_name}]`, `sequences[{id, image_ids}]` (frames in
+    temporal order, any length >= 1, images may be shared) and `annotations[{sequence_id, caption}]`.
+
+    Sequences without a caption are left out; with skip_missing, so are those with a missing frame.
+    """
+    data = read_json(path)
+    if not isinstance(data, dict) or not all(k in data for k in ("images", "sequences", "annotations")):
+        raise DataError(f"{path}: not a sequence caption file (needs 'images', 'sequences' and 'annotations')")
+    files = {img["id"]: img["file_name"] for img in data["images"]}
+    by_seq: dict[Any, list[str]] = {}
+    for a in data["annotations"]:
+        by_seq.setdefault(a["sequence_id"], []).append(" ".join(str(a["caption"]).split()))
+    known = {seq["id"] for seq in data["sequences"]}
+    unknown = [sid for sid in by_seq if sid not in known]
+    if unknown:
+        raise DataError(f"{path}: {len(unknown)} annotation sequence_id(s) name no sequence, e.g. {unknown[0]!r}")
+    root = Path(images_dir)
+    paths, row, ids, caps, frames = [], {}, [], [], []
+    for seq in data["sequences"]:
+        if seq["id"] not in by_seq:
+            continue
+        if not seq["image_ids"]:
+            raise DataError(f"{path}: sequence {seq['id']!r} has no frames")
+        for iid in seq["image_ids"]:
+            if iid not in files:
+                raise DataError(f"{path}: sequence {seq['id']!r} names image id {iid!r}, which is not in 'images'")
+            if iid not in row:
+                row[iid] = len(paths)
+                paths.append(root / files[iid])
+        ids.append(seq["id"])
+        caps.append(by_seq[seq["id"]])
+        frames.append([row[iid] for iid in seq["image_ids"]])
+    return _check_missing(CaptionCorpus(paths, ids, caps, source=str(path), frames=frames), skip_missing)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -51,15 +52,18 @@ def _constrain(logp: Tensor, history: Tensor, t: int, min_len: int, no_repeat_ng
 
 
 @torch.no_grad()
-def greedy(model: CaptionModel, features: Tensor, max_len: int = 20, min_len: int = 1,
+def greedy(model: CaptionModel, features: Any, max_len: int = 20, min_len: int = 1,
            no_repeat_ngram: int = 0) -> list[Hypothesis]:
-    """Most likely next word at each step; one hypothesis per image. features (B, ...)."""
-    B = features.size(0)
+    """Most likely next word at each step; one hypothesis per image (or sequence).
+
+    features: what `model.init_state` takes, e.g. (B, ...) image features or a `Frames` batch.
+    """
     state = model.init_state(features)
-    tokens = torch.full((B,), START_ID, dtype=torch.long, device=features.device)
-    history = torch.empty((B, 0), dtype=torch.long, device=features.device)
-    logprob = torch.zeros(B, device=features.device)
-    finished = torch.zeros(B, dtype=torch.bool, device=features.device)
+    B, dev = state.batch_size, state.device
+    tokens = torch.full((B,), START_ID, dtype=torch.long, device=dev)
+    history = torch.empty((B, 0), dtype=torch.long, device=dev)
+    logprob = torch.zeros(B, device=dev)
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
     for t in range(max_len):
         logp, state = _step_live(model, tokens, state, ~finished)  # (B, V)
         logp = _constrain(logp, history, t, min_len, no_repeat_ngram)
@@ -93,13 +97,17 @@ def _hypothesis(seq: list[int], logprob: float, finished: bool, alpha: float,
 
 
 @torch.no_grad()
-def beam_search(model: CaptionModel, features: Tensor, beam_size: int = 5, max_len: int = 20, min_len: int = 1,
+def beam_search(model: CaptionModel, features: Any, beam_size: int = 5, max_len: int = 20, min_len: int = 1,
                 length_alpha: float = 0.0, no_repeat_ngram: int = 0, n_best: int = 1) -> list[list[Hypothesis]]:
-    """Batched beam search; for each image the `n_best` hypotheses, best first. features (B, ...)."""
+    """Batched beam search; for each image (or sequence) the `n_best` hypotheses, best first.
+
+    features: what `model.init_state` takes, e.g. (B, ...) image features or a `Frames` batch.
+    """
     if beam_size < 1 or not 1 <= n_best <= beam_size:
         raise ValueError(f"need beam_size >= 1 and 1 <= n_best <= beam_size (got {beam_size}, {n_best})")
-    B, K, dev = features.size(0), beam_size, features.device
-    state = model.init_state(features).repeat_interleave(K)  # (B*K, ...)
+    state = model.init_state(features)
+    B, K, dev = state.batch_size, beam_size, state.device
+    state = state.repeat_interleave(K)  # (B*K, ...)
     tokens = torch.full((B * K,), START_ID, dtype=torch.long, device=dev)
     history = torch.empty((B * K, 0), dtype=torch.long, device=dev)
     beam_logp = torch.full((B, K), float("-inf"), device=dev)

@@ -11,25 +11,24 @@ from tqdm import tqdm
 from .api import Captioner
 from .checkpoint import atomic_write
 from .data import CaptionCorpus, DataError, read_json
-from .features import FeatureCache
+from .features import FeatureCache, ItemFeatures, corpus_features
 from .images import ImageError
 from .metrics import evaluate
 
 
 def caption_corpus(model: Captioner, corpus: CaptionCorpus, batch_size: int = 32, quiet: bool = False,
                    cache: FeatureCache | None = None, **decode_opts: Any) -> tuple[dict[Any, str], list[ImageError]]:
-    """Caption every image of the corpus once: {image_id: caption}, and the images that failed.
+    """Caption every item (image or sequence) of the corpus once: {id: caption}, and the images that failed.
 
-    With a feature cache the images are encoded only if they are not cached yet.
+    With a feature cache the images are encoded only if they are not cached yet. A sequence with
+    a failed frame gets no caption.
     """
+    if cache is not None or corpus.frames is not None:
+        feats, kept, failed = corpus_features(model.encoder, model.decoder, corpus, cache, batch_size=batch_size,
+                                              device=model.device, quiet=quiet)
+        return caption_features(model, [corpus.image_ids[k] for k in kept], feats, quiet, **decode_opts), failed
     results: dict[Any, str] = {}
     failed: list[ImageError] = []
-    if cache is not None:
-        failed = cache.fill(corpus.paths, batch_size=batch_size, device=model.device, quiet=quiet)
-        bad = {e.path for e in failed}
-        keep = [i for i, p in enumerate(corpus.paths) if str(p) not in bad]
-        feats = cache.load([corpus.paths[i] for i in keep], model.decoder.feature_kind)
-        return caption_features(model, [corpus.image_ids[i] for i in keep], feats, quiet, **decode_opts), failed
     with tqdm(total=len(corpus), desc="captioning", unit="img", disable=quiet, leave=False) as bar:
         for image_id, r in zip(corpus.image_ids, model.generate(corpus.paths, batch_size=batch_size, **decode_opts)):
             if isinstance(r, ImageError):
@@ -40,9 +39,9 @@ def caption_corpus(model: Captioner, corpus: CaptionCorpus, batch_size: int = 32
     return results, failed
 
 
-def caption_features(model: Captioner, image_ids: list, feats, quiet: bool = True, step: int = 256,
+def caption_features(model: Captioner, image_ids: list, feats: ItemFeatures, quiet: bool = True, step: int = 256,
                      **decode_opts: Any) -> dict[Any, str]:
-    """Caption images from their encoder features (N, ...) in chunks: {image_id: best caption}."""
+    """Caption items from their features in chunks: {id: best caption}."""
     results: dict[Any, str] = {}
     for s in tqdm(range(0, len(image_ids), step), desc="captioning", unit="batch", disable=quiet, leave=False):
         for image_id, hyps in zip(image_ids[s:s + step], model.decode(feats[s:s + step], **decode_opts)):

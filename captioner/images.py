@@ -6,6 +6,7 @@ pixels prepared differently from the ones it was trained on.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,12 @@ class Preprocess:
         return cls(d["resize"], d["crop"], tuple(d["mean"]), tuple(d["std"]))
 
 
+def natural_key(name: str) -> list:
+    """Sort key that orders numbers by value: frame2 before frame10, as people number frames."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name) if part]
+
+
 def list_images(directory: str | os.PathLike) -> list[Path]:
-    """Image files directly in a folder, by extension, sorted by name."""
-    return sorted(p for p in Path(directory).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Image files directly in a folder, by extension, in natural order of their names."""
+    return sorted((p for p in Path(directory).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+                  key=lambda p: (natural_key(p.name), p.name))

@@ -122,6 +122,62 @@ def relation_is_right(caption: str, left: str, right: str) -> bool:
     return (rel, x, y) in (("left", left, right), ("right", right, left))
 
 
+MOTION_TEMPLATES = (
+    "a {color} {shape} moves {dir}",
+    "a {color} {shape} is moving {dir}",
+    "the {color} {shape} goes {dir}",
+    "a {color} {shape} sliding {dir}",
+)
+DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
+OPPOSITE = {"right": "left", "left": "right", "down": "up", "up": "down"}
+
+
+def make_motion_split(out: Path, name: str, n_tracks: int, rng: random.Random, frames: tuple[int, int] = (3, 6),
+                      start_id: int = 1, px: int = 128) -> Path:
+    """One shape moving in a straight line across 3-6 frames, captioned with its direction.
+
+    Each track is drawn once and used twice: in order (e.g. "moves right") and reversed ("moves
+    left"), so the two sequences share every frame and only the order tells them apart. Writes
+    OUT/NAME/*.png and OUT/NAME.json in the sequence format (images, sequences, annotations); a
+    sequence's direction is its "direction" field.
+    """
+    (out / name).mkdir(parents=True, exist_ok=True)
+    images, sequences, annotations = [], [], []
+    image_id = start_id
+    for track in range(n_tracks):
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        forward = rng.choice(["right", "down"])
+        dx, dy = DIRECTIONS[forward]
+        n, r = rng.randint(*frames), px * rng.uniform(0.08, 0.11)
+        across = px * rng.uniform(0.35, 0.65)  # the coordinate that stays put
+        start, end = px * rng.uniform(0.22, 0.32), px * rng.uniform(0.68, 0.78)
+        ids = []
+        for i in range(n):
+            along = start + (end - start) * i / (n - 1)
+            cx, cy = (along, across) if dx else (across, along)
+            img = Image.new("RGB", (px, px), tuple(rng.randint(235, 255) for _ in range(3)))
+            _draw(ImageDraw.Draw(img), color, shape, cx, cy, r, rng)
+            file_name = f"track{start_id + track:05d}_{i:02d}.png"
+            img.save(out / name / file_name)
+            images.append({"id": image_id, "file_name": file_name, "width": px, "height": px})
+            ids.append(image_id)
+            image_id += 1
+        for direction, order in ((forward, ids), (OPPOSITE[forward], ids[::-1])):
+            seq_id = len(sequences) + start_id
+            sequences.append({"id": seq_id, "image_ids": order, "direction": direction})
+            for t in MOTION_TEMPLATES:
+                annotations.append({"id": len(annotations) + 1, "sequence_id": seq_id,
+                                    "caption": t.format(color=color, shape=shape, dir=direction)})
+    path = out / f"{name}.json"
+    path.write_text(json.dumps({"images": images, "sequences": sequences, "annotations": annotations}))
+    return path
+
+
+def motion_direction(caption: str) -> str | None:
+    """The first direction word of a caption (left/right/up/down), or None."""
+    return next((w for w in caption.split() if w in DIRECTIONS), None)
+
+
 def make_dataset(out: str | Path, per_combo: int = 5, test_per_combo: int = 1, seed: int = 0) -> dict[str, Path]:
     """Train and held-back test splits of the shapes dataset under `out`."""
     out, rng = Path(out), random.Random(seed)

@@ -7,7 +7,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,9 @@ from .data import Batch, CaptionCorpus, CaptionDataset, DataError, collate
 from .device import resolve_device
 from .encoders import build_encoder
 from .evaluation import caption_corpus, caption_features, references
-from .features import FeatureCache, GridFeatures, LoadImage, extract_features, pool
+from .features import FeatureCache, ItemFeatures, LoadImage, corpus_features, pool
 from .metrics import METRICS, evaluate, meteor_backend
-from .models import build_decoder
+from .models import Frames, build_model
 from .vocab import Vocabulary
 
 
@@ -61,6 +61,17 @@ class TrainOptions:
     select_metric: str = "CIDEr-D"  # what best.pt, early stopping and plateau decay follow
     patience: int = 0  # stop after this many epochs without improvement (0: never)
     val_beam_size: int = 1  # 1: greedy
+    temporal: str = "auto"  # sequences: gru | lstm over frames, none (mean frame: order-blind); auto: gru
+    temporal_size: int = 512  # hidden size of the temporal RNN
+    keypoints: int = 16  # per-frame soft keypoints (where things are) fed to the temporal RNN
+    tbptt: int = 0  # truncated BPTT over frames: back-propagate through at most K frames (0: all)
+
+    def temporal_config(self) -> dict[str, Any] | None:
+        """The checkpoint's "temporal" entry (None: a single-image decoder); `temporal` resolved."""
+        if self.temporal == "none":
+            return None
+        return {"kind": self.temporal, "hidden_size": self.temporal_size, "keypoints": self.keypoints,
+                "dropout": self.dropout, "tbptt": self.tbptt}
 
     def decoder_hparams(self) -> dict[str, Any]:
         hp = {"embed_size": self.embed_size, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
@@ -134,9 +145,6 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-Features = Tensor | GridFeatures  # per-image encoder outputs, indexed by dataset image index
-
-
 class Trainer:
     """Owns one run directory: RUN/last.pt every epoch, RUN/best.pt on the best `select_metric`
     (with no val set: the latest epoch), RUN/metrics.jsonl one line per epoch."""
@@ -158,6 +166,13 @@ class Trainer:
                 saved.epochs = opts.epochs  # the one thing a resume may change: how far to go
             opts = saved
         self.opts = opts = opts or TrainOptions()
+        if opts.temporal == "auto":  # resolved once; the checkpoint keeps the resolved value
+            self.opts = opts = replace(opts, temporal="gru" if train.frames is not None else "none")
+        if opts.temporal not in ("gru", "lstm", "none"):
+            raise ValueError(f"unknown --temporal {opts.temporal!r}: auto, gru, lstm or none")
+        if opts.fine_tune_encoder and (train.frames is not None or opts.temporal != "none"):
+            raise ValueError("--fine-tune-encoder works for single images only: sequence training reads "
+                             "its frames from the feature cache")
         has_val = val is not None and len(val) > 0
         self.select = canonical_metric(opts.select_metric) if has_val else "train_loss"
         self.higher_is_better = self.select not in ("val_loss", "train_loss")
@@ -170,10 +185,10 @@ class Trainer:
         vocab = Vocabulary.from_dict(ckpt["vocab"]) if ckpt else Vocabulary.build(
             (c for caps in train.captions for c in caps), min_count=opts.min_word_count)
         encoder = build_encoder(opts.encoder)
-        decoder = build_decoder(opts.decoder, len(vocab), encoder.feature_dim, **opts.decoder_hparams())
         config = {"encoder": opts.encoder, "decoder": opts.decoder, "decoder_hparams": opts.decoder_hparams(),
-                  "preprocess": encoder.spec.preprocess.to_dict(), "fine_tune_encoder": opts.fine_tune_encoder,
-                  "train": asdict(opts)}
+                  "temporal": opts.temporal_config(), "preprocess": encoder.spec.preprocess.to_dict(),
+                  "fine_tune_encoder": opts.fine_tune_encoder, "train": asdict(opts)}
+        decoder = build_model(config, len(vocab), encoder.feature_dim)
         encoder_params = encoder.unfreeze_last(opts.fine_tune_encoder)
         self.model = Captioner(encoder, decoder, vocab, config, self.device)
         groups = [{"params": list(decoder.parameters())}]
@@ -196,6 +211,8 @@ class Trainer:
             self.start_epoch = ckpt["epoch"]
             self.best_score, self.bad_epochs = ckpt["best_score"], ckpt["bad_epochs"]
             self._trim_metrics(self.start_epoch)
+        else:
+            self._trim_metrics(0)  # a fresh run in an old run folder starts a fresh log
         self.train_data = self._dataset(train, "train features")
         self.val_data = self._dataset(val, "val features") if has_val else None
         # the training RNG stream starts here, so whether features came from the cache or were just
@@ -206,27 +223,21 @@ class Trainer:
             _set_rng_state(ckpt["rng"], self.sampler_gen)
 
     # ---- data ----------------------------------------------------------------------------------
-    def _dataset(self, corpus: CaptionCorpus, desc: str) -> tuple[CaptionDataset, Features | None]:
-        """Frozen encoder: features computed once (cached on disk unless --no-cache), items are image
-        indices. Fine-tuning: items carry pixels and the encoder runs every step."""
+    def _dataset(self, corpus: CaptionCorpus, desc: str) -> tuple[CaptionDataset, ItemFeatures | None]:
+        """Frozen encoder: features computed once (cached on disk unless --no-cache), items are
+        image or sequence indices. Fine-tuning: items carry pixels and the encoder runs every step."""
         vocab, opts, encoder = self.model.vocab, self.opts, self.model.encoder
         if encoder.trainable:
             return CaptionDataset(corpus, vocab, opts.max_caption_len, LoadImage(self.model.preprocess)), None
-        kind, common = self.model.decoder.feature_kind, dict(device=self.device, num_workers=opts.num_workers,
-                                                             quiet=self.quiet, desc=desc)
-        if self.use_cache:
-            cache = FeatureCache(encoder, self.cache_dir)
-            failed = cache.fill(corpus.paths, **common)
-        else:
-            feats, failed = extract_features(encoder, corpus.paths, kind, **common)
+        cache = FeatureCache(encoder, self.cache_dir) if self.use_cache else None
+        feats, _, failed = corpus_features(encoder, self.model.decoder, corpus, cache, device=self.device,
+                                           num_workers=opts.num_workers, quiet=self.quiet, desc=desc)
         if failed:
             shown = "; ".join(str(e) for e in failed[:3])
             raise DataError(f"{corpus.source}: {len(failed)} image(s) could not be read: {shown}")
-        if self.use_cache:
-            feats = cache.load(corpus.paths, kind)
         return CaptionDataset(corpus, vocab, opts.max_caption_len), feats
 
-    def _features(self, batch: Batch, feats: Features | None) -> Tensor:
+    def _features(self, batch: Batch, feats: ItemFeatures | None) -> Tensor | Frames:
         if feats is not None:
             f = feats[batch.images]  # (B, ...)
             if self.device.type == "cuda":
@@ -243,7 +254,7 @@ class Trainer:
                           persistent_workers=workers > 0)
 
     # ---- loop ----------------------------------------------------------------------------------
-    def _run_epoch(self, data: tuple[CaptionDataset, Features | None], train: bool, desc: str) -> float:
+    def _run_epoch(self, data: tuple[CaptionDataset, ItemFeatures | None], train: bool, desc: str) -> float:
         """Mean per-token cross-entropy over the whole set (weighted by real tokens)."""
         dataset, feats = data
         decoder = self.model.decoder

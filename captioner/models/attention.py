@@ -1,7 +1,7 @@
 """Show, Attend and Tell (Xu et al. 2015): soft additive attention over the CNN's feature grid."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +21,30 @@ def _grid_coords(regions: int, device: torch.device) -> Tensor:
 
 
 @dataclass
+class Memory:
+    """What the attention decoder attends over: R items per row (image regions, or frames)."""
+
+    feats: Tensor  # (B, R, D)
+    coords: Tensor  # (B, R, 2) where each item is: (x, y) of a region, (time, 0) of a frame, in [-1, 1]
+    mask: Tensor | None = None  # (B, R) True for real items, False for padding (None: all real)
+
+    @classmethod
+    def of_grid(cls, grid: Tensor) -> "Memory":
+        """An image's square feature grid (B, R, D): regions at their (x, y) centres."""
+        coords = _grid_coords(grid.size(1), grid.device).expand(grid.size(0), -1, -1)  # (B, R, 2)
+        return cls(grid, coords)
+
+
+@dataclass
 class AttentionState(DecoderState):
     h: Tensor  # (N, H)
     c: Tensor  # (N, H)
-    image: Tensor  # (N,) row of `feats` / `keys` this beam describes
+    image: Tensor  # (N,) row of the shared fields this beam describes
     alpha: Tensor  # (N, R) attention of the latest step (uniform before the first)
     feats: Tensor = shared()  # (B, R, D) the batch's grids, shared by all beams of an image
     keys: Tensor = shared()  # (B, R, A) their projections for the attention scores
+    coords: Tensor = shared()  # (B, R, 2) positions of the items
+    mask: Tensor | None = shared()  # (B, R) real items (None: all)
 
 
 class AttentionDecoder(CaptionModel):
@@ -42,9 +59,13 @@ class AttentionDecoder(CaptionModel):
     One addition to the paper: CNN region features barely encode *where* a region is (convolution
     is translation-equivariant), so the context alone cannot tell "left of" from "right of". The
     LSTM also gets where it looked: the attention-weighted mean of the regions' (x, y) positions.
+
+    Input: an image grid (B, R, D), or a `Memory` (a sequence model passes its frames this way,
+    with a padding mask and each frame's time as its position).
     """
 
     feature_kind = "grid"
+    attends_over = "regions"
 
     def __init__(self, vocab_size: int, feature_dim: int, embed_size: int = 256, hidden_size: int = 512,
                  num_layers: int = 1, dropout: float = 0.5, attention_size: int = 512, alpha_c: float = 1.0,
@@ -65,50 +86,71 @@ class AttentionDecoder(CaptionModel):
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(hidden_size, vocab_size)
 
-    def _attend(self, feats: Tensor, keys: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        """feats (N, R, D), keys (N, R, A), h (N, H) -> LSTM input from the image (N, D + E), alpha (N, R)."""
+    def _attend(self, feats: Tensor, keys: Tensor, coords: Tensor, mask: Tensor | None,
+                h: Tensor) -> tuple[Tensor, Tensor]:
+        """feats (N, R, D), keys (N, R, A), coords (N, R, 2), mask (N, R), h (N, H)
+        -> LSTM input from the image (N, D + E), alpha (N, R)."""
         scores = self.att_score(torch.tanh(keys + self.att_hidden(h)[:, None, :])).squeeze(2)  # (N, R)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         alpha = scores.softmax(dim=1)  # (N, R)
         context = torch.bmm(alpha[:, None, :], feats).squeeze(1)  # (N, D)
-        where = alpha @ _grid_coords(feats.size(1), feats.device)  # (N, 2) attended position in [-1, 1]^2
+        where = torch.bmm(alpha[:, None, :], coords).squeeze(1)  # (N, 2) attended position in [-1, 1]^2
         return torch.cat([torch.sigmoid(self.gate(h)) * context, self.where(where)], dim=1), alpha
 
-    def _start(self, feats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        mean = feats.mean(dim=1)  # (B, D)
-        return torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)), self.att_feat(feats)  # (B,H) (B,H) (B,R,A)
+    @staticmethod
+    def _memory(features: Tensor | Memory) -> Memory:
+        m = features if isinstance(features, Memory) else Memory.of_grid(features)
+        return Memory(m.feats.float(), m.coords.to(m.feats.device, torch.float32), m.mask)
 
-    def init_state(self, features: Tensor) -> AttentionState:
-        feats = features.float()  # (B, R, D)
-        h, c, keys = self._start(feats)
-        B, R = feats.shape[:2]
-        return AttentionState(h=h, c=c, image=torch.arange(B, device=feats.device),
-                              alpha=feats.new_full((B, R), 1.0 / R), feats=feats, keys=keys)
+    def _start(self, m: Memory) -> tuple[Tensor, Tensor, Tensor]:
+        if m.mask is None:
+            mean = m.feats.mean(dim=1)  # (B, D)
+        else:
+            w = m.mask.to(m.feats.dtype)[:, :, None]  # (B, R, 1)
+            mean = (m.feats * w).sum(1) / w.sum(1).clamp(min=1)  # (B, D) mean of the real items
+        return torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)), self.att_feat(m.feats)  # (B,H) (B,H) (B,R,A)
+
+    def init_state(self, features: Tensor | Memory) -> AttentionState:
+        m = self._memory(features)
+        h, c, keys = self._start(m)
+        B, R = m.feats.shape[:2]
+        alpha = m.feats.new_full((B, R), 1.0 / R) if m.mask is None else \
+            m.mask.float() / m.mask.float().sum(1, keepdim=True)  # (B, R)
+        return AttentionState(h=h, c=c, image=torch.arange(B, device=m.feats.device), alpha=alpha,
+                              feats=m.feats, keys=keys, coords=m.coords, mask=m.mask)
 
     def step(self, tokens: Tensor, state: AttentionState) -> tuple[Tensor, AttentionState]:
-        feats, keys = state.feats[state.image], state.keys[state.image]  # (N, R, D), (N, R, A)
-        context, alpha = self._attend(feats, keys, state.h)
+        i = state.image
+        mask = None if state.mask is None else state.mask[i]
+        context, alpha = self._attend(state.feats[i], state.keys[i], state.coords[i], mask, state.h)
         h, c = self.cell(torch.cat([self.embed(tokens), context], dim=1), (state.h, state.c))  # (N, H)
         logp = F.log_softmax(self.out(self.dropout(h)), dim=-1)  # (N, V)
-        return logp, AttentionState(h=h, c=c, image=state.image, alpha=alpha, feats=state.feats, keys=state.keys)
+        return logp, replace(state, h=h, c=c, alpha=alpha)
 
-    def forward(self, features: Tensor, captions: Tensor, lengths: Tensor) -> Tensor:
-        """features (B, R, D); captions (B, T) <start> .. <end> <pad>..; lengths (B,) incl. specials.
+    def forward(self, features: Tensor | Memory, captions: Tensor, lengths: Tensor) -> Tensor:
+        """features (B, R, D) or a Memory; captions (B, T) <start> .. <end> <pad>..; lengths (B,) incl. specials.
 
         Teacher forcing with full BPTT; rows are processed longest first and drop out of the
         batch as their captions end, so padding costs nothing.
         """
         order = lengths.argsort(descending=True)
-        feats, captions, steps = features.float()[order], captions[order], (lengths[order] - 1).tolist()
-        h, c, keys = self._start(feats)
+        m = self._memory(features)
+        feats, coords = m.feats[order], m.coords[order]
+        mask = None if m.mask is None else m.mask[order]
+        captions, steps = captions[order], (lengths[order] - 1).tolist()
+        h, c, keys = self._start(Memory(feats, coords, mask))
         emb = self.dropout(self.embed(captions[:, :-1]))  # (B, T-1, E)
         logits, targets, alpha_sum = [], [], feats.new_zeros(feats.shape[:2])  # alpha_sum (B, R)
         for t in range(steps[0]):
             n = sum(1 for s in steps if s > t)  # rows still inside their caption
-            context, alpha = self._attend(feats[:n], keys[:n], h[:n])
+            context, alpha = self._attend(feats[:n], keys[:n], coords[:n], None if mask is None else mask[:n], h[:n])
             h_n, c_n = self.cell(torch.cat([emb[:n, t], context], dim=1), (h[:n], c[:n]))  # (n, H)
             h, c = torch.cat([h_n, h[n:]]), torch.cat([c_n, c[n:]])
             alpha_sum = torch.cat([alpha_sum[:n] + alpha, alpha_sum[n:]])
             logits.append(self.out(self.dropout(h_n)))  # (n, V)
             targets.append(captions[:n, t + 1])
         loss = F.cross_entropy(torch.cat(logits), torch.cat(targets), ignore_index=self.pad_id)
-        return loss + self.alpha_c * ((1.0 - alpha_sum) ** 2).mean()
+        penalty = (1.0 - alpha_sum) ** 2  # (B, R)
+        penalty = penalty.mean() if mask is None else (penalty * mask).sum() / mask.sum()  # padding not counted
+        return loss + self.alpha_c * penalty

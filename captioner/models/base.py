@@ -7,7 +7,9 @@ one token at a time, turns the previous tokens and the state into next-token log
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 
@@ -25,6 +27,15 @@ class DecoderState:
     knowing what the fields are; subclasses add fields. Fields declared with `shared()` are
     whole-batch tensors that rows point into (through an index field), never copied per beam.
     """
+
+    @property
+    def batch_size(self) -> int:
+        """N, the number of rows."""
+        return getattr(self, self._rows()[0]).size(0)
+
+    @property
+    def device(self):
+        return getattr(self, self._rows()[0]).device
 
     def _rows(self) -> list[str]:
         return [f.name for f in fields(self) if not f.metadata.get("shared") and getattr(self, f.name) is not None]
@@ -45,10 +56,22 @@ class DecoderState:
 class CaptionModel(nn.Module):
     """Base of all decoders: features -> state; (tokens, state) -> (log-probs, state)."""
 
-    #: which encoder output the decoder consumes: "pooled" (B, D) or "grid" (B, R, D)
+    #: which encoder output the decoder consumes per image (or frame): "pooled" (B, D) or "grid" (B, R, D)
     feature_kind: str = "pooled"
+    #: what the per-step attention weights (state.alpha) range over: "regions" of the image grid,
+    #: "frames" of a sequence, or None for decoders without attention
+    attends_over: str | None = None
 
-    def init_state(self, features: Tensor) -> DecoderState:  # pragma: no cover - interface
+    def from_frames(self, frames: list[Tensor]) -> Any:
+        """The input for a batch of image sequences [(F_i, ...) per-frame features] -> init_state's input.
+
+        A single-image decoder sees a sequence as its mean frame (B, ...): order-blind, and a
+        one-frame sequence is exactly the image. Sequence models (models/sequence.py) override this.
+        """
+        return torch.stack([f.float().mean(dim=0) for f in frames])
+
+    def init_state(self, features: Any) -> DecoderState:  # pragma: no cover - interface
+        """Encoder features (B, ...) -- or whatever `from_frames` made -- -> the state of B rows."""
         raise NotImplementedError
 
     def step(self, tokens: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:  # pragma: no cover
