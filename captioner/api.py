@@ -31,8 +31,16 @@ class Caption(NamedTuple):
         """The attention as (words, h, w) over the encoder's square grid."""
         side = round(self.attention.size(1) ** 0.5)
         return self.attention.view(-1, side, side)
+#: decoding settings when neither the caller nor the checkpoint (config["decoding"]) gives one
+DEFAULT_DECODING = {"beam_size": 5, "max_len": 20, "min_len": 1, "length_alpha": 0.0, "no_repeat_ngram": 0}
+
+
 class Captioner:
-    """A trained captioning model: encoder + decoder + vocabulary, ready to describe images."""
+    """A trained captioning model: encoder + decoder + vocabulary, ready to describe images.
+
+    `decoding` holds the decoding defaults: those measured best on validation data when the
+    checkpoint records them (config["decoding"]), else DEFAULT_DECODING; any call may override them.
+    """
 
     def __init__(self, encoder: Encoder, decoder: CaptionModel, vocab: Vocabulary, config: dict[str, Any],
                  device: str | torch.device = "auto") -> None:
@@ -42,6 +50,7 @@ class Captioner:
         self.vocab = vocab
         self.config = config
         self.preprocess = Preprocess.from_dict(config["preprocess"])
+        self.decoding = DEFAULT_DECODING | config.get("decoding", {})
 
     # ---- persistence -------------------------------------------------------------------------
     @classmethod
@@ -80,8 +89,15 @@ class Captioner:
             "encoder": {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()} if fine_tuned else None,
         }
 
-    def save(self, path: str | os.PathLike) -> None:
-        save_checkpoint(path, self.checkpoint_payload())
+    def save(self, path: str | os.PathLike, half: bool = False) -> None:
+        """Write the model (no training state). half=True stores floating-point weights as fp16,
+        half the size; they are loaded back into fp32 modules."""
+        payload = self.checkpoint_payload()
+        if half:
+            for part in ("decoder", "encoder"):
+                if payload[part] is not None:
+                    payload[part] = {k: v.half() if v.is_floating_point() else v for k, v in payload[part].items()}
+        save_checkpoint(path, payload)
 
     # ---- inference ---------------------------------------------------------------------------
     def prepare(self, item: ImageInput) -> Tensor:
@@ -123,15 +139,21 @@ class Captioner:
                                      for s in range(0, len(pixels), batch_size)]))  # (F_i, ...)
         return self.decoder.from_frames(frames)
 
-    def decode(self, features: Any, beam_size: int = 5, n_best: int = 1, max_len: int = 20, min_len: int = 1,
-               length_alpha: float = 0.0, no_repeat_ngram: int = 0) -> list[list[Caption]]:
-        """The decoder's input for B images or sequences (see `encode`) -> for each its n-best Captions, best first."""
+    def decode(self, features: Any, beam_size: int | None = None, n_best: int = 1, max_len: int | None = None,
+               min_len: int | None = None, length_alpha: float | None = None,
+               no_repeat_ngram: int | None = None) -> list[list[Caption]]:
+        """The decoder's input for B images or sequences (see `encode`) -> for each its n-best Captions,
+        best first. Settings left None come from `self.decoding`."""
+        given = dict(beam_size=beam_size, max_len=max_len, min_len=min_len, length_alpha=length_alpha,
+                     no_repeat_ngram=no_repeat_ngram)
+        o = self.decoding | {k: v for k, v in given.items() if v is not None}
         was_training = self.decoder.training
         self.decoder.eval()
         try:
-            hyps = beam_search(self.decoder, features.to(self.device).float(), beam_size=max(beam_size, n_best),
-                               max_len=max_len, min_len=min_len, length_alpha=length_alpha,
-                               no_repeat_ngram=no_repeat_ngram, n_best=n_best)
+            hyps = beam_search(self.decoder, features.to(self.device).float(), beam_size=max(o["beam_size"], n_best),
+                               max_len=o["max_len"], min_len=o["min_len"], length_alpha=o["length_alpha"],
+                               no_repeat_ngram=o["no_repeat_ngram"], n_best=n_best,
+                               suppress=[self.vocab.unk_id])  # "<unk>" is never a useful word to print
         finally:
             self.decoder.train(was_training)
         return [[Caption(self.vocab.decode(h.tokens), h.score, h.attention) for h in hs] for hs in hyps]
@@ -151,7 +173,7 @@ class Captioner:
             for item in batch:
                 yield item if isinstance(item, ImageError) else next(decoded)
 
-    def caption(self, x: ImageInput | Sequence[ImageInput], beam_size: int = 5, max_len: int = 20,
+    def caption(self, x: ImageInput | Sequence[ImageInput], beam_size: int | None = None, max_len: int | None = None,
                 errors: str = "raise", return_attention: bool = False, **decode_opts: Any) -> Any:
         """Caption one image (-> str) or a list (-> list[str]).
 
@@ -197,7 +219,7 @@ class Captioner:
                 continue
             yield self.decode(self.encode_sequences([torch.cat(pixels)], batch_size), **decode_opts)[0]
 
-    def caption_sequence(self, frames: Sequence[ImageInput], beam_size: int = 5, max_len: int = 20,
+    def caption_sequence(self, frames: Sequence[ImageInput], beam_size: int | None = None, max_len: int | None = None,
                          return_attention: bool = False, **decode_opts: Any) -> Any:
         """One caption for an ordered sequence of images (an album, a burst, video frames).
 
@@ -215,11 +237,13 @@ class Captioner:
         return (r[0].text, r[0].attention) if return_attention else r[0].text
 
     def caption_nbest(self, x: ImageInput | Sequence[ImageInput], n: int = 5, beam_size: int | None = None,
-                      max_len: int = 20, **decode_opts: Any) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
+                      max_len: int | None = None,
+                      **decode_opts: Any) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
         """The n best (caption, score) pairs, best first; score = summed log-prob (length-penalised if asked)."""
         single = not isinstance(x, (list, tuple))
         out = []
-        for r in self.generate([x] if single else list(x), beam_size=beam_size or n, n_best=n,
+        for r in self.generate([x] if single else list(x), beam_size=beam_size or max(n, self.decoding["beam_size"]),
+                               n_best=n,
                                max_len=max_len, **decode_opts):
             if isinstance(r, ImageError):
                 raise r

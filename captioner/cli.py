@@ -58,7 +58,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
                          f"{' on sequences' if model.is_sequence_model else ''})")
     decode_opts = dict(beam_size=args.beam_size, n_best=args.n_best, max_len=args.max_len, min_len=args.min_len,
                        length_alpha=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size)  # None: the model's decoding defaults
     if not args.inputs:
         return _caption_sequences(model, args, decode_opts)
     paths, failed = expand_inputs(args.inputs)
@@ -169,15 +169,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = Captioner.load(args.model, device=args.device)
     cache = None if args.no_cache else FeatureCache(model.encoder, args.cache_dir)
     results, failed = caption_corpus(model, corpus, batch_size=args.batch_size, quiet=args.quiet, cache=cache,
-                                     beam_size=args.beam_size, max_len=args.max_len)
+                                     **_decoding(model, args))
     for e in failed:
         _err(str(e))
     if args.results:
         write_results(args.results, results)
-    report = {"model": str(args.model or "bundled"), "beam_size": args.beam_size, "failed": len(failed),
+    report = {"model": str(args.model or "bundled"), "decoding": _decoding(model, args), "failed": len(failed),
               "skipped_missing": corpus.skipped_missing, **score(references(corpus), results)}
     print(json.dumps(report))
     return 1 if failed else 0
+
+
+def _decoding(model, args: argparse.Namespace) -> dict:
+    """The model's decoding defaults, with what the command line set."""
+    given = {"beam_size": args.beam_size, "max_len": args.max_len, "min_len": args.min_len,
+             "length_alpha": args.length_penalty, "no_repeat_ngram": args.no_repeat_ngram}
+    return model.decoding | {k: v for k, v in given.items() if v is not None}
 
 
 def cmd_extract_features(args: argparse.Namespace) -> int:
@@ -235,6 +242,16 @@ def _cache_args(group) -> None:
     group.add_argument("--no-cache", action="store_true", help="compute encoder features in memory, cache nothing")
 
 
+def _decoding_args(parser) -> None:
+    """Decoding options; left unset, each comes from the model (its measured best, or the defaults)."""
+    parser.add_argument("--beam-size", type=int, help="beam width, 1 = greedy (default: the model's, else 5)")
+    parser.add_argument("--max-len", type=int, help="most words per caption (default: the model's, else 20)")
+    parser.add_argument("--min-len", type=int, help="fewest words per caption (default: the model's, else 1)")
+    parser.add_argument("--length-penalty", type=float, help="GNMT alpha, 0 = off (default: the model's, else 0)")
+    parser.add_argument("--no-repeat-ngram", type=int,
+                        help="forbid repeating n-grams of this size, 0 = off (default: the model's, else 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="captioner", description="Describe images in English; train captioning models.")
     p.add_argument("--version", action="version", version=f"captioner {__version__}")
@@ -248,12 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one caption for a folder's images as a sequence, in natural file-name order "
                         "(frame2 before frame10); repeat for several")
     c.add_argument("--model", help="checkpoint (default: the bundled model)")
-    c.add_argument("--beam-size", type=int, default=5)
+    _decoding_args(c)
     c.add_argument("--n-best", type=int, default=1, help="how many captions per image or sequence (with --json)")
-    c.add_argument("--max-len", type=int, default=20, help="most words per caption")
-    c.add_argument("--min-len", type=int, default=1, help="fewest words per caption")
-    c.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha; 0 = off")
-    c.add_argument("--no-repeat-ngram", type=int, default=0, help="forbid repeating n-grams of this size; 0 = off")
     c.add_argument("--batch-size", type=int, default=32)
     c.add_argument("--json", action="store_true", help="one JSON object per line, with the n-best list")
     c.add_argument("--attention-map", metavar="OUT_DIR",
@@ -312,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--lr-step-epochs", type=int, default=d.lr_step_epochs, help="step: decay every N epochs")
     o.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="step / plateau: decay factor")
     o.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max global gradient norm")
+    o.add_argument("--init-from", default=d.init_from, metavar="CKPT",
+                   help="start from this checkpoint's weights, vocabulary and architecture (e.g. for --self-critical)")
+    o.add_argument("--self-critical", action="store_true",
+                   help="self-critical sequence training: sampled captions rewarded by their CIDEr-D")
+    o.add_argument("--scst-samples", type=int, default=d.scst_samples, help="self-critical: captions sampled per image")
+    o.add_argument("--scst-max-len", type=int, default=d.scst_max_len, help="self-critical: most words per sample")
     o.add_argument("--seed", type=int, default=d.seed)
     o.add_argument("--num-workers", type=int, default=d.num_workers, help="image-decoding worker processes")
     o.add_argument("--amp", default=d.amp, choices=["auto", "off", "bf16", "fp16"],
@@ -339,8 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--images-root", help="with --karpathy-json: folder the filepaths are relative to")
     e.add_argument("--split", default="val", help="with --karpathy-json: which split(s)")
     e.add_argument("--skip-missing", action="store_true", help="leave out missing image files instead of failing")
-    e.add_argument("--beam-size", type=int, default=5)
-    e.add_argument("--max-len", type=int, default=20)
+    _decoding_args(e)
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--results", help="also write the captions here, in the COCO results format")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,11 +33,15 @@ class Hypothesis:
     attention: Tensor | None = None  # (len(tokens), R) attention weights per word, for attention decoders
 
 
-def _constrain(logp: Tensor, history: Tensor, t: int, min_len: int, no_repeat_ngram: int) -> Tensor:
-    """Mask what may not come next. logp (N, V); history (N, t) word ids generated so far."""
+def _constrain(logp: Tensor, history: Tensor, t: int, min_len: int, no_repeat_ngram: int,
+               suppress: Sequence[int] = ()) -> Tensor:
+    """Mask what may not come next. logp (N, V); history (N, t) word ids generated so far;
+    `suppress`: ids never to emit (e.g. <unk>)."""
     logp = logp.clone()
     logp[:, PAD_ID] = float("-inf")
     logp[:, START_ID] = float("-inf")
+    if suppress:
+        logp[:, list(suppress)] = float("-inf")
     if t < min_len:
         logp[:, END_ID] = float("-inf")
     n = no_repeat_ngram
@@ -53,7 +58,7 @@ def _constrain(logp: Tensor, history: Tensor, t: int, min_len: int, no_repeat_ng
 
 @torch.no_grad()
 def greedy(model: CaptionModel, features: Any, max_len: int = 20, min_len: int = 1,
-           no_repeat_ngram: int = 0) -> list[Hypothesis]:
+           no_repeat_ngram: int = 0, suppress: Sequence[int] = ()) -> list[Hypothesis]:
     """Most likely next word at each step; one hypothesis per image (or sequence).
 
     features: what `model.init_state` takes, e.g. (B, ...) image features or a `Frames` batch.
@@ -66,7 +71,7 @@ def greedy(model: CaptionModel, features: Any, max_len: int = 20, min_len: int =
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     for t in range(max_len):
         logp, state = _step_live(model, tokens, state, ~finished)  # (B, V)
-        logp = _constrain(logp, history, t, min_len, no_repeat_ngram)
+        logp = _constrain(logp, history, t, min_len, no_repeat_ngram, suppress)
         best, tokens = logp.max(dim=-1)  # (B,), (B,)
         logprob += torch.where(finished, torch.zeros_like(best), best)
         tokens = torch.where(finished, torch.full_like(tokens, PAD_ID), tokens)
@@ -98,8 +103,10 @@ def _hypothesis(seq: list[int], logprob: float, finished: bool, alpha: float,
 
 @torch.no_grad()
 def beam_search(model: CaptionModel, features: Any, beam_size: int = 5, max_len: int = 20, min_len: int = 1,
-                length_alpha: float = 0.0, no_repeat_ngram: int = 0, n_best: int = 1) -> list[list[Hypothesis]]:
+                length_alpha: float = 0.0, no_repeat_ngram: int = 0, n_best: int = 1,
+                suppress: Sequence[int] = ()) -> list[list[Hypothesis]]:
     """Batched beam search; for each image (or sequence) the `n_best` hypotheses, best first.
+    `suppress`: token ids never to emit (the Captioner passes <unk>).
 
     features: what `model.init_state` takes, e.g. (B, ...) image features or a `Frames` batch.
     """
@@ -118,7 +125,7 @@ def beam_search(model: CaptionModel, features: Any, beam_size: int = 5, max_len:
     for t in range(max_len):
         logp, state = _step_live(model, tokens, state, ~finished)  # (B*K, V)
         V = logp.size(-1)
-        logp = _constrain(logp.float(), history, t, min_len, no_repeat_ngram)
+        logp = _constrain(logp.float(), history, t, min_len, no_repeat_ngram, suppress)
         logp[finished] = float("-inf")
         logp[finished, PAD_ID] = 0.0  # finished beams: only <pad>, at no cost
         cand = (beam_logp.view(B * K, 1) + logp).view(B, K * V)  # (B, K*V)
@@ -147,3 +154,34 @@ def beam_search(model: CaptionModel, features: Any, beam_size: int = 5, max_len:
         hyps.sort(key=lambda h: h.score, reverse=True)
         results.append(hyps[:n_best])
     return results
+
+
+def sample(model: CaptionModel, features: Any, n: int = 1, max_len: int = 16,
+           temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """n captions per input drawn from the model, keeping the graph (for self-critical training).
+
+    Returns tokens (B*n, T) (the n samples of input b are rows b*n .. b*n+n-1; <pad> after <end>),
+    the log-probability of each chosen token (B*n, T) and the mask of real steps, <end> included (B*n, T).
+    """
+    state = model.init_state(features).repeat_interleave(n)
+    N, dev = state.batch_size, state.device
+    tokens = torch.full((N,), START_ID, dtype=torch.long, device=dev)
+    finished = torch.zeros(N, dtype=torch.bool, device=dev)
+    out_tokens, out_logp, out_mask = [], [], []
+    for _ in range(max_len):
+        logp, state = model.step(tokens, state)  # (N, V)
+        logp = logp.float().clone()
+        logp[:, PAD_ID] = float("-inf")
+        logp[:, START_ID] = float("-inf")
+        with torch.no_grad():
+            probs = (logp / temperature).softmax(dim=-1) if temperature != 1.0 else logp.exp()
+            tokens = torch.multinomial(probs, 1).squeeze(1)  # (N,)
+        chosen = logp.gather(1, tokens[:, None]).squeeze(1)  # (N,)
+        out_mask.append(~finished)
+        out_tokens.append(tokens.masked_fill(finished, PAD_ID))
+        out_logp.append(chosen.masked_fill(finished, 0.0))
+        finished = finished | (tokens == END_ID)
+        tokens = tokens.masked_fill(finished, PAD_ID)
+        if bool(finished.all()):
+            break
+    return torch.stack(out_tokens, 1), torch.stack(out_logp, 1), torch.stack(out_mask, 1)

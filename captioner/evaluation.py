@@ -13,7 +13,7 @@ from .checkpoint import atomic_write
 from .data import CaptionCorpus, DataError, read_json
 from .features import FeatureCache, ItemFeatures, corpus_features
 from .images import ImageError
-from .metrics import evaluate
+from .metrics import diversity, evaluate
 
 
 def caption_corpus(model: Captioner, corpus: CaptionCorpus, batch_size: int = 32, quiet: bool = False,
@@ -58,7 +58,7 @@ def score(refs: Mapping[Any, list[str]], results: Mapping[Any, str], use_meteor:
     unknown = [k for k in results if k not in refs]
     if unknown:
         raise DataError(f"{len(unknown)} result(s) name images without references, e.g. image_id {unknown[0]!r}")
-    return evaluate(refs, results, use_meteor=use_meteor)
+    return evaluate(refs, results, use_meteor=use_meteor) | diversity(results)
 
 
 def write_results(path: str | os.PathLike, results: Mapping[Any, str]) -> None:

@@ -89,43 +89,60 @@ def rouge_l(refs: Sequence[list[str]], cand: list[str], beta: float = 1.2) -> fl
     return (1 + beta ** 2) * prec * rec / (rec + beta ** 2 * prec)
 
 
-def cider_d(refs: Mapping[Any, list[list[str]]], cands: Mapping[Any, list[str]], n: int = 4,
-            sigma: float = 6.0) -> dict[Any, float]:
-    """CIDEr-D per image: tf-idf n-gram cosine (idf from this reference set), candidate weights
-    clipped by the reference's, Gaussian length penalty, averaged over n and references, x10."""
-    keys = list(cands)
-    doc_freq: Counter = Counter()
-    ref_counts = {}
-    for key in keys:
-        counts = [_all_ngrams(r, n) for r in refs[key]]
-        ref_counts[key] = counts
-        doc_freq.update({g for c in counts for g in c})
-    log_docs = math.log(float(len(keys)))
+class CiderD:
+    """CIDEr-D against a fixed reference corpus, whose n-gram document frequencies (idf) it keeps:
+    `cider_d` builds one per evaluation; self-critical training keeps one over the training
+    references and scores every sampled caption against it (`score`)."""
 
-    def vectors(counts: Counter) -> tuple[list[dict], list[float], int]:
-        vec: list[dict] = [{} for _ in range(n)]
-        norm = [0.0] * n
+    def __init__(self, refs: Mapping[Any, list[list[str]]], n: int = 4, sigma: float = 6.0) -> None:
+        self.n, self.sigma = n, sigma
+        counts = {key: [_all_ngrams(r, n) for r in rs] for key, rs in refs.items()}
+        self.doc_freq: Counter = Counter()
+        for cs in counts.values():
+            self.doc_freq.update({g for c in cs for g in c})
+        self.log_docs = math.log(float(len(refs)))
+        self.refs = {key: [self._vector(c) for c in cs] for key, cs in counts.items()}
+
+    def _vector(self, counts: Counter) -> tuple[list[dict], list[float], int]:
+        vec: list[dict] = [{} for _ in range(self.n)]
+        norm = [0.0] * self.n
         for g, tf in counts.items():
-            w = tf * (log_docs - math.log(max(1.0, doc_freq[g])))
+            w = tf * (self.log_docs - math.log(max(1.0, self.doc_freq[g])))
             vec[len(g) - 1][g] = w
             norm[len(g) - 1] += w * w
         length = sum(tf for g, tf in counts.items() if len(g) == 2)  # coco-caption's "length": bigram count
         return vec, [math.sqrt(x) for x in norm], length
 
-    scores = {}
-    for key in keys:
-        vh, nh, lh = vectors(_all_ngrams(cands[key], n))
+    def score(self, key: Any, cand: Sequence[str]) -> float:
+        """CIDEr-D of one tokenised candidate against the references of `key`."""
+        vh, nh, lh = self._vector(_all_ngrams(cand, self.n))
         total = 0.0
-        for rc in ref_counts[key]:
-            vr, nr, lr = vectors(rc)
-            penalty = math.exp(-((lh - lr) ** 2) / (2 * sigma ** 2))
-            for k in range(n):
+        for vr, nr, lr in self.refs[key]:
+            penalty = math.exp(-((lh - lr) ** 2) / (2 * self.sigma ** 2))
+            for k in range(self.n):
                 val = sum(min(w, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0) for g, w in vh[k].items())
                 if nh[k] != 0 and nr[k] != 0:
                     val /= nh[k] * nr[k]
-                total += val * penalty / n
-        scores[key] = 10.0 * total / len(ref_counts[key])
-    return scores
+                total += val * penalty / self.n
+        return 10.0 * total / len(self.refs[key])
+
+
+def cider_d(refs: Mapping[Any, list[list[str]]], cands: Mapping[Any, list[str]], n: int = 4,
+            sigma: float = 6.0) -> dict[Any, float]:
+    """CIDEr-D per image: tf-idf n-gram cosine (idf from this reference set), candidate weights
+    clipped by the reference's, Gaussian length penalty, averaged over n and references, x10."""
+    scorer = CiderD({key: refs[key] for key in cands}, n, sigma)
+    return {key: scorer.score(key, cand) for key, cand in cands.items()}
+
+
+def diversity(cands: Mapping[Any, str]) -> dict[str, Any]:
+    """How varied a model's captions are (beam search tends to repeat a few safe sentences):
+    distinct captions, the fraction of images whose caption no other image got, words used."""
+    captions = [" ".join(normalize(c)) for c in cands.values()]
+    counts = Counter(captions)
+    return {"distinct_captions": len(counts),
+            "unique_fraction": sum(1 for c in captions if counts[c] == 1) / max(len(captions), 1),
+            "words_used": len({w for c in counts for w in c.split()})}
 
 
 def _all_ngrams(tokens: Sequence[str], n: int) -> Counter:

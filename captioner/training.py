@@ -19,11 +19,12 @@ from tqdm import tqdm
 from .api import Captioner
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .data import Batch, CaptionCorpus, CaptionDataset, DataError, collate
+from .decoding import sample
 from .device import resolve_device
 from .encoders import build_encoder
 from .evaluation import caption_corpus, caption_features, references
 from .features import FeatureCache, ItemFeatures, LoadImage, corpus_features, pool
-from .metrics import METRICS, evaluate, meteor_backend
+from .metrics import METRICS, CiderD, diversity, evaluate, meteor_backend, normalize
 from .models import Frames, build_model
 from .vocab import Vocabulary
 
@@ -65,6 +66,10 @@ class TrainOptions:
     temporal_size: int = 512  # hidden size of the temporal RNN
     keypoints: int = 16  # per-frame soft keypoints (where things are) fed to the temporal RNN
     tbptt: int = 0  # truncated BPTT over frames: back-propagate through at most K frames (0: all)
+    init_from: str = ""  # start from this checkpoint's weights, vocabulary and architecture
+    self_critical: bool = False  # train on sampled captions with a CIDEr-D reward (Rennie et al. 2017)
+    scst_samples: int = 5  # captions sampled per image; each one's baseline is the mean reward of the others
+    scst_max_len: int = 16  # most words per sampled caption
 
     def temporal_config(self) -> dict[str, Any] | None:
         """The checkpoint's "temporal" entry (None: a single-image decoder); `temporal` resolved."""
@@ -79,6 +84,11 @@ class TrainOptions:
         if self.decoder == "attention":
             hp |= {"attention_size": self.attention_size, "alpha_c": self.alpha_c}
         return hp
+
+
+#: what a run started with --init-from takes from that checkpoint's options (shapes, vocabulary)
+ARCHITECTURE = ("encoder", "decoder", "embed_size", "hidden_size", "num_layers", "dropout", "attention_size",
+                "alpha_c", "temporal", "temporal_size", "keypoints", "min_word_count", "max_caption_len")
 
 
 def _optimizer(opts: TrainOptions, groups: list[dict]) -> torch.optim.Optimizer:
@@ -166,6 +176,13 @@ class Trainer:
                 saved.epochs = opts.epochs  # the one thing a resume may change: how far to go
             opts = saved
         self.opts = opts = opts or TrainOptions()
+        init = None
+        if opts.init_from and not ckpt:
+            init = load_checkpoint(opts.init_from, map_location="cpu")
+            saved = init["config"]["train"]
+            self.opts = opts = replace(opts, **{k: saved[k] for k in ARCHITECTURE if k in saved})
+        if opts.self_critical and opts.scst_samples < 2:
+            raise ValueError("--self-critical needs --scst-samples >= 2 (each sample's baseline is the others' mean)")
         if opts.temporal == "auto":  # resolved once; the checkpoint keeps the resolved value
             self.opts = opts = replace(opts, temporal="gru" if train.frames is not None else "none")
         if opts.temporal not in ("gru", "lstm", "none"):
@@ -173,6 +190,8 @@ class Trainer:
         if opts.fine_tune_encoder and (train.frames is not None or opts.temporal != "none"):
             raise ValueError("--fine-tune-encoder works for single images only: sequence training reads "
                              "its frames from the feature cache")
+        if opts.fine_tune_encoder and opts.self_critical:
+            raise ValueError("--self-critical trains the decoder from cached features: drop --fine-tune-encoder")
         has_val = val is not None and len(val) > 0
         self.select = canonical_metric(opts.select_metric) if has_val else "train_loss"
         self.higher_is_better = self.select not in ("val_loss", "train_loss")
@@ -182,7 +201,8 @@ class Trainer:
         random.seed(opts.seed)
         self.sampler_gen.manual_seed(opts.seed)
 
-        vocab = Vocabulary.from_dict(ckpt["vocab"]) if ckpt else Vocabulary.build(
+        source = ckpt or init
+        vocab = Vocabulary.from_dict(source["vocab"]) if source else Vocabulary.build(
             (c for caps in train.captions for c in caps), min_count=opts.min_word_count)
         encoder = build_encoder(opts.encoder)
         config = {"encoder": opts.encoder, "decoder": opts.decoder, "decoder_hparams": opts.decoder_hparams(),
@@ -201,6 +221,10 @@ class Trainer:
         self.start_epoch = 0
         self.best_score = -math.inf if self.higher_is_better else math.inf
         self.bad_epochs = 0  # epochs since the selection metric last improved
+        if init:
+            if init.get("encoder") is not None:
+                encoder.load_state_dict(init["encoder"])
+            decoder.load_state_dict(init["decoder"])
         if ckpt:
             if ckpt.get("encoder") is not None:
                 encoder.load_state_dict(ckpt["encoder"])
@@ -214,6 +238,7 @@ class Trainer:
         else:
             self._trim_metrics(0)  # a fresh run in an old run folder starts a fresh log
         self.train_data = self._dataset(train, "train features")
+        self.cider: CiderD | None = None  # self-critical reward over the training references, built on first use
         self.val_data = self._dataset(val, "val features") if has_val else None
         # the training RNG stream starts here, so whether features came from the cache or were just
         # extracted (DataLoader workers draw seeds) cannot change a run; a resume continues the stream
@@ -267,21 +292,56 @@ class Trainer:
                 features = self._features(batch, feats)
                 loss = decoder(features, batch.captions.to(self.device), batch.lengths).float()
             if train:
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite training loss ({loss.item()}); stopping "
-                                             f"(last good checkpoint: {self.out / 'last.pt'})")
-                self.optim.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()  # the scaler is a no-op unless --amp fp16
-                self.scaler.unscale_(self.optim)
-                params = [p for g in self.optim.param_groups for p in g["params"]]
-                torch.nn.utils.clip_grad_norm_(params, self.opts.grad_clip)
-                self.scaler.step(self.optim)
-                self.scaler.update()
+                self._step(loss)
             n = int((batch.lengths - 1).sum())
             total += loss.item() * n
             tokens += n
             bar.set_postfix(loss=f"{total / tokens:.3f}")
         return total / max(tokens, 1)
+
+    def _step(self, loss: Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss ({loss.item()}); stopping "
+                                     f"(last good checkpoint: {self.out / 'last.pt'})")
+        self.optim.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()  # the scaler is a no-op unless --amp fp16
+        self.scaler.unscale_(self.optim)
+        params = [p for g in self.optim.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.opts.grad_clip)
+        self.scaler.step(self.optim)
+        self.scaler.update()
+
+    def _run_self_critical_epoch(self, desc: str) -> tuple[float, float]:
+        """One pass over the training images: sample `scst_samples` captions per image, reward each
+        with its CIDEr-D against the image's references, baseline = the mean reward of the image's
+        other samples, and raise the log-probability of the captions that beat it (Rennie et al.
+        2017, with the leave-one-out baseline of Luo 2020 instead of a greedy decode).
+        Returns (mean loss, mean sampled-caption CIDEr-D)."""
+        dataset, feats = self.train_data
+        corpus, vocab, decoder, n = dataset.corpus, self.model.vocab, self.model.decoder, self.opts.scst_samples
+        if self.cider is None:
+            self.cider = CiderD({i: [normalize(c) for c in caps] for i, caps in enumerate(corpus.captions)})
+        decoder.train()
+        order = torch.randperm(len(corpus), generator=self.sampler_gen)
+        autocast = dict(device_type=self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+        total_loss, total_reward, batches = 0.0, 0.0, 0
+        bar = tqdm(range(0, len(order), self.opts.batch_size), desc=desc, unit="batch", disable=self.quiet,
+                   leave=False)
+        for s in bar:
+            idx = order[s:s + self.opts.batch_size]  # (B,) images
+            with torch.autocast(**autocast):
+                features = feats[idx].to(self.device).float()
+                tokens, logp, mask = sample(decoder, features, n=n, max_len=self.opts.scst_max_len)  # (B*n, T) each
+            images = idx.repeat_interleave(n).tolist()
+            reward = torch.tensor([self.cider.score(i, normalize(vocab.decode(t)))
+                                   for i, t in zip(images, tokens.tolist())]).view(-1, n)  # (B, n)
+            baseline = (reward.sum(1, keepdim=True) - reward) / (n - 1)  # (B, n) mean of the other samples
+            advantage = (reward - baseline).view(-1, 1).to(self.device)  # (B*n, 1)
+            loss = -(advantage * logp * mask).sum() / mask.sum()
+            self._step(loss)
+            total_loss, total_reward, batches = total_loss + loss.item(), total_reward + reward.mean().item(), batches + 1
+            bar.set_postfix(cider=f"{total_reward / batches:.3f}")
+        return total_loss / max(batches, 1), total_reward / max(batches, 1)
 
     def _val_captions(self) -> dict:
         """Decode every val image once (greedy, or beam with val_beam_size): {image_id: caption}."""
@@ -294,8 +354,10 @@ class Trainer:
     def _validate(self) -> dict[str, Any]:
         val_loss = self._run_epoch(self.val_data, False, "val")
         record = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
-        scores = evaluate(references(self.val_data[0].corpus), self._val_captions())
-        return record | {k: scores[k] for k in METRICS} | {"METEOR_backend": scores["METEOR_backend"]}
+        captions = self._val_captions()
+        scores = evaluate(references(self.val_data[0].corpus), captions)
+        return record | {k: scores[k] for k in METRICS} | {"METEOR_backend": scores["METEOR_backend"]} | \
+            diversity(captions)
 
     def _better(self, score: float) -> bool:
         return score > self.best_score if self.higher_is_better else score < self.best_score
@@ -305,9 +367,14 @@ class Trainer:
         for epoch in range(self.start_epoch, self.opts.epochs):
             t0 = time.time()
             lr = self.optim.param_groups[0]["lr"]
-            train_loss = self._run_epoch(self.train_data, True, f"epoch {epoch + 1}/{self.opts.epochs}")
-            record = {"epoch": epoch + 1, "train_loss": train_loss, "train_ppl": math.exp(min(train_loss, 50)),
-                      "lr": lr}
+            desc = f"epoch {epoch + 1}/{self.opts.epochs}"
+            if self.opts.self_critical:
+                train_loss, reward = self._run_self_critical_epoch(desc)
+                record = {"epoch": epoch + 1, "train_loss": train_loss, "train_CIDEr-D": reward, "lr": lr}
+            else:
+                train_loss = self._run_epoch(self.train_data, True, desc)
+                record = {"epoch": epoch + 1, "train_loss": train_loss, "train_ppl": math.exp(min(train_loss, 50)),
+                          "lr": lr}
             if self.val_data is not None:
                 record |= self._validate()
             score = record[self.select]

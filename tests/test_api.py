@@ -77,3 +77,28 @@ def test_mismatched_checkpoint_is_refused(captioner_model, tmp_path):
     torch.save(ck, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="bad.pt: decoder weights do not match"):
         Captioner.load(tmp_path / "bad.pt", device="cpu")
+
+
+def test_decoding_defaults_come_from_the_checkpoint_and_calls_override_them(captioner_model, shapes, tmp_path):
+    from captioner.cli import main
+
+    path = _test_images(shapes)[0]
+    model = Captioner(captioner_model.encoder, captioner_model.decoder, captioner_model.vocab,
+                      captioner_model.config | {"decoding": {"beam_size": 1, "max_len": 2}}, device="cpu")
+    assert model.caption(path) == captioner_model.caption(path, beam_size=1, max_len=2)  # the model's settings
+    assert len(model.caption(path).split()) <= 2
+    assert model.caption(path, beam_size=5, max_len=20) == captioner_model.caption(path)  # a call's win
+    model.save(tmp_path / "m.pt")
+    assert Captioner.load(tmp_path / "m.pt", device="cpu").decoding["max_len"] == 2
+    assert main(["caption", str(path), "--model", str(tmp_path / "m.pt"), "--max-len", "20", "--beam-size", "5"]) == 0
+
+
+def test_half_precision_save_is_smaller_and_captions_alike(captioner_model, shapes, tmp_path):
+    captioner_model.save(tmp_path / "full.pt")
+    captioner_model.save(tmp_path / "half.pt", half=True)
+    assert (tmp_path / "half.pt").stat().st_size < 0.6 * (tmp_path / "full.pt").stat().st_size
+    half = Captioner.load(tmp_path / "half.pt", device="cpu")
+    assert next(half.decoder.parameters()).dtype == torch.float32  # fp16 on disk, fp32 to compute
+    paths = _test_images(shapes)
+    same = sum(a == b for a, b in zip(half.caption(paths), captioner_model.caption(paths)))
+    assert same >= 0.9 * len(paths)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from captioner.decoding import DEAD_END_LOGP, beam_search, greedy
+from captioner.decoding import DEAD_END_LOGP, beam_search, greedy, sample
 from captioner.models import ShowTellDecoder
 from captioner.models.base import CaptionModel, DecoderState
 
@@ -157,3 +157,25 @@ def test_length_penalty_reranks_towards_longer_captions():
 def test_bad_beam_arguments():
     with pytest.raises(ValueError):
         beam_search(FakeModel(), images(0), beam_size=2, n_best=3)
+
+
+def test_sampling_draws_from_the_model_and_keeps_each_tokens_logprob():
+    torch.manual_seed(0)
+    tokens, logp, mask = sample(FakeModel(), images(1, 0), n=3000, max_len=4)  # rows 0..2999: image 1
+    first = tokens[:3000, 0]
+    assert (first == A).float().mean().item() == pytest.approx(0.6, abs=0.03)  # image 1: a .6, b .4
+    after_a = tokens[:3000][first == A, 1]
+    assert (after_a == C).float().mean().item() == pytest.approx(0.6, abs=0.04)  # a -> c .6, <end> .4
+    table = TABLES[torch.tensor([1, 0]).repeat_interleave(3000)]  # (N, V, V)
+    prev = torch.cat([torch.full((6000, 1), START), tokens[:, :-1]], dim=1)  # (N, T)
+    want = table.gather(1, prev[:, :, None].expand(-1, -1, V)).gather(2, tokens[:, :, None]).squeeze(2)  # (N, T)
+    assert torch.allclose(logp[mask], want[mask])  # each real step's log-prob is the model's
+    ended = (tokens == END).cumsum(1) - (tokens == END).long()  # > 0 strictly after <end>
+    assert torch.equal(mask, ended == 0) and (tokens[~mask] == PAD).all() and (logp[~mask] == 0).all()
+
+
+def test_suppressed_tokens_are_never_emitted():
+    [g] = greedy(FakeModel(), images(0), suppress=[A])
+    assert g.tokens == [B, C]  # a (.5) is gone: b (.3), then c (.9)
+    for hyps in beam_search(FakeModel(), images(0, 3), beam_size=3, n_best=3, suppress=[A]):
+        assert all(A not in h.tokens for h in hyps)

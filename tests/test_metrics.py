@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from captioner import metrics
-from captioner.metrics import bleu, evaluate, normalize, rouge_l
+from captioner.metrics import bleu, diversity, evaluate, normalize, rouge_l
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "coco_metrics_parity.json").read_text())
 SETS = FIXTURE["sets"]
@@ -104,3 +104,8 @@ def test_official_meteor_matches_pycocoevalcap_fixture():
     refs = {s["id"]: s["references"] for s in SETS}
     cands = {s["id"]: s["candidate"] for s in SETS}
     assert metrics.meteor(refs, cands) == pytest.approx(FIXTURE["expected"]["METEOR-1.5"], abs=1e-4)
+
+
+def test_diversity_counts_distinct_captions_and_words():
+    d = diversity({1: "a dog", 2: "A dog.", 3: "a cat runs", 4: "the cat"})
+    assert d == {"distinct_captions": 3, "unique_fraction": 0.5, "words_used": 5}

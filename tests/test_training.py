@@ -101,3 +101,27 @@ def test_bf16_autocast_trains_like_fp32(shapes, tmp_path):
         losses[amp] = log[-1]["train_loss"]
     assert losses["bf16"] == pytest.approx(losses["off"], rel=0.05)
     assert load_checkpoint(tmp_path / "bf16" / "last.pt")["config"]["train"]["amp"] == "bf16"
+
+
+def test_self_critical_training_raises_cider_of_a_weak_model(shapes, tmp_path, capsys):
+    """Self-critical fine-tuning from --init-from: the reward it optimises (CIDEr-D) goes up on
+    held-back images, and the architecture and vocabulary come from the starting checkpoint."""
+    from captioner import Captioner
+    from captioner.evaluation import caption_corpus, references, score
+
+    assert _train(shapes, tmp_path / "xe", "--epochs", "3", "--hidden-size", "128", "--embed-size", "64",
+                  "--lr", "2e-3", "--dropout", "0.2") == 0
+    assert _train(shapes, tmp_path / "sc", "--init-from", str(tmp_path / "xe" / "best.pt"), "--self-critical",
+                  "--epochs", "4", "--batch-size", "16", "--lr", "5e-4", "--lr-schedule", "constant") == 0
+    test = load_coco(shapes["test_json"], shapes["test_images"])
+    cider = {}
+    for run in ("xe", "sc"):
+        model = Captioner.load(tmp_path / run / "best.pt", device="cpu")
+        assert model.config["decoder_hparams"]["hidden_size"] == 128  # not QUICK's 64: taken from the start
+        results, _ = caption_corpus(model, test, quiet=True, beam_size=1)
+        cider[run] = score(references(test), results, use_meteor=False)["CIDEr-D"]
+    log = [json.loads(l) for l in (tmp_path / "sc" / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["train_CIDEr-D"] > log[0]["train_CIDEr-D"]
+    assert cider["sc"] >= cider["xe"] + 0.2, cider
+    xe_vocab = load_checkpoint(tmp_path / "xe" / "best.pt")["vocab"]
+    assert load_checkpoint(tmp_path / "sc" / "best.pt")["vocab"] == xe_vocab
