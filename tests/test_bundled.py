@@ -1,0 +1,50 @@
+"""The bundled Flickr8k model: small, loads with no network, describes the example photos."""
+import socket
+
+import pytest
+import torch
+
+from captioner import Captioner
+from captioner.cli import main
+from captioner.images import list_images
+from captioner.paths import BUNDLED_MODEL
+
+from .conftest import REPO
+
+EXAMPLES = list_images(REPO / "assets" / "examples")
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any attempt to reach the network fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[:2]}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.delenv("CAPTIONER_MODEL", raising=False)
+
+
+def test_bundled_file_is_small_fp16_and_holds_no_copy_of_the_packaged_encoder():
+    assert BUNDLED_MODEL.is_file() and BUNDLED_MODEL.stat().st_size <= 40 * 2 ** 20
+    ckpt = torch.load(BUNDLED_MODEL, map_location="cpu", weights_only=True)
+    assert ckpt["encoder"] is None and "optimizer" not in ckpt
+    assert all(t.dtype == torch.float16 for t in ckpt["decoder"].values() if t.is_floating_point())
+    assert {"beam_size", "length_alpha", "no_repeat_ngram"} <= set(ckpt["config"]["decoding"])
+
+
+def test_bundled_model_loads_offline_and_describes_every_example(offline):
+    model = Captioner.load(device="cpu")
+    assert len(EXAMPLES) >= 5
+    captions = dict(zip((p.name for p in EXAMPLES), model.caption(EXAMPLES)))
+    for name, caption in captions.items():
+        words = caption.split()
+        assert len(words) >= 3 and all(w.isalpha() and w in model.vocab.stoi for w in words), (name, caption)
+    assert "dog" in captions["dog.png"].split(), captions
+
+
+def test_caption_command_uses_the_bundled_model_by_default(offline, capsys):
+    dog = REPO / "assets" / "examples" / "dog.png"
+    assert main(["caption", str(dog)]) == 0
+    assert "dog" in capsys.readouterr().out.split("\t")[1].split()
