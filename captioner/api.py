@@ -31,6 +31,8 @@ class Caption(NamedTuple):
         """The attention as (words, h, w) over the encoder's square grid."""
         side = round(self.attention.size(1) ** 0.5)
         return self.attention.view(-1, side, side)
+
+
 #: decoding settings when neither the caller nor the checkpoint (config["decoding"]) gives one
 DEFAULT_DECODING = {"beam_size": 5, "max_len": 20, "min_len": 1, "length_alpha": 0.0, "no_repeat_ngram": 0}
 
