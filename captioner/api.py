@@ -53,6 +53,7 @@ class Captioner:
         self.config = config
         self.preprocess = Preprocess.from_dict(config["preprocess"])
         self.decoding = DEFAULT_DECODING | config.get("decoding", {})
+        self.max_pixels: int | None = None  # images over this many pixels are refused (None: DEFAULT_MAX_PIXELS)
 
     # ---- persistence -------------------------------------------------------------------------
     @classmethod
@@ -105,7 +106,7 @@ class Captioner:
     def prepare(self, item: ImageInput) -> Tensor:
         """One input as a preprocessed (3, S, S) tensor; ImageError if it cannot be used."""
         if isinstance(item, (str, os.PathLike)):
-            return self.preprocess(load_image(item))
+            return self.preprocess(load_image(item, self.max_pixels))
         if isinstance(item, Image.Image):
             return self.preprocess(to_rgb(item))
         if isinstance(item, Tensor):

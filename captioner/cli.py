@@ -13,7 +13,7 @@ from .checkpoint import CheckpointError
 from .data import DataError, load_coco, load_coco_references, load_karpathy, load_sequences
 from .encoders import EncoderWeightsError
 from .features import FeatureCache
-from .images import ImageError, list_images
+from .images import DEFAULT_MAX_PIXELS, ImageError, list_images
 from .training import TrainOptions
 
 GLOB_CHARS = set("*?[")
@@ -52,6 +52,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         raise ValueError("give images to caption one by one, or --sequence FRAME..., or --sequence-dir DIR "
                          "(one of them)")
     model = Captioner.load(args.model, device=args.device)
+    model.max_pixels = args.max_pixels
     if args.attention_map and model.decoder.attends_over != "regions":
         raise ValueError(f"--attention-map needs a single-image model trained with --decoder attention "
                          f"(this one has --decoder {model.config['decoder']}"
@@ -127,7 +128,7 @@ def _write_attention_map(model, path: str, caption, out_dir: Path, taken: set[st
         name += "_"
     taken.add(name)
     words = caption.text.split()
-    attention_map(load_image(path), words, caption.attention_grid().numpy(), model.preprocess,
+    attention_map(load_image(path, model.max_pixels), words, caption.attention_grid().numpy(), model.preprocess,
                   out_dir / f"{name}.png")
 
 
@@ -268,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     _decoding_args(c)
     c.add_argument("--n-best", type=int, default=1, help="how many captions per image or sequence (with --json)")
     c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="refuse images declaring more pixels than this, before decoding them (decompression bombs)")
     c.add_argument("--json", action="store_true", help="one JSON object per line, with the n-best list")
     c.add_argument("--attention-map", metavar="OUT_DIR",
                    help="attention models: write OUT_DIR/<image>.png, the image and each word's attention")

@@ -34,11 +34,11 @@ from .paths import cache_dir
 class LoadImage:
     """Path -> preprocessed pixels (3, S, S); a picklable callable for DataLoader workers."""
 
-    def __init__(self, preprocess: Preprocess) -> None:
-        self.preprocess = preprocess
+    def __init__(self, preprocess: Preprocess, max_pixels: int | None = None) -> None:
+        self.preprocess, self.max_pixels = preprocess, max_pixels
 
     def __call__(self, path: str | os.PathLike) -> Tensor:
-        return self.preprocess(load_image(path))
+        return self.preprocess(load_image(path, self.max_pixels))
 
 
 class _Prepared(Dataset):

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2 as T
@@ -29,35 +31,81 @@ class ImageError(Exception):
         return (ImageError, (self.path, self.reason))
 
 
+#: images declaring more pixels than this are refused before they are decoded (decompression
+#: bombs); `captioner caption --max-pixels`, `Captioner.max_pixels`, `load_image(max_pixels=)`
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+def _gray_to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer or float grey-scale -> 8-bit "L", scaled, not clipped at 255."""
+    a = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16") or (img.mode == "I" and a.size and a.min() >= 0 and a.max() <= 65535):
+        a = a / 257.0  # 16-bit range (Pillow also opens 16-bit files as "I")
+    elif img.mode == "F" and a.size and a.min() >= 0 and a.max() <= 1.0:
+        a = a * 255.0  # float images in [0, 1]
+    elif a.size and (a.min() < 0 or a.max() > 255):
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)  # any other range: stretched
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL image as RGB; transparency is composited on white, not dropped to black."""
+    """Any PIL image as RGB: transparency composited on white (not dropped to black), 16/32-bit
+    grey-scale scaled to 8 bits, CMYK and palettes converted."""
     if img.mode == "RGB":
         return img
+    if img.mode.startswith("I") or img.mode == "F":
+        return _gray_to_8bit(img).convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, img).convert("RGB")
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as RGB with its EXIF orientation applied; ImageError if unusable."""
+_PILLOW_LIMIT = threading.Lock()
+
+
+def _open_without_pillow_limit(p: Path) -> Image.Image:
+    """Image.open (header only) with Pillow's own bomb check off, so `load_image` applies its
+    documented limit instead (Pillow would raise or warn at about 89 and 179 megapixels)."""
+    with _PILLOW_LIMIT:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(p)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
+    """Open an image file as RGB with its EXIF orientation applied; ImageError if unusable.
+
+    The format is read from the content, not the extension. An image declaring more than
+    `max_pixels` pixels (default DEFAULT_MAX_PIXELS) is refused from its header, before decoding.
+    """
     p = Path(path)
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     if not p.exists():
         raise ImageError(p, "no such file")
     if p.is_dir():
         raise ImageError(p, "is a directory, not an image file")
     try:
-        with Image.open(p) as img:
+        with _open_without_pillow_limit(p) as img:
+            w, h = img.size
+            if w * h > limit:
+                raise ImageError(p, f"declares {w}x{h} = {w * h:,} pixels, over the limit of {limit:,} "
+                                    "(a decompression bomb? raise the limit with --max-pixels)")
             img.seek(0)  # first frame of animations
             img = ImageOps.exif_transpose(img)
             img.load()
             return to_rgb(img)
+    except ImageError:
+        raise
     except UnidentifiedImageError:
-        raise ImageError(p, "not an image (unrecognised format)") from None
-    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(p, "not an image (unrecognised format, or a corrupt header)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageError(p, f"unreadable image ({e})") from None
 
 
