@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -225,14 +226,27 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .training import Trainer
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler or `kill`) stops training like Ctrl-C: weights saved, clean exit."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
 
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import Trainer, TrainingInterrupted
+
+    _stop_on_sigterm()
     train, val = _corpora(args)
     opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__})
     trainer = Trainer(train, val, args.out, opts, device=args.device, resume=args.resume, quiet=args.quiet,
                       use_cache=not args.no_cache, cache_dir=args.cache_dir)
-    best = trainer.fit()
+    try:
+        best = trainer.fit()
+    except TrainingInterrupted as e:
+        _err(str(e))
+        return 130
     if not args.quiet:
         print(f"best checkpoint: {best}", file=sys.stderr)
     return 0

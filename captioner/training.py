@@ -155,6 +155,10 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+class TrainingInterrupted(Exception):
+    """Training stopped by Ctrl-C / SIGTERM after saving RUN/interrupted.pt; the message says where."""
+
+
 class Trainer:
     """Owns one run directory: RUN/last.pt every epoch, RUN/best.pt on the best `select_metric`
     (with no val set: the latest epoch), RUN/metrics.jsonl one line per epoch."""
@@ -363,49 +367,65 @@ class Trainer:
         return score > self.best_score if self.higher_is_better else score < self.best_score
 
     def fit(self) -> Path:
-        """Train to `opts.epochs` or until early stopping; returns the path of best.pt."""
-        for epoch in range(self.start_epoch, self.opts.epochs):
-            t0 = time.time()
-            lr = self.optim.param_groups[0]["lr"]
-            desc = f"epoch {epoch + 1}/{self.opts.epochs}"
-            if self.opts.self_critical:
-                train_loss, reward = self._run_self_critical_epoch(desc)
-                record = {"epoch": epoch + 1, "train_loss": train_loss, "train_CIDEr-D": reward, "lr": lr}
-            else:
-                train_loss = self._run_epoch(self.train_data, True, desc)
-                record = {"epoch": epoch + 1, "train_loss": train_loss, "train_ppl": math.exp(min(train_loss, 50)),
-                          "lr": lr}
-            if self.val_data is not None:
-                record |= self._validate()
-            score = record[self.select]
-            if score is None:  # e.g. METEOR unavailable: cannot happen for the chosen metric (checked above)
-                raise ValueError(f"validation produced no {self.select}")
-            improved = self.val_data is None or self._better(score)
-            if improved:
-                self.best_score, self.bad_epochs = score, 0
-            else:
-                self.bad_epochs += 1
-            if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                self.sched.step(score)
-            else:
-                self.sched.step()
-            record |= {"best": improved, "time_s": round(time.time() - t0, 2)}
-            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            self._save(epoch + 1, improved)  # after the log line: a resume trims lines past the checkpoint
-            if not self.quiet:
-                shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                                 if k not in ("best", "METEOR_backend"))
-                print(shown + (f" * best {self.select}" if improved else ""), file=sys.stderr, flush=True)
-            if self.opts.patience and self.bad_epochs >= self.opts.patience:
-                if not self.quiet:
-                    print(f"early stop: {self.select} has not improved for {self.bad_epochs} epochs",
-                          file=sys.stderr, flush=True)
-                break
+        """Train to `opts.epochs` or until early stopping; returns the path of best.pt.
+
+        Interrupted (Ctrl-C, or SIGTERM through the CLI), it writes RUN/interrupted.pt, the
+        weights of the moment (usable for captioning), and raises TrainingInterrupted; last.pt
+        stays the end of the last whole epoch, which is where --resume continues.
+        """
+        epoch = self.start_epoch
+        try:
+            for epoch in range(self.start_epoch, self.opts.epochs):
+                self._fit_epoch(epoch)
+                if self.opts.patience and self.bad_epochs >= self.opts.patience:
+                    if not self.quiet:
+                        print(f"early stop: {self.select} has not improved for {self.bad_epochs} epochs",
+                              file=sys.stderr, flush=True)
+                    break
+        except KeyboardInterrupt:
+            save_checkpoint(self.out / "interrupted.pt", self.model.checkpoint_payload() | {"epoch": epoch})
+            raise TrainingInterrupted(f"interrupted during epoch {epoch + 1}: weights saved to "
+                                      f"{self.out / 'interrupted.pt'}; `--resume` continues from "
+                                      f"{self.out / 'last.pt'} (end of epoch {epoch})") from None
         if not (self.out / "best.pt").is_file():
             raise CheckpointError(f"{self.out}: no epochs were run, so there is no best.pt "
                                   f"(already at epoch {self.start_epoch} of {self.opts.epochs}?)")
         return self.out / "best.pt"
+
+    def _fit_epoch(self, epoch: int) -> None:
+        """One epoch: train, validate, log, checkpoint."""
+        t0 = time.time()
+        lr = self.optim.param_groups[0]["lr"]
+        desc = f"epoch {epoch + 1}/{self.opts.epochs}"
+        if self.opts.self_critical:
+            train_loss, reward = self._run_self_critical_epoch(desc)
+            record = {"epoch": epoch + 1, "train_loss": train_loss, "train_CIDEr-D": reward, "lr": lr}
+        else:
+            train_loss = self._run_epoch(self.train_data, True, desc)
+            record = {"epoch": epoch + 1, "train_loss": train_loss, "train_ppl": math.exp(min(train_loss, 50)),
+                      "lr": lr}
+        if self.val_data is not None:
+            record |= self._validate()
+        score = record[self.select]
+        if score is None:  # e.g. METEOR unavailable: cannot happen for the chosen metric (checked above)
+            raise ValueError(f"validation produced no {self.select}")
+        improved = self.val_data is None or self._better(score)
+        if improved:
+            self.best_score, self.bad_epochs = score, 0
+        else:
+            self.bad_epochs += 1
+        if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.sched.step(score)
+        else:
+            self.sched.step()
+        record |= {"best": improved, "time_s": round(time.time() - t0, 2)}
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        self._save(epoch + 1, improved)  # after the log line: a resume trims lines past the checkpoint
+        if not self.quiet:
+            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                             if k not in ("best", "METEOR_backend"))
+            print(shown + (f" * best {self.select}" if improved else ""), file=sys.stderr, flush=True)
 
     def _save(self, epoch: int, best: bool) -> None:
         payload = self.model.checkpoint_payload() | {
