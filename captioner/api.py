@@ -63,7 +63,14 @@ class Captioner:
         encoder = build_encoder(config["encoder"])
         if ckpt.get("encoder") is not None:  # fine-tuned encoder weights travel in the checkpoint
             encoder.load_state_dict(ckpt["encoder"])
-        decoder = build_model(config, len(vocab), encoder.feature_dim)
+        embed = next((v for k, v in ckpt["decoder"].items() if k.endswith("embed.weight")), None)
+        if embed is not None and embed.size(0) != len(vocab):
+            raise CheckpointError(f"{source}: the vocabulary has {len(vocab)} tokens but the decoder weights "
+                                  f"were trained for {embed.size(0)}: they do not belong together")
+        try:
+            decoder = build_model(config, len(vocab), encoder.feature_dim)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: its model config cannot be built by this captioner ({e})") from None
         try:
             decoder.load_state_dict(ckpt["decoder"])
         except RuntimeError as e:

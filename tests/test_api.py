@@ -75,8 +75,22 @@ def test_mismatched_checkpoint_is_refused(captioner_model, tmp_path):
     ck = torch.load(tmp_path / "m.pt", weights_only=True)
     ck["vocab"]["words"] = ck["vocab"]["words"][:-3]  # vocabulary no longer matches the weights
     torch.save(ck, tmp_path / "bad.pt")
-    with pytest.raises(CheckpointError, match="bad.pt: decoder weights do not match"):
+    with pytest.raises(CheckpointError, match=r"bad.pt: the vocabulary has \d+ tokens but the decoder weights"):
         Captioner.load(tmp_path / "bad.pt", device="cpu")
+    ck = torch.load(tmp_path / "m.pt", weights_only=True)
+    ck["config"]["decoder_hparams"]["hidden_size"] *= 2  # architecture no longer matches the weights
+    torch.save(ck, tmp_path / "arch.pt")
+    with pytest.raises(CheckpointError, match="arch.pt: decoder weights do not match.*size mismatch"):
+        Captioner.load(tmp_path / "arch.pt", device="cpu")
+    ck["config"]["decoder"] = "transformer"  # a decoder this version does not have
+    torch.save(ck, tmp_path / "kind.pt")
+    with pytest.raises(CheckpointError, match="kind.pt: its model config cannot be built.*transformer"):
+        Captioner.load(tmp_path / "kind.pt", device="cpu")
+    ck = torch.load(tmp_path / "m.pt", weights_only=True)
+    ck["format_version"] = 99  # written by a newer captioner
+    torch.save(ck, tmp_path / "new.pt")
+    with pytest.raises(CheckpointError, match="new.pt: checkpoint format version 99 is not supported"):
+        Captioner.load(tmp_path / "new.pt", device="cpu")
 
 
 def test_decoding_defaults_come_from_the_checkpoint_and_calls_override_them(captioner_model, shapes, tmp_path):
