@@ -134,7 +134,7 @@ def _write_attention_map(model, path: str, caption, out_dir: Path, taken: set[st
 
 
 def _load_corpus(annotations: str | None, images: str | None, karpathy_json: str | None, images_root: str | None,
-                 split: str, skip_missing: bool, sequences: str | None = None):
+                 split: str, skip_missing: bool, sequences: str | None = None, skip_bad: bool = False):
     """A COCO caption file + image folder, a sequence file + image folder, or a Karpathy split file's
     split(s); None if none is given."""
     if karpathy_json:
@@ -143,17 +143,17 @@ def _load_corpus(annotations: str | None, images: str | None, karpathy_json: str
         if path:
             if not images:
                 raise DataError(f"{path}: give the folder of its images too")
-            return loader(path, images, skip_missing)
+            return loader(path, images, skip_missing, skip_bad)
     return None
 
 
 def _corpora(args: argparse.Namespace):
     train = _load_corpus(args.train_annotations, args.train_images, args.karpathy_json, args.images_root,
-                         args.split, args.skip_missing, args.train_sequences)
+                         args.split, args.skip_missing, args.train_sequences, args.skip_bad)
     if train is None:
         raise DataError("give --train-annotations (or --train-sequences) and --train-images, or --karpathy-json")
     val = _load_corpus(args.val_annotations, args.val_images, args.karpathy_json if args.val_split else None,
-                       args.images_root, args.val_split, args.skip_missing, args.val_sequences)
+                       args.images_root, args.val_split, args.skip_missing, args.val_sequences, args.skip_bad)
     for name, c in (("train", train), ("val", val)):
         if c is not None and c.skipped_missing and not args.quiet:
             _err(f"{name}: skipped {c.skipped_missing} missing image(s) from {c.source}")
@@ -165,7 +165,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import caption_corpus, references, score, write_results
 
     corpus = _load_corpus(args.annotations, args.images, args.karpathy_json, args.images_root, args.split,
-                          args.skip_missing, args.sequences)
+                          args.skip_missing, args.sequences, args.skip_bad)
     if corpus is None:
         raise DataError("give --annotations (or --sequences) and --images, or --karpathy-json and --split")
     model = Captioner.load(args.model, device=args.device)
@@ -208,6 +208,33 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"{len(paths) - len(failed)} image(s) cached in {cache.dir}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def cmd_validate_data(args: argparse.Namespace) -> int:
+    """Check a dataset without training: the file's entries, then every image it names."""
+    from tqdm import tqdm
+
+    from .data import DataProblems, check_file
+    from .images import load_image
+
+    if not args.file or not args.images:
+        raise DataError("give --annotations or --sequences, and --images")
+    files, groups, captions, problems = check_file(args.file)
+    used = {i for ids in groups.values() for i in ids} if groups is not None else set(files)
+    images = DataProblems(args.file)
+    for iid in tqdm(sorted(used, key=str), desc="images", unit="img", disable=args.quiet, leave=False):
+        try:
+            load_image(Path(args.images) / files[iid], args.max_pixels)
+        except ImageError as e:
+            images.add("missing image files" if e.reason == "no such file" else "unreadable images",
+                       f"{files[iid]} ({e.reason})")
+    what = f"{len(groups)} sequences, " if groups is not None else ""
+    print(f"{args.file}: {len(files)} images, {what}{sum(len(c) for c in captions.values())} captions")
+    bad = problems.lines(args.show) + images.lines(args.show)
+    for line in bad:
+        print(f"  {line}")
+    print("problems found: training refuses this file unless given --skip-bad / --skip-missing" if bad else "ok")
+    return 1 if bad else 0
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -305,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default="train", help="with --karpathy-json: training split(s), e.g. train,restval")
     g.add_argument("--val-split", default="val", help="with --karpathy-json: validation split ('' for none)")
     g.add_argument("--skip-missing", action="store_true", help="leave out missing image files instead of failing")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="leave out malformed entries (see validate-data) instead of refusing the file")
     g.add_argument("--min-word-count", type=int, default=d.min_word_count)
     g.add_argument("--max-caption-len", type=int, default=d.max_caption_len, help="longer captions are cut")
     m = t.add_argument_group("model")
@@ -375,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--images-root", help="with --karpathy-json: folder the filepaths are relative to")
     e.add_argument("--split", default="val", help="with --karpathy-json: which split(s)")
     e.add_argument("--skip-missing", action="store_true", help="leave out missing image files instead of failing")
+    e.add_argument("--skip-bad", action="store_true", help="leave out malformed entries instead of refusing the file")
     _decoding_args(e)
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--results", help="also write the captions here, in the COCO results format")
@@ -399,6 +429,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--quiet", action="store_true")
     x.add_argument("--cache-dir", help="feature cache folder (default: $CAPTIONER_CACHE_DIR or ~/.cache/captioner)")
     x.set_defaults(func=cmd_extract_features)
+
+    vd = sub.add_parser("validate-data", help="check a dataset file and its images, and say what is wrong")
+    src = vd.add_mutually_exclusive_group(required=True)
+    src.add_argument("--annotations", dest="file", help="COCO caption JSON")
+    src.add_argument("--sequences", dest="file", help="sequence caption JSON")
+    vd.add_argument("--images", required=True, help="folder its file_names are in")
+    vd.add_argument("--show", type=int, default=5, help="offenders shown per kind of problem")
+    vd.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    vd.add_argument("--quiet", action="store_true", help="no progress bar")
+    vd.set_defaults(func=cmd_validate_data)
 
     s = sub.add_parser("score", help="score an existing COCO results file against reference captions")
     s.add_argument("--results", required=True, help='[{"image_id": ..., "caption": ...}, ...]')

@@ -90,43 +90,111 @@ def _check_missing(corpus: CaptionCorpus, skip_missing: bool) -> CaptionCorpus:
     return corpus.keep(keep, skipped=len(corpus) - len(keep))
 
 
-def _coco(annotations: str | os.PathLike, data: Any = None) -> tuple[list[dict], dict[Any, list[str]]]:
-    data = read_json(annotations) if data is None else data
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise DataError(f"{annotations}: not a COCO caption file (needs 'images' and 'annotations')")
-    by_image: dict[Any, list[str]] = {}
-    for a in data["annotations"]:
-        by_image.setdefault(a["image_id"], []).append(" ".join(str(a["caption"]).split()))
-    return data["images"], by_image
+class DataProblems:
+    """What is wrong in a dataset file, by kind, each with its offenders (for a short summary)."""
+
+    def __init__(self, source: str) -> None:
+        self.source, self.found = source, {}
+
+    def add(self, kind: str, offender: str) -> None:
+        self.found.setdefault(kind, []).append(offender)
+
+    def __bool__(self) -> bool:
+        return bool(self.found)
+
+    def lines(self, shown: int = 3) -> list[str]:
+        """One line per kind: the count and the first few offenders."""
+        return [f"{len(v)} {k}: {', '.join(v[:shown])}{' ...' if len(v) > shown else ''}" for k, v in self.found.items()]
+
+    def refuse(self) -> None:
+        if self:
+            raise DataError(f"{self.source}: " + "; ".join(self.lines()) +
+                            " (fix the file, or --skip-bad to leave those entries out)")
+
+
+def _entries(path: str | os.PathLike, data: Any, kind: str) -> tuple[dict, dict | None, dict, DataProblems]:
+    """Check a COCO caption ("coco") or sequence ("sequences") file's entries.
+
+    Returns {image id: file_name}, {sequence id: image ids} (sequences only), {image or sequence
+    id: [captions]} -- each holding only well-formed entries -- and the problems found.
+    """
+    need = ("images", "annotations") + (("sequences",) if kind == "sequences" else ())
+    if not isinstance(data, dict) or any(not isinstance(data.get(k), list) for k in need):
+        what = "sequence caption file" if kind == "sequences" else "COCO caption file"
+        raise DataError(f"{path}: not a {what} (needs lists {', '.join(repr(k) for k in need)})")
+    problems = DataProblems(str(path))
+    files: dict[Any, str] = {}
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
+            problems.add("image entries without an id or file_name", f"images[{i}]")
+        elif img["id"] in files:
+            problems.add("duplicate image ids", repr(img["id"]))
+        else:
+            files[img["id"]] = img["file_name"]
+    groups, seen = None, set()
+    if kind == "sequences":
+        groups = {}
+        for i, seq in enumerate(data["sequences"]):
+            if not isinstance(seq, dict) or "id" not in seq or not isinstance(seq.get("image_ids"), list):
+                problems.add("sequence entries without an id or image_ids", f"sequences[{i}]")
+                continue
+            if seq["id"] in seen:
+                problems.add("duplicate sequence ids", repr(seq["id"]))
+                continue
+            seen.add(seq["id"])
+            unknown = [f for f in seq["image_ids"] if f not in files]
+            if not seq["image_ids"]:
+                problems.add("sequences without frames", repr(seq["id"]))
+            elif unknown:
+                problems.add("sequences naming image ids not in 'images'", f"{seq['id']!r} -> {unknown[0]!r}")
+            else:
+                groups[seq["id"]] = seq["image_ids"]
+    key, known = ("sequence_id", seen) if kind == "sequences" else ("image_id", files)
+    by_key: dict[Any, list[str]] = {}
+    ann_ids: set = set()
+    for i, a in enumerate(data["annotations"]):
+        if not isinstance(a, dict) or key not in a or "caption" not in a:
+            problems.add(f"annotations without {key} or caption", f"annotations[{i}]")
+        elif "id" in a and a["id"] in ann_ids:
+            problems.add("duplicate annotation ids", repr(a["id"]))
+        elif a[key] not in known:
+            problems.add(f"annotations naming an unknown {key}", f"annotations[{i}] ({a[key]!r})")
+        elif not isinstance(a["caption"], str) or not a["caption"].strip():
+            problems.add("empty or non-string captions", f"annotations[{i}]")
+        elif groups is None or a[key] in groups:  # captions of a broken sequence are not kept
+            by_key.setdefault(a[key], []).append(" ".join(a["caption"].split()))
+        if isinstance(a, dict) and "id" in a:
+            ann_ids.add(a["id"])
+    return files, groups, by_key, problems
+
+
+def check_file(path: str | os.PathLike) -> tuple[dict, dict | None, dict, DataProblems]:
+    """`_entries` of a COCO caption or sequence file, whichever it is."""
+    data = read_json(path)
+    return _entries(path, data, "sequences" if isinstance(data, dict) and "sequences" in data else "coco")
 
 
 def load_coco_references(annotations: str | os.PathLike) -> dict[Any, list[str]]:
     """{image_id: [reference captions]} of a COCO caption file, or {sequence_id: [...]} of a sequence
-    file (no image files needed)."""
-    data = read_json(annotations)
-    if isinstance(data, dict) and "sequences" in data:
-        by_seq: dict[Any, list[str]] = {}
-        for a in data.get("annotations", []):
-            by_seq.setdefault(a["sequence_id"], []).append(" ".join(str(a["caption"]).split()))
-        return by_seq
-    return _coco(annotations, data)[1]
+    file (no image files needed). A file with problems is refused."""
+    _, _, by_key, problems = check_file(annotations)
+    problems.refuse()
+    return by_key
 
 
 def load_coco(annotations: str | os.PathLike, images_dir: str | os.PathLike,
-              skip_missing: bool = False) -> CaptionCorpus:
+              skip_missing: bool = False, skip_bad: bool = False) -> CaptionCorpus:
     """COCO caption JSON (`images[{id, file_name}]`, `annotations[{image_id, caption}]`, any order).
 
-    Images without a caption are left out (nothing to learn or score against).
+    Images without a caption are left out (nothing to learn or score against). A file with
+    malformed entries is refused with a summary, unless skip_bad (then they are left out).
     """
-    images, by_image = _coco(annotations)
+    files, _, by_image, problems = _entries(annotations, read_json(annotations), "coco")
+    if not skip_bad:
+        problems.refuse()
     root = Path(images_dir)
-    paths, ids, caps = [], [], []
-    for img in images:
-        if img["id"] in by_image:
-            paths.append(root / img["file_name"])
-            ids.append(img["id"])
-            caps.append(by_image[img["id"]])
-    corpus = CaptionCorpus(paths, ids, caps, source=str(annotations))
+    ids = [i for i in files if i in by_image]
+    corpus = CaptionCorpus([root / files[i] for i in ids], ids, [by_image[i] for i in ids], source=str(annotations))
     return _check_missing(corpus, skip_missing)
 
 
@@ -154,39 +222,28 @@ def load_karpathy(path: str | os.PathLike, images_root: str | os.PathLike, split
 
 
 def load_sequences(path: str | os.PathLike, images_dir: str | os.PathLike,
-                   skip_missing: bool = False) -> CaptionCorpus:
+                   skip_missing: bool = False, skip_bad: bool = False) -> CaptionCorpus:
     """COCO-style sequence JSON: `images[{id, file_name}]`, `sequences[{id, image_ids}]` (frames in
     temporal order, any length >= 1, images may be shared) and `annotations[{sequence_id, caption}]`.
 
-    Sequences without a caption are left out; with skip_missing, so are those with a missing frame.
+    Sequences without a caption are left out; with skip_missing, so are those with a missing
+    frame; with skip_bad, malformed entries (else the file is refused with a summary).
     """
-    data = read_json(path)
-    if not isinstance(data, dict) or not all(k in data for k in ("images", "sequences", "annotations")):
-        raise DataError(f"{path}: not a sequence caption file (needs 'images', 'sequences' and 'annotations')")
-    files = {img["id"]: img["file_name"] for img in data["images"]}
-    by_seq: dict[Any, list[str]] = {}
-    for a in data["annotations"]:
-        by_seq.setdefault(a["sequence_id"], []).append(" ".join(str(a["caption"]).split()))
-    known = {seq["id"] for seq in data["sequences"]}
-    unknown = [sid for sid in by_seq if sid not in known]
-    if unknown:
-        raise DataError(f"{path}: {len(unknown)} annotation sequence_id(s) name no sequence, e.g. {unknown[0]!r}")
+    files, groups, by_seq, problems = _entries(path, read_json(path), "sequences")
+    if not skip_bad:
+        problems.refuse()
     root = Path(images_dir)
     paths, row, ids, caps, frames = [], {}, [], [], []
-    for seq in data["sequences"]:
-        if seq["id"] not in by_seq:
+    for sid, image_ids in groups.items():
+        if sid not in by_seq:
             continue
-        if not seq["image_ids"]:
-            raise DataError(f"{path}: sequence {seq['id']!r} has no frames")
-        for iid in seq["image_ids"]:
-            if iid not in files:
-                raise DataError(f"{path}: sequence {seq['id']!r} names image id {iid!r}, which is not in 'images'")
+        for iid in image_ids:
             if iid not in row:
                 row[iid] = len(paths)
                 paths.append(root / files[iid])
-        ids.append(seq["id"])
-        caps.append(by_seq[seq["id"]])
-        frames.append([row[iid] for iid in seq["image_ids"]])
+        ids.append(sid)
+        caps.append(by_seq[sid])
+        frames.append([row[iid] for iid in image_ids])
     return _check_missing(CaptionCorpus(paths, ids, caps, source=str(path), frames=frames), skip_missing)
 
 

@@ -84,3 +84,67 @@ def test_collate_pads_and_sorts_longest_first(tmp_path):
     assert batch.captions[2, 4:].tolist() == [0, 0]  # padded with <pad>
     assert (batch.captions[torch.arange(3), batch.lengths - 1] == vocab.end_id).all()
     assert "a very very long" in [vocab.decode(row) for row in batch.captions]
+
+
+def _broken_coco(tmp_path):
+    """A COCO file with one of each kind of problem, next to two good images."""
+    from PIL import Image
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8), (200, 0, 0)).save(imgs / name)
+    (imgs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    images = [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}, {"id": 2, "file_name": "c.png"},
+              {"id": 3}, {"id": 4, "file_name": "gone.png"}, {"id": 5, "file_name": "broken.png"}]
+    anns = [{"id": 1, "image_id": 1, "caption": "a red square"}, {"id": 1, "image_id": 2, "caption": "again id 1"},
+            {"id": 2, "image_id": 2, "caption": "   "}, {"id": 3, "image_id": 2, "caption": 42},
+            {"id": 4, "image_id": 77, "caption": "who?"}, {"id": 5, "image_id": 2}, {"id": 6, "image_id": 2, "caption": "ok"},
+            {"id": 7, "image_id": 4, "caption": "its file is gone"}, {"id": 8, "image_id": 5, "caption": "unreadable"}]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns}))
+    return path, imgs
+
+
+def test_malformed_entries_are_refused_with_a_summary_or_skipped(tmp_path):
+    path, imgs = _broken_coco(tmp_path)
+    with pytest.raises(DataError) as e:
+        load_coco(path, imgs)
+    msg = str(e.value)
+    for part in ("1 duplicate image ids: 2", "1 image entries without an id or file_name: images[3]",
+                 "1 duplicate annotation ids: 1", "2 empty or non-string captions: annotations[2], annotations[3]",
+                 "1 annotations naming an unknown image_id: annotations[4] (77)",
+                 "1 annotations without image_id or caption: annotations[5]", "--skip-bad"):
+        assert part in msg, part
+    c = load_coco(path, imgs, skip_bad=True, skip_missing=True)
+    assert c.image_ids == [1, 2, 5] and c.captions[:2] == [["a red square"], ["ok"]] and c.skipped_missing == 1
+
+
+def test_validate_data_lists_every_problem_with_counts(tmp_path, capsys):
+    from captioner.cli import main
+
+    path, imgs = _broken_coco(tmp_path)
+    assert main(["validate-data", "--annotations", str(path), "--images", str(imgs), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"{path}: 4 images, 4 captions")
+    assert "1 missing image files: gone.png (no such file)" in out and "1 unreadable images: broken.png" in out
+    assert "1 duplicate annotation ids: 1" in out and "problems found" in out
+    clean = tmp_path / "clean.json"
+    clean.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}],
+                                 "annotations": [{"id": 1, "image_id": 1, "caption": "a red square"},
+                                                 {"id": 2, "image_id": 2, "caption": "another one"}]}))
+    assert main(["validate-data", "--annotations", str(clean), "--images", str(imgs), "--quiet"]) == 0
+    assert capsys.readouterr().out.strip().endswith("ok")
+    (tmp_path / "syntax.json").write_text('{"images": [],\n "annotations": [\n  {,}]}')
+    assert main(["validate-data", "--annotations", str(tmp_path / "syntax.json"), "--images", str(imgs)]) == 2
+    assert "malformed JSON at line 3 column 4" in capsys.readouterr().err
+
+
+def test_training_refuses_a_broken_file_and_names_the_way_out(tmp_path, capsys):
+    from captioner.cli import main
+
+    path, imgs = _broken_coco(tmp_path)
+    rc = main(["train", "--train-annotations", str(path), "--train-images", str(imgs), "--out", str(tmp_path / "r"),
+               "--quiet", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "duplicate image ids" in err and "--skip-bad" in err

@@ -48,9 +48,10 @@ def test_load_sequences_refuses_broken_files_and_skips_missing_frames(tmp_path):
     images = [{"id": 1, "file_name": "f0.png"}, {"id": 2, "file_name": "f1.png"}, {"id": 3, "file_name": "gone.png"}]
     base = {"images": images, "annotations": [{"id": 1, "sequence_id": 7, "caption": "x"},
                                               {"id": 2, "sequence_id": 8, "caption": "y"}]}
-    bad = [({"sequences": [{"id": 7, "image_ids": [1, 99]}, {"id": 8, "image_ids": [2]}]}, "image id 99"),
-           ({"sequences": [{"id": 7, "image_ids": []}, {"id": 8, "image_ids": [2]}]}, "no frames"),
-           ({"sequences": [{"id": 8, "image_ids": [2]}]}, "name no sequence"),
+    bad = [({"sequences": [{"id": 7, "image_ids": [1, 99]}, {"id": 8, "image_ids": [2]}]},
+            "1 sequences naming image ids not in 'images': 7 -> 99"),
+           ({"sequences": [{"id": 7, "image_ids": []}, {"id": 8, "image_ids": [2]}]}, "1 sequences without frames: 7"),
+           ({"sequences": [{"id": 8, "image_ids": [2]}]}, r"1 annotations naming an unknown sequence_id: annotations\[0\] \(7\)"),
            ({"sequences": [{"id": 7, "image_ids": [1, 3]}, {"id": 8, "image_ids": [2]}]}, "gone.png")]
     for extra, message in bad:
         with pytest.raises(DataError, match=message):
