@@ -75,6 +75,10 @@ def read_json(path: str | os.PathLike) -> Any:
         raise DataError(f"{path}: no such file") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text, so not JSON (byte {e.start})") from None
+    except (OSError, RecursionError) as e:
+        raise DataError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
 
 
 def _check_missing(corpus: CaptionCorpus, skip_missing: bool) -> CaptionCorpus:
@@ -112,6 +116,11 @@ class DataProblems:
                             " (fix the file, or --skip-bad to leave those entries out)")
 
 
+def _is_id(x: Any) -> bool:
+    """Ids are JSON integers or strings (a list or an object cannot name an image)."""
+    return isinstance(x, (int, str)) and not isinstance(x, bool)
+
+
 def _entries(path: str | os.PathLike, data: Any, kind: str) -> tuple[dict, dict | None, dict, DataProblems]:
     """Check a COCO caption ("coco") or sequence ("sequences") file's entries.
 
@@ -125,7 +134,7 @@ def _entries(path: str | os.PathLike, data: Any, kind: str) -> tuple[dict, dict 
     problems = DataProblems(str(path))
     files: dict[Any, str] = {}
     for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
+        if not isinstance(img, dict) or not _is_id(img.get("id")) or not isinstance(img.get("file_name"), str):
             problems.add("image entries without an id or file_name", f"images[{i}]")
         elif img["id"] in files:
             problems.add("duplicate image ids", repr(img["id"]))
@@ -135,14 +144,14 @@ def _entries(path: str | os.PathLike, data: Any, kind: str) -> tuple[dict, dict 
     if kind == "sequences":
         groups = {}
         for i, seq in enumerate(data["sequences"]):
-            if not isinstance(seq, dict) or "id" not in seq or not isinstance(seq.get("image_ids"), list):
+            if not isinstance(seq, dict) or not _is_id(seq.get("id")) or not isinstance(seq.get("image_ids"), list):
                 problems.add("sequence entries without an id or image_ids", f"sequences[{i}]")
                 continue
             if seq["id"] in seen:
                 problems.add("duplicate sequence ids", repr(seq["id"]))
                 continue
             seen.add(seq["id"])
-            unknown = [f for f in seq["image_ids"] if f not in files]
+            unknown = [f for f in seq["image_ids"] if not _is_id(f) or f not in files]
             if not seq["image_ids"]:
                 problems.add("sequences without frames", repr(seq["id"]))
             elif unknown:
@@ -153,8 +162,10 @@ def _entries(path: str | os.PathLike, data: Any, kind: str) -> tuple[dict, dict 
     by_key: dict[Any, list[str]] = {}
     ann_ids: set = set()
     for i, a in enumerate(data["annotations"]):
-        if not isinstance(a, dict) or key not in a or "caption" not in a:
+        if not isinstance(a, dict) or not _is_id(a.get(key)) or "caption" not in a:
             problems.add(f"annotations without {key} or caption", f"annotations[{i}]")
+        elif "id" in a and not _is_id(a["id"]):
+            problems.add("annotation ids that are not numbers or strings", f"annotations[{i}]")
         elif "id" in a and a["id"] in ann_ids:
             problems.add("duplicate annotation ids", repr(a["id"]))
         elif a[key] not in known:
@@ -163,7 +174,7 @@ def _entries(path: str | os.PathLike, data: Any, kind: str) -> tuple[dict, dict 
             problems.add("empty or non-string captions", f"annotations[{i}]")
         elif groups is None or a[key] in groups:  # captions of a broken sequence are not kept
             by_key.setdefault(a[key], []).append(" ".join(a["caption"].split()))
-        if isinstance(a, dict) and "id" in a:
+        if isinstance(a, dict) and _is_id(a.get("id")):
             ann_ids.add(a["id"])
     return files, groups, by_key, problems
 
@@ -205,17 +216,31 @@ def load_karpathy(path: str | os.PathLike, images_root: str | os.PathLike, split
     `split` may list several, comma-separated (e.g. "train,restval" as usual for COCO).
     """
     data = read_json(path)
-    if not isinstance(data, dict) or "images" not in data:
-        raise DataError(f"{path}: not a Karpathy split file (needs 'images')")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataError(f"{path}: not a Karpathy split file (needs a list 'images')")
     wanted = {s.strip() for s in split.split(",")}
     root = Path(images_root)
     paths, ids, caps = [], [], []
     for i, img in enumerate(data["images"]):
-        if img.get("split") not in wanted:
+        if not isinstance(img, dict) or not isinstance(img.get("split"), str) or img["split"] not in wanted:
             continue
-        paths.append(root / img.get("filepath", "") / img["filename"])
-        ids.append(img.get("cocoid", img.get("imgid", i)))
-        caps.append([s.get("raw") or " ".join(s["tokens"]) for s in img["sentences"]])
+        folder, name, sentences = img.get("filepath", ""), img.get("filename"), img.get("sentences")
+        if not isinstance(folder, str) or not isinstance(name, str) or not isinstance(sentences, list):
+            raise DataError(f"{path}: images[{i}] needs a string 'filename' (and 'filepath') and a list 'sentences'")
+        texts = []
+        for s in sentences:
+            raw = s.get("raw") if isinstance(s, dict) else None
+            tokens = s.get("tokens") if isinstance(s, dict) else None
+            if isinstance(raw, str) and raw.strip():
+                texts.append(raw)
+            elif isinstance(tokens, list) and tokens and all(isinstance(t, str) for t in tokens):
+                texts.append(" ".join(tokens))
+            else:
+                raise DataError(f"{path}: images[{i}] has a sentence with neither a 'raw' text nor 'tokens'")
+        paths.append(root / folder / name)
+        image_id = img.get("cocoid", img.get("imgid", i))
+        ids.append(image_id if _is_id(image_id) else i)
+        caps.append(texts)
     if not paths:
         raise DataError(f"{path}: no images in split {split!r}")
     return _check_missing(CaptionCorpus(paths, ids, caps, source=str(path)), skip_missing)
