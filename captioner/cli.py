@@ -268,7 +268,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     train, val = _corpora(args)
     opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__})
     trainer = Trainer(train, val, args.out, opts, device=args.device, resume=args.resume, quiet=args.quiet,
-                      use_cache=not args.no_cache, cache_dir=args.cache_dir)
+                      use_cache=not args.no_cache, cache_dir=args.cache_dir, skip_bad=args.skip_bad)
     try:
         best = trainer.fit()
     except TrainingInterrupted as e:
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-split", default="val", help="with --karpathy-json: validation split ('' for none)")
     g.add_argument("--skip-missing", action="store_true", help="leave out missing image files instead of failing")
     g.add_argument("--skip-bad", action="store_true",
-                   help="leave out malformed entries (see validate-data) instead of refusing the file")
+                   help="leave out malformed entries and unreadable images (see validate-data) instead of refusing")
     g.add_argument("--min-word-count", type=int, default=d.min_word_count)
     g.add_argument("--max-caption-len", type=int, default=d.max_caption_len, help="longer captions are cut")
     m = t.add_argument_group("model")

@@ -165,8 +165,10 @@ class Trainer:
 
     def __init__(self, train: CaptionCorpus, val: CaptionCorpus | None, out_dir: str | Path,
                  opts: TrainOptions | None = None, device: str = "auto", resume: bool = False,
-                 quiet: bool = False, use_cache: bool = True, cache_dir: str | Path | None = None) -> None:
+                 quiet: bool = False, use_cache: bool = True, cache_dir: str | Path | None = None,
+                 skip_bad: bool = False) -> None:
         self.out = Path(out_dir)
+        self.skip_bad = skip_bad  # leave out images that cannot be read instead of refusing to train
         self.use_cache, self.cache_dir = use_cache, cache_dir
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(device)
@@ -259,11 +261,17 @@ class Trainer:
         if encoder.trainable:
             return CaptionDataset(corpus, vocab, opts.max_caption_len, LoadImage(self.model.preprocess)), None
         cache = FeatureCache(encoder, self.cache_dir) if self.use_cache else None
-        feats, _, failed = corpus_features(encoder, self.model.decoder, corpus, cache, device=self.device,
-                                           num_workers=opts.num_workers, quiet=self.quiet, desc=desc)
+        feats, kept, failed = corpus_features(encoder, self.model.decoder, corpus, cache, device=self.device,
+                                              num_workers=opts.num_workers, quiet=self.quiet, desc=desc)
         if failed:
             shown = "; ".join(str(e) for e in failed[:3])
-            raise DataError(f"{corpus.source}: {len(failed)} image(s) could not be read: {shown}")
+            if not self.skip_bad:
+                raise DataError(f"{corpus.source}: {len(failed)} image(s) could not be read: {shown} "
+                                "(use --skip-bad to leave them out)")
+            if not self.quiet:
+                print(f"{corpus.source}: left out {len(corpus) - len(kept)} item(s) with unreadable images: {shown}",
+                      file=sys.stderr, flush=True)
+            corpus = corpus.keep(kept)  # the features were gathered for these items, in this order
         return CaptionDataset(corpus, vocab, opts.max_caption_len), feats
 
     def _features(self, batch: Batch, feats: ItemFeatures | None) -> Tensor | Frames:

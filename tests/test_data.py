@@ -148,3 +148,16 @@ def test_training_refuses_a_broken_file_and_names_the_way_out(tmp_path, capsys):
                "--quiet", "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "duplicate image ids" in err and "--skip-bad" in err
+
+
+def test_unreadable_images_stop_training_or_are_left_out_with_skip_bad(tmp_path, capsys):
+    from captioner.cli import main
+
+    path, imgs = _broken_coco(tmp_path)
+    args = ["train", "--train-annotations", str(path), "--train-images", str(imgs), "--skip-missing",
+            "--epochs", "1", "--hidden-size", "16", "--embed-size", "8", "--min-word-count", "1", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "r1"), "--quiet"]) == 2  # malformed entries: refused
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "r2"), "--skip-bad"]) == 0  # broken.png left out, trained on a, b
+    err = capsys.readouterr().err
+    assert "left out 1 item(s) with unreadable images" in err and "broken.png" in err
