@@ -68,6 +68,8 @@ class CaptionModel(nn.Module):
         A single-image decoder sees a sequence as its mean frame (B, ...): order-blind, and a
         one-frame sequence is exactly the image. Sequence models (models/sequence.py) override this.
         """
+        if all(len(f) == 1 for f in frames):  # plain images (the training hot path): one copy, no per-item math
+            return torch.cat(frames).float()
         return torch.stack([f.float().mean(dim=0) for f in frames])
 
     def init_state(self, features: Any) -> DecoderState:  # pragma: no cover - interface
