@@ -64,7 +64,7 @@ def main() -> None:
             if i == n_batches:
                 break
             feats = pool(encode_pixels(encoder, batch.images, torch.device("cpu")), "pooled")  # every step
-            loss = decoder(feats, batch.captions, batch.lengths)
+            loss = decoder(feats, batch.captions, batch.lengths).mean()
             optim.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(decoder.parameters(), opts.grad_clip)

@@ -119,6 +119,8 @@ class Captioner:
         if isinstance(item, Tensor):
             if item.dim() != 3 or item.size(0) != 3:
                 raise ImageError("<tensor>", f"expected an RGB tensor (3, H, W), got shape {tuple(item.shape)}")
+            if item.is_floating_point():  # [0, 1] -> 8 bits like every other input: same picture, same caption
+                item = (item.clamp(0, 1) * 255).round().to(torch.uint8)
             return self.preprocess(item)
         raise ImageError(repr(item)[:60], f"unsupported input type {type(item).__name__}")
 

@@ -4,14 +4,23 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
 from .checkpoint import CheckpointError
-from .data import DataError, load_coco, load_coco_references, load_karpathy, load_sequences
+from .data import (
+    DataError,
+    load_coco,
+    load_coco_references,
+    load_karpathy,
+    load_sequences,
+)
+from .distributed import PeerFailure, first_line, lost_peer
 from .encoders import EncoderWeightsError
 from .features import FeatureCache
 from .images import DEFAULT_MAX_PIXELS, ImageError, list_images
@@ -262,19 +271,24 @@ def _stop_on_sigterm() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from . import distributed
     from .training import Trainer, TrainingInterrupted
 
     _stop_on_sigterm()
+    dist = distributed.init(args.device)  # under torchrun: join the job (gloo on CPUs, nccl on GPUs)
     train, val = _corpora(args)
-    opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__})
+    opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__ if hasattr(args, k)})
     trainer = Trainer(train, val, args.out, opts, device=args.device, resume=args.resume, quiet=args.quiet,
-                      use_cache=not args.no_cache, cache_dir=args.cache_dir, skip_bad=args.skip_bad)
+                      use_cache=not args.no_cache, cache_dir=args.cache_dir, skip_bad=args.skip_bad, dist=dist,
+                      compile=args.compile)
     try:
         best = trainer.fit()
     except TrainingInterrupted as e:
-        _err(str(e))
+        if dist.is_main:
+            _err(str(e))
         return 130
-    if not args.quiet:
+    distributed.shutdown()
+    if not args.quiet and dist.is_main:
         print(f"best checkpoint: {best}", file=sys.stderr)
     return 0
 
@@ -390,7 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = t.add_argument_group("run")
     r.add_argument("--out", required=True, help="run folder: last.pt, best.pt, metrics.jsonl")
     r.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (its settings; --epochs may grow)")
-    r.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    r.add_argument("--device", default="auto",
+                   help="auto | cpu | cuda (under torchrun each process takes the GPU of its LOCAL_RANK)")
+    r.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoder's per-word step and a fine-tuned encoder (pays on GPUs; "
+                        "the first batches are slow while it compiles)")
     r.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     _cache_args(r)
     t.set_defaults(func=cmd_train)
@@ -452,16 +470,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _rank() -> str:
+    """'rank R of W: ' inside a multi-process job (torchrun), so every line says who failed."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f"rank {os.environ.get('RANK', '0')} of {world}: " if world.isdigit() and int(world) > 1 else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (CheckpointError, DataError, EncoderWeightsError, ImageError, FloatingPointError, ValueError) as e:
-        _err(str(e))
+        _err(_rank() + str(e))
         return 2
     except KeyboardInterrupt:
-        _err("interrupted")
+        _err(_rank() + "interrupted")
         return 130
+    except Exception as e:
+        if not _rank():
+            raise  # a bug: the traceback is the useful report
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops the other workers: let this one finish exiting
+        if isinstance(e, PeerFailure):  # its message names this rank
+            _err(str(e))
+        elif lost_peer(e):
+            _err(f"{_rank()}stopped: another process of this job went away ({first_line(e)}); "
+                 "its own message above says why")
+        else:
+            traceback.print_exc()
+            _err(f"{_rank()}failed: {type(e).__name__}: {first_line(e)}")
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader, RandomSampler
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from .api import Captioner
@@ -21,11 +23,12 @@ from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_che
 from .data import Batch, CaptionCorpus, CaptionDataset, DataError, collate
 from .decoding import sample
 from .device import resolve_device
-from .encoders import build_encoder
+from .distributed import Dist, current
+from .encoders import Encoder, build_encoder
 from .evaluation import caption_corpus, caption_features, references
 from .features import FeatureCache, ItemFeatures, LoadImage, corpus_features, pool
 from .metrics import METRICS, CiderD, diversity, evaluate, meteor_backend, normalize
-from .models import Frames, build_model
+from .models import CaptionModel, Frames, LossTerms, build_model
 from .vocab import Vocabulary
 
 
@@ -44,7 +47,7 @@ class TrainOptions:
     min_word_count: int = 5
     max_caption_len: int = 30
     epochs: int = 10
-    batch_size: int = 64
+    batch_size: int = 64  # per process: the global batch is batch_size x world_size
     lr: float = 4e-4
     optimizer: str = "adam"  # adam | sgd | momentum
     momentum: float = 0.9
@@ -70,6 +73,7 @@ class TrainOptions:
     self_critical: bool = False  # train on sampled captions with a CIDEr-D reward (Rennie et al. 2017)
     scst_samples: int = 5  # captions sampled per image; each one's baseline is the mean reward of the others
     scst_max_len: int = 16  # most words per sampled caption
+    world_size: int = 1  # processes the run trains on (set by the trainer; see Trainer._keep_global_batch)
 
     def temporal_config(self) -> dict[str, Any] | None:
         """The checkpoint's "temporal" entry (None: a single-image decoder); `temporal` resolved."""
@@ -136,23 +140,23 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     raise ValueError(f"unknown --amp {amp!r}: auto, off, bf16 or fp16")
 
 
-def _rng_state(sampler_gen: torch.Generator) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "sampler": sampler_gen.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+class TrainStep(nn.Module):
+    """The trainable modules and the one forward that uses them. This is what DistributedDataParallel
+    wraps: DDP averages the gradients of whatever ran through its forward, so teacher forcing and
+    self-critical sampling both go through here."""
 
+    def __init__(self, encoder: Encoder | None, decoder: CaptionModel) -> None:
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder  # encoder: only when it is being fine-tuned
 
-def _set_rng_state(state: dict[str, Any], sampler_gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    sampler_gen.set_state(state["sampler"])
-    random.setstate(_as_tuple(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(x: Any) -> Any:
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+    def forward(self, inputs: Tensor | Frames, captions: Tensor | None = None, lengths: Tensor | None = None,
+                samples: int = 0, max_len: int = 0) -> LossTerms | tuple[Tensor, Tensor, Tensor]:
+        """inputs: features (B, ...) or, when fine-tuning, pixels (B, 3, S, S). Teacher forcing on
+        captions (B, T) -> LossTerms; samples > 0 -> `decoding.sample` (tokens, log-probs, mask)."""
+        features = inputs if self.encoder is None else pool(self.encoder(inputs), self.decoder.feature_kind)
+        if samples:
+            return sample(self.decoder, features, n=samples, max_len=max_len)
+        return self.decoder(features, captions, lengths)
 
 
 class TrainingInterrupted(Exception):
@@ -161,30 +165,36 @@ class TrainingInterrupted(Exception):
 
 class Trainer:
     """Owns one run directory: RUN/last.pt every epoch, RUN/best.pt on the best `select_metric`
-    (with no val set: the latest epoch), RUN/metrics.jsonl one line per epoch."""
+    (with no val set: the latest epoch), RUN/metrics.jsonl one line per epoch.
+
+    Under torchrun (a `Dist` of several processes) every process trains on its shard of each
+    epoch with DistributedDataParallel; rank 0 alone validates, logs and writes checkpoints, and
+    hands the epoch's record to the others so that LR schedules and early stopping agree.
+    """
 
     def __init__(self, train: CaptionCorpus, val: CaptionCorpus | None, out_dir: str | Path,
                  opts: TrainOptions | None = None, device: str = "auto", resume: bool = False,
                  quiet: bool = False, use_cache: bool = True, cache_dir: str | Path | None = None,
-                 skip_bad: bool = False) -> None:
+                 skip_bad: bool = False, dist: Dist | None = None, compile: bool = False) -> None:
         self.out = Path(out_dir)
         self.skip_bad = skip_bad  # leave out images that cannot be read instead of refusing to train
         self.use_cache, self.cache_dir = use_cache, cache_dir
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.device = resolve_device(device)
-        self.quiet = quiet
-        self.sampler_gen = torch.Generator()
+        self.device = dist.device if dist is not None else resolve_device(device)
+        self.dist = dist or current(self.device)
+        self.quiet = quiet or not self.dist.is_main  # one display per job: rank 0's
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         ckpt = None
-        if resume:
-            ckpt = load_checkpoint(self.out / "last.pt", map_location="cpu")
+        if resume:  # rank 0 reads it and hands it to every rank: all resume from the same bytes
+            ckpt = self.dist.on_main(lambda: load_checkpoint(self.out / "last.pt", map_location="cpu"))
             saved = TrainOptions(**ckpt["config"]["train"])
             if opts is not None:
                 saved.epochs = opts.epochs  # the one thing a resume may change: how far to go
-            opts = saved
-        self.opts = opts = opts or TrainOptions()
+            opts = self._keep_global_batch(saved)
+        self.opts = opts = replace(opts or TrainOptions(), world_size=self.dist.world_size)
         init = None
         if opts.init_from and not ckpt:
-            init = load_checkpoint(opts.init_from, map_location="cpu")
+            init = self.dist.on_main(lambda: load_checkpoint(opts.init_from, map_location="cpu"))
             saved = init["config"]["train"]
             self.opts = opts = replace(opts, **{k: saved[k] for k in ARCHITECTURE if k in saved})
         if opts.self_critical and opts.scst_samples < 2:
@@ -198,14 +208,13 @@ class Trainer:
                              "its frames from the feature cache")
         if opts.fine_tune_encoder and opts.self_critical:
             raise ValueError("--self-critical trains the decoder from cached features: drop --fine-tune-encoder")
-        has_val = val is not None and len(val) > 0
-        self.select = canonical_metric(opts.select_metric) if has_val else "train_loss"
+        self.has_val = val is not None and len(val) > 0
+        self.select = canonical_metric(opts.select_metric) if self.has_val else "train_loss"
         self.higher_is_better = self.select not in ("val_loss", "train_loss")
         if self.select == "METEOR" and meteor_backend() == "unavailable":
             raise ValueError("--select-metric METEOR, but no METEOR is available here (see README: Metrics)")
-        torch.manual_seed(opts.seed)
+        torch.manual_seed(opts.seed)  # the same initial weights on every rank (DDP checks them, too)
         random.seed(opts.seed)
-        self.sampler_gen.manual_seed(opts.seed)
 
         source = ckpt or init
         vocab = Vocabulary.from_dict(source["vocab"]) if source else Vocabulary.build(
@@ -240,18 +249,49 @@ class Trainer:
             self.scaler.load_state_dict(ckpt.get("scaler") or {})
             self.start_epoch = ckpt["epoch"]
             self.best_score, self.bad_epochs = ckpt["best_score"], ckpt["bad_epochs"]
-            self._trim_metrics(self.start_epoch)
-        else:
-            self._trim_metrics(0)  # a fresh run in an old run folder starts a fresh log
+        if self.dist.is_main:
+            self._trim_metrics(self.start_epoch)  # a fresh run in an old run folder starts a fresh log
+        # features: each process fills the cache; the first to take its lock extracts, the others
+        # wait on the lock (not on a collective, so a long extraction cannot time out) and read
         self.train_data = self._dataset(train, "train features")
         self.cider: CiderD | None = None  # self-critical reward over the training references, built on first use
-        self.val_data = self._dataset(val, "val features") if has_val else None
-        # the training RNG stream starts here, so whether features came from the cache or were just
-        # extracted (DataLoader workers draw seeds) cannot change a run; a resume continues the stream
-        torch.manual_seed(opts.seed)
-        random.seed(opts.seed)
-        if ckpt:
-            _set_rng_state(ckpt["rng"], self.sampler_gen)
+        self.val_data = self._dataset(val, "val features") if self.has_val and self.dist.is_main else None
+        self.core = TrainStep(encoder if encoder.trainable else None, decoder)
+        if compile:
+            self._compile()
+        self.wrapped: nn.Module = self.core
+        if self.dist.enabled:
+            self.wrapped = DistributedDataParallel(
+                self.core, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _keep_global_batch(self, saved: TrainOptions) -> TrainOptions:
+        """A run resumed on another number of processes keeps its global batch, and with it the
+        learning rate it was tuned for and the data order: the per-process batch changes instead."""
+        world = self.dist.world_size
+        if saved.world_size == world:
+            return saved
+        total = saved.batch_size * saved.world_size
+        per = max(1, round(total / world))
+        if not self.quiet:
+            kept = f"global batch {total} kept" if per * world == total else \
+                f"global batch {total} -> {per * world}: {total} is not a multiple of {world}"
+            print(f"resuming a {saved.world_size}-process run on {world} process(es): per-process batch "
+                  f"{saved.batch_size} -> {per} ({kept})", file=sys.stderr, flush=True)
+        return replace(saved, batch_size=per, world_size=world)
+
+    def _compile(self) -> None:
+        """--compile: torch.compile the decoder's per-word step and a fine-tuned encoder, in place
+        (state_dict keys unchanged, so checkpoints do not care)."""
+        done = []
+        if self.model.decoder.compile_step():
+            done.append("the decoder step")
+        if self.core.encoder is not None:
+            self.core.encoder.compile()
+            done.append("the encoder")
+        if not self.quiet:
+            print("--compile: " + (" and ".join(done) + " compiled (the first batches compile; later ones reuse it)"
+                                   if done else f"nothing to compile for the {self.opts.decoder} decoder with a frozen "
+                                   "encoder (its LSTM is already one fused kernel)"), file=sys.stderr, flush=True)
 
     # ---- data ----------------------------------------------------------------------------------
     def _dataset(self, corpus: CaptionCorpus, desc: str) -> tuple[CaptionDataset, ItemFeatures | None]:
@@ -274,85 +314,109 @@ class Trainer:
             corpus = corpus.keep(kept)  # the features were gathered for these items, in this order
         return CaptionDataset(corpus, vocab, opts.max_caption_len), feats
 
-    def _features(self, batch: Batch, feats: ItemFeatures | None) -> Tensor | Frames:
+    def _inputs(self, batch: Batch, feats: ItemFeatures | None) -> Tensor | Frames:
+        """What TrainStep takes: cached features, or (fine-tuning) the pixels, on the device."""
         if feats is not None:
             f = feats[batch.images]  # (B, ...)
             if self.device.type == "cuda":
                 f = f.pin_memory()  # so the copy below overlaps with compute
             return f.to(self.device, non_blocking=True).float()
-        x = batch.images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        return pool(self.model.encoder(x), self.model.decoder.feature_kind)  # (B, ...)
+        return batch.images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
-    def _loader(self, dataset: CaptionDataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: CaptionDataset, train: bool, epoch: int = 0) -> DataLoader:
+        """Training: this rank's shard of the epoch's shuffle, which depends on (seed, epoch) only,
+        so N ranks with batch B see, step by step, exactly the batches of one rank with batch N*B."""
         workers = self.opts.num_workers if dataset.load_pixels is not None else 0
-        sampler = RandomSampler(dataset, generator=self.sampler_gen) if shuffle else None
+        sampler = None
+        if train:
+            sampler = DistributedSampler(dataset, num_replicas=self.dist.world_size, rank=self.dist.rank,
+                                         shuffle=True, seed=self.opts.seed)
+            sampler.set_epoch(epoch)
         return DataLoader(dataset, batch_size=self.opts.batch_size, sampler=sampler, collate_fn=collate,
                           num_workers=workers, pin_memory=self.device.type == "cuda",
                           persistent_workers=workers > 0)
 
+    def _seed(self, epoch: int) -> None:
+        """Each epoch's random stream (dropout, sampling) comes from (seed, epoch, rank), so a resume
+        on any number of processes continues without saved RNG state and ranks draw different masks."""
+        torch_seed, py_seed = np.random.SeedSequence([self.opts.seed, epoch, self.dist.rank]).generate_state(2)
+        torch.manual_seed(int(torch_seed))
+        random.seed(int(py_seed))
+
     # ---- loop ----------------------------------------------------------------------------------
-    def _run_epoch(self, data: tuple[CaptionDataset, ItemFeatures | None], train: bool, desc: str) -> float:
-        """Mean per-token cross-entropy over the whole set (weighted by real tokens)."""
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+
+    def _run_epoch(self, data: tuple[CaptionDataset, ItemFeatures | None], train: bool, desc: str,
+                   epoch: int = 0) -> float:
+        """The loss over the whole set (all ranks' shards when training): per-token NLL + the mean
+        regulariser, each averaged over everything, so it is the same for any number of ranks."""
         dataset, feats = data
-        decoder = self.model.decoder
-        decoder.train(train)
-        total, tokens = 0.0, 0
-        bar = tqdm(self._loader(dataset, shuffle=train), desc=desc, unit="batch", disable=self.quiet, leave=False)
-        autocast = dict(device_type=self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+        self.model.decoder.train(train)
+        step = self.wrapped if train else self.core  # validation runs on rank 0 alone: no DDP
+        nll, tokens, reg, items = 0.0, 0, 0.0, 0
+        bar = tqdm(self._loader(dataset, train, epoch), desc=desc, unit="batch", disable=self.quiet, leave=False)
         for batch in bar:
-            with torch.set_grad_enabled(train), torch.autocast(**autocast):
-                features = self._features(batch, feats)
-                loss = decoder(features, batch.captions.to(self.device), batch.lengths).float()
-            if train:
-                self._step(loss)
-            n = int((batch.lengths - 1).sum())
-            total += loss.item() * n
-            tokens += n
-            bar.set_postfix(loss=f"{total / tokens:.3f}")
-        return total / max(tokens, 1)
+            with torch.set_grad_enabled(train), self._autocast():
+                terms = step(self._inputs(batch, feats), batch.captions.to(self.device), batch.lengths)
+            if train:  # normalised by the global batch's tokens; DDP's gradient average undoes the x world
+                global_tokens = self.dist.sum([terms.tokens])[0]
+                self._step(terms.nll_sum * (self.dist.world_size / global_tokens) + terms.reg)
+            nll, tokens = nll + terms.nll_sum.item(), tokens + terms.tokens
+            reg, items = reg + terms.reg.item() * len(batch.lengths), items + len(batch.lengths)
+            bar.set_postfix(loss=f"{nll / max(tokens, 1) + reg / max(items, 1):.3f}")
+        if train:
+            nll, tokens, reg, items = self.dist.sum([nll, tokens, reg, items])
+        return nll / max(tokens, 1) + reg / max(items, 1)
 
     def _step(self, loss: Tensor) -> None:
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss ({loss.item()}); stopping "
                                      f"(last good checkpoint: {self.out / 'last.pt'})")
         self.optim.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()  # the scaler is a no-op unless --amp fp16
+        self.scaler.scale(loss).backward()  # the scaler is a no-op unless --amp fp16; DDP all-reduces here
         self.scaler.unscale_(self.optim)
         params = [p for g in self.optim.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, self.opts.grad_clip)
         self.scaler.step(self.optim)
         self.scaler.update()
 
-    def _run_self_critical_epoch(self, desc: str) -> tuple[float, float]:
+    def _run_self_critical_epoch(self, desc: str, epoch: int = 0) -> tuple[float, float]:
         """One pass over the training images: sample `scst_samples` captions per image, reward each
         with its CIDEr-D against the image's references, baseline = the mean reward of the image's
         other samples, and raise the log-probability of the captions that beat it (Rennie et al.
         2017, with the leave-one-out baseline of Luo 2020 instead of a greedy decode).
         Returns (mean loss, mean sampled-caption CIDEr-D)."""
         dataset, feats = self.train_data
-        corpus, vocab, decoder, n = dataset.corpus, self.model.vocab, self.model.decoder, self.opts.scst_samples
+        corpus, vocab, n = dataset.corpus, self.model.vocab, self.opts.scst_samples
+        world = self.dist.world_size
         if self.cider is None:
             self.cider = CiderD({i: [normalize(c) for c in caps] for i, caps in enumerate(corpus.captions)})
-        decoder.train()
-        order = torch.randperm(len(corpus), generator=self.sampler_gen)
-        autocast = dict(device_type=self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+        self.model.decoder.train()
+        shard = DistributedSampler(range(len(corpus)), num_replicas=world, rank=self.dist.rank, shuffle=True,
+                                   seed=self.opts.seed)
+        shard.set_epoch(epoch)
+        order = torch.tensor(list(shard), dtype=torch.long)
         total_loss, total_reward, batches = 0.0, 0.0, 0
         bar = tqdm(range(0, len(order), self.opts.batch_size), desc=desc, unit="batch", disable=self.quiet,
                    leave=False)
         for s in bar:
             idx = order[s:s + self.opts.batch_size]  # (B,) images
-            with torch.autocast(**autocast):
+            with self._autocast():
                 features = feats[idx].to(self.device).float()
-                tokens, logp, mask = sample(decoder, features, n=n, max_len=self.opts.scst_max_len)  # (B*n, T) each
+                tokens, logp, mask = self.wrapped(features, samples=n, max_len=self.opts.scst_max_len)  # (B*n, T)
             images = idx.repeat_interleave(n).tolist()
             reward = torch.tensor([self.cider.score(i, normalize(vocab.decode(t)))
                                    for i, t in zip(images, tokens.tolist())]).view(-1, n)  # (B, n)
             baseline = (reward.sum(1, keepdim=True) - reward) / (n - 1)  # (B, n) mean of the other samples
             advantage = (reward - baseline).view(-1, 1).to(self.device)  # (B*n, 1)
-            loss = -(advantage * logp * mask).sum() / mask.sum()
+            global_tokens = self.dist.sum([mask.sum().item()])[0]
+            loss = -(advantage * logp * mask).sum() * (world / global_tokens)
             self._step(loss)
             total_loss, total_reward, batches = total_loss + loss.item(), total_reward + reward.mean().item(), batches + 1
             bar.set_postfix(cider=f"{total_reward / batches:.3f}")
+        # summed over ranks, each step's losses add up to world x that step's loss: the mean comes out right
+        total_loss, total_reward, batches = self.dist.sum([total_loss, total_reward, batches])
         return total_loss / max(batches, 1), total_reward / max(batches, 1)
 
     def _val_captions(self) -> dict:
@@ -391,33 +455,36 @@ class Trainer:
                               file=sys.stderr, flush=True)
                     break
         except KeyboardInterrupt:
-            save_checkpoint(self.out / "interrupted.pt", self.model.checkpoint_payload() | {"epoch": epoch})
+            if self.dist.is_main:
+                save_checkpoint(self.out / "interrupted.pt", self.model.checkpoint_payload() | {"epoch": epoch})
             raise TrainingInterrupted(f"interrupted during epoch {epoch + 1}: weights saved to "
                                       f"{self.out / 'interrupted.pt'}; `--resume` continues from "
                                       f"{self.out / 'last.pt'} (end of epoch {epoch})") from None
-        if not (self.out / "best.pt").is_file():
+        if self.dist.is_main and not (self.out / "best.pt").is_file():
             raise CheckpointError(f"{self.out}: no epochs were run, so there is no best.pt "
                                   f"(already at epoch {self.start_epoch} of {self.opts.epochs}?)")
         return self.out / "best.pt"
 
     def _fit_epoch(self, epoch: int) -> None:
-        """One epoch: train, validate, log, checkpoint."""
+        """One epoch: train (every rank), validate (rank 0; the record goes to every rank), log and
+        checkpoint (rank 0)."""
         t0 = time.time()
+        self._seed(epoch)
         lr = self.optim.param_groups[0]["lr"]
         desc = f"epoch {epoch + 1}/{self.opts.epochs}"
         if self.opts.self_critical:
-            train_loss, reward = self._run_self_critical_epoch(desc)
+            train_loss, reward = self._run_self_critical_epoch(desc, epoch)
             record = {"epoch": epoch + 1, "train_loss": train_loss, "train_CIDEr-D": reward, "lr": lr}
         else:
-            train_loss = self._run_epoch(self.train_data, True, desc)
+            train_loss = self._run_epoch(self.train_data, True, desc, epoch)
             record = {"epoch": epoch + 1, "train_loss": train_loss, "train_ppl": math.exp(min(train_loss, 50)),
                       "lr": lr}
-        if self.val_data is not None:
-            record |= self._validate()
+        if self.has_val:
+            record |= self.dist.on_main(self._validate)
         score = record[self.select]
         if score is None:  # e.g. METEOR unavailable: cannot happen for the chosen metric (checked above)
             raise ValueError(f"validation produced no {self.select}")
-        improved = self.val_data is None or self._better(score)
+        improved = not self.has_val or self._better(score)
         if improved:
             self.best_score, self.bad_epochs = score, 0
         else:
@@ -427,9 +494,12 @@ class Trainer:
         else:
             self.sched.step()
         record |= {"best": improved, "time_s": round(time.time() - t0, 2)}
+        self.dist.on_main(lambda: self._log_and_save(record, improved))
+
+    def _log_and_save(self, record: dict[str, Any], improved: bool) -> None:
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        self._save(epoch + 1, improved)  # after the log line: a resume trims lines past the checkpoint
+        self._save(record["epoch"], improved)  # after the log line: a resume trims lines past the checkpoint
         if not self.quiet:
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                              if k not in ("best", "METEOR_backend"))
@@ -439,8 +509,7 @@ class Trainer:
         payload = self.model.checkpoint_payload() | {
             "optimizer": self.optim.state_dict(), "scheduler": self.sched.state_dict(), "epoch": epoch,
             "scaler": self.scaler.state_dict(),
-            "best_score": self.best_score, "bad_epochs": self.bad_epochs, "select_metric": self.select,
-            "rng": _rng_state(self.sampler_gen)}
+            "best_score": self.best_score, "bad_epochs": self.bad_epochs, "select_metric": self.select}
         save_checkpoint(self.out / "last.pt", payload)
         if best:
             save_checkpoint(self.out / "best.pt", payload)

@@ -48,7 +48,7 @@ def test_teacher_forced_loss_matches_stepwise_and_includes_the_penalty():
     feats = torch.randn(3, 49, 16)
     captions = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 2, 0, 0], [1, 4, 9, 2, 0]])
     lengths = torch.tensor([5, 3, 4])
-    loss = m(feats, captions, lengths)
+    loss = m(feats, captions, lengths).mean()
     state, nll, n = m.init_state(feats), 0.0, 0
     for t in range(4):
         logp, state = m.step(captions[:, t], state)
@@ -58,7 +58,7 @@ def test_teacher_forced_loss_matches_stepwise_and_includes_the_penalty():
                 n += 1
     assert loss.item() == pytest.approx(nll / n, abs=1e-5)
     m.alpha_c = 1.0
-    assert m(feats, captions, lengths).item() > loss.item()  # the doubly stochastic penalty is added
+    assert m(feats, captions, lengths).mean().item() > loss.item()  # the doubly stochastic penalty is added
 
 
 def test_batched_beam_equals_alone_for_attention():

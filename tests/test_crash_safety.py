@@ -1,5 +1,6 @@
 """Training that is killed, interrupted or blows up loses nothing: checkpoints stay loadable,
 --resume finishes the run with every epoch accounted for."""
+import dataclasses
 import json
 import signal
 import subprocess
@@ -72,7 +73,11 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint
     good = load_checkpoint(tmp_path / "last.pt")["decoder"]
     trainer.opts.epochs = 2
     real_forward = trainer.model.decoder.forward
-    trainer.model.decoder.forward = lambda *a: real_forward(*a) * float("nan")  # the loss blows up
+    def blown_up(*a):
+        terms = real_forward(*a)
+        return dataclasses.replace(terms, nll_sum=terms.nll_sum * float("nan"))  # the loss blows up
+
+    trainer.model.decoder.forward = blown_up
     with pytest.raises(FloatingPointError, match="non-finite training loss.*last.pt"):
         trainer.fit()
     kept = load_checkpoint(tmp_path / "last.pt")

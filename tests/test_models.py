@@ -15,7 +15,7 @@ def test_teacher_forced_loss_equals_stepwise_loss():
     m = ShowTellDecoder(vocab_size=12, feature_dim=10, embed_size=6, hidden_size=8, num_layers=2).eval()
     feats = torch.randn(3, 10)
     captions, lengths = _batch()
-    loss = m(feats, captions, lengths)
+    terms = m(feats, captions, lengths)
     state = m.init_state(feats)
     nll, count = 0.0, 0
     for t in range(captions.size(1) - 1):
@@ -24,7 +24,8 @@ def test_teacher_forced_loss_equals_stepwise_loss():
             if t + 1 < lengths[b]:
                 nll -= logp[b, captions[b, t + 1]].item()
                 count += 1
-    assert abs(loss.item() - nll / count) < 1e-5
+    assert terms.tokens == count and abs(terms.nll_sum.item() - nll) < 1e-4
+    assert abs(terms.mean().item() - nll / count) < 1e-5
 
 
 def test_padding_costs_nothing():
@@ -33,7 +34,7 @@ def test_padding_costs_nothing():
     feats = torch.randn(3, 10)
     captions, lengths = _batch()
     padded = torch.cat([captions, torch.zeros(3, 4, dtype=torch.long)], dim=1)  # (B, T+4)
-    assert torch.allclose(m(feats, captions, lengths), m(feats, padded, lengths))
+    assert torch.allclose(m(feats, captions, lengths).mean(), m(feats, padded, lengths).mean())
 
 
 def test_gradients_flow_through_the_whole_caption():
@@ -41,7 +42,7 @@ def test_gradients_flow_through_the_whole_caption():
     m = ShowTellDecoder(vocab_size=12, feature_dim=10, hidden_size=8, dropout=0.0)
     feats = torch.randn(3, 10)
     captions, lengths = _batch()
-    m(feats, captions, lengths).backward()
+    m(feats, captions, lengths).mean().backward()
     assert m.init_h.weight.grad.abs().sum() > 0  # the image reaches the last word's loss via BPTT
     assert m.embed.weight.grad[0].abs().sum() == 0  # <pad> embedding untouched
 

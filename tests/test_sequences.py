@@ -7,7 +7,6 @@ import shutil
 import pytest
 import torch
 
-from captioner import Captioner
 from captioner.cli import main
 from captioner.data import DataError, load_sequences
 from captioner.decoding import beam_search
@@ -105,7 +104,7 @@ def test_padding_and_frame_order_matter_exactly_as_they_should():
 
 def _frame_grads(model, frames: Frames, captions, lengths):
     frames.feats.requires_grad_(True)
-    loss = model(frames, captions, lengths)
+    loss = model(frames, captions, lengths).mean()
     loss.backward()
     return loss.item(), frames.feats.grad.abs().sum(dim=(2, 3))  # (B, F) gradient reaching each frame
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from .attention import AttentionDecoder
-from .base import CaptionModel, DecoderState
+from .base import CaptionModel, DecoderState, LossTerms
 from .sequence import TEMPORAL, Frames, SequenceModel
 from .show_tell import ShowTellDecoder
 
@@ -27,5 +27,5 @@ def build_model(config: dict[str, Any], vocab_size: int, feature_dim: int) -> Ca
     return SequenceModel(decoder, feature_dim, **temporal)
 
 
-__all__ = ["AttentionDecoder", "CaptionModel", "DecoderState", "Frames", "SequenceModel", "ShowTellDecoder",
+__all__ = ["AttentionDecoder", "CaptionModel", "DecoderState", "Frames", "LossTerms", "SequenceModel", "ShowTellDecoder",
            "DECODERS", "TEMPORAL", "build_decoder", "build_model"]

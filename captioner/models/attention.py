@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import CaptionModel, DecoderState, shared
+from .base import CaptionModel, DecoderState, LossTerms, shared
 
 
 def _grid_coords(regions: int, device: torch.device) -> Tensor:
@@ -123,12 +123,25 @@ class AttentionDecoder(CaptionModel):
     def step(self, tokens: Tensor, state: AttentionState) -> tuple[Tensor, AttentionState]:
         i = state.image
         mask = None if state.mask is None else state.mask[i]
-        context, alpha = self._attend(state.feats[i], state.keys[i], state.coords[i], mask, state.h)
-        h, c = self.cell(torch.cat([self.embed(tokens), context], dim=1), (state.h, state.c))  # (N, H)
-        logp = F.log_softmax(self.out(self.dropout(h)), dim=-1)  # (N, V)
-        return logp, replace(state, h=h, c=c, alpha=alpha)
+        h, c, alpha, logits = self._advance(self.embed(tokens), state.feats[i], state.keys[i], state.coords[i],
+                                            mask, state.h, state.c)
+        return F.log_softmax(logits, dim=-1), replace(state, h=h, c=c, alpha=alpha)  # (N, V)
 
-    def forward(self, features: Tensor | Memory, captions: Tensor, lengths: Tensor) -> Tensor:
+    def _advance(self, emb: Tensor, feats: Tensor, keys: Tensor, coords: Tensor, mask: Tensor | None, h: Tensor,
+                 c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One word: emb (N, E), the memory rows (N, R, .), h, c (N, H) -> h, c (N, H), alpha (N, R),
+        logits (N, V). Training and decoding both step through here, so `compile_step()` speeds up both."""
+        context, alpha = self._attend(feats, keys, coords, mask, h)  # (N, D + E), (N, R)
+        h, c = self.cell(torch.cat([emb, context], dim=1), (h, c))  # (N, H)
+        return h, c, alpha, self.out(self.dropout(h))
+
+    def compile_step(self, **kwargs) -> bool:
+        """torch.compile the per-word step (attention + LSTM cell + output layer), one graph with a
+        dynamic batch size: compiling the whole caption loop would recompile for every length."""
+        self._advance = torch.compile(self._advance, dynamic=True, **kwargs)
+        return True
+
+    def forward(self, features: Tensor | Memory, captions: Tensor, lengths: Tensor) -> LossTerms:
         """features (B, R, D) or a Memory; captions (B, T) <start> .. <end> <pad>..; lengths (B,) incl. specials.
 
         Teacher forcing with full BPTT; rows are processed longest first and drop out of the
@@ -144,13 +157,14 @@ class AttentionDecoder(CaptionModel):
         logits, targets, alpha_sum = [], [], feats.new_zeros(feats.shape[:2])  # alpha_sum (B, R)
         for t in range(steps[0]):
             n = sum(1 for s in steps if s > t)  # rows still inside their caption
-            context, alpha = self._attend(feats[:n], keys[:n], coords[:n], None if mask is None else mask[:n], h[:n])
-            h_n, c_n = self.cell(torch.cat([emb[:n, t], context], dim=1), (h[:n], c[:n]))  # (n, H)
+            h_n, c_n, alpha, logit = self._advance(emb[:n, t], feats[:n], keys[:n], coords[:n],
+                                                   None if mask is None else mask[:n], h[:n], c[:n])  # (n, H) ..
             h, c = torch.cat([h_n, h[n:]]), torch.cat([c_n, c[n:]])
             alpha_sum = torch.cat([alpha_sum[:n] + alpha, alpha_sum[n:]])
-            logits.append(self.out(self.dropout(h_n)))  # (n, V)
+            logits.append(logit)  # (n, V)
             targets.append(captions[:n, t + 1])
-        loss = F.cross_entropy(torch.cat(logits), torch.cat(targets), ignore_index=self.pad_id)
+        targets = torch.cat(targets)
+        nll = F.cross_entropy(torch.cat(logits).float(), targets, ignore_index=self.pad_id, reduction="sum")
         penalty = (1.0 - alpha_sum) ** 2  # (B, R)
         penalty = penalty.mean() if mask is None else (penalty * mask).sum() / mask.sum()  # padding not counted
-        return loss + self.alpha_c * penalty
+        return LossTerms(nll, targets.numel(), self.alpha_c * penalty)

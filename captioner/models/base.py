@@ -53,6 +53,21 @@ class DecoderState:
         return replace(self, **{n: getattr(self, n).repeat_interleave(k, dim=0) for n in self._rows()})
 
 
+@dataclass
+class LossTerms:
+    """A batch's teacher-forcing loss in parts. Data-parallel training divides the summed
+    negative log-likelihood by the token count of the *global* batch, so N processes with batch B
+    take exactly the step one process takes with batch N*B, however the caption lengths fall."""
+
+    nll_sum: Tensor  # () summed over the real target tokens
+    tokens: int  # real target tokens in the batch
+    reg: Tensor  # () regulariser, a mean over the batch's items (0 for decoders without one)
+
+    def mean(self) -> Tensor:
+        """The per-token loss of this batch alone (what single-process training minimises)."""
+        return self.nll_sum / max(self.tokens, 1) + self.reg
+
+
 class CaptionModel(nn.Module):
     """Base of all decoders: features -> state; (tokens, state) -> (log-probs, state)."""
 
@@ -71,6 +86,11 @@ class CaptionModel(nn.Module):
         if all(len(f) == 1 for f in frames):  # plain images (the training hot path): one copy, no per-item math
             return torch.cat(frames).float()
         return torch.stack([f.float().mean(dim=0) for f in frames])
+
+    def compile_step(self, **kwargs) -> bool:
+        """torch.compile the per-word computation where that pays; False when there is nothing worth
+        compiling (Show-and-Tell: the LSTM is already one fused kernel)."""
+        return False
 
     def init_state(self, features: Any) -> DecoderState:  # pragma: no cover - interface
         """Encoder features (B, ...) -- or whatever `from_frames` made -- -> the state of B rows."""

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import Memory, _grid_coords
-from .base import CaptionModel, DecoderState
+from .base import CaptionModel, DecoderState, LossTerms
 
 
 @dataclass
@@ -123,5 +123,8 @@ class SequenceModel(CaptionModel):
     def step(self, tokens: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
         return self.decoder.step(tokens, state)
 
-    def forward(self, features: Frames, captions: Tensor, lengths: Tensor) -> Tensor:
+    def compile_step(self, **kwargs) -> bool:
+        return self.decoder.compile_step(**kwargs)
+
+    def forward(self, features: Frames, captions: Tensor, lengths: Tensor) -> LossTerms:
         return self.decoder(self._decoder_input(features), captions, lengths)

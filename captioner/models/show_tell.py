@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from .base import CaptionModel, DecoderState
+from .base import CaptionModel, DecoderState, LossTerms
 
 
 @dataclass
@@ -58,7 +58,7 @@ class ShowTellDecoder(CaptionModel):
         logits = self.out(self.dropout(y.squeeze(1)))  # (N, V)
         return F.log_softmax(logits, dim=-1), LSTMState(h=h.transpose(0, 1), c=c.transpose(0, 1))
 
-    def forward(self, features: Tensor, captions: Tensor, lengths: Tensor) -> Tensor:
+    def forward(self, features: Tensor, captions: Tensor, lengths: Tensor) -> LossTerms:
         """features (B, D); captions (B, T) = <start> w1 .. wn <end> <pad>..; lengths (B,) incl. specials.
 
         Teacher forcing over the whole caption with full BPTT; packing means padded positions
@@ -71,4 +71,5 @@ class ShowTellDecoder(CaptionModel):
         y, _ = self.lstm(packed, (h0.transpose(0, 1).contiguous(), c0.transpose(0, 1).contiguous()))
         logits = self.out(self.dropout(y.data))  # (sum(steps), V)
         targets = pack_padded_sequence(captions[:, 1:], steps, batch_first=True, enforce_sorted=False).data
-        return F.cross_entropy(logits, targets, ignore_index=self.pad_id)
+        nll = F.cross_entropy(logits.float(), targets, ignore_index=self.pad_id, reduction="sum")
+        return LossTerms(nll, targets.numel(), nll.new_zeros(()))

@@ -1,0 +1,24 @@
+"""`captioner train` in which one rank raises partway through an epoch, for the torchrun failure test.
+
+Usage: torchrun ... tests/helpers/failing_rank.py FAIL_RANK FAIL_AT_STEP <captioner train arguments>
+"""
+import os
+import sys
+
+from captioner.cli import main
+from captioner.training import Trainer
+
+fail_rank, fail_at = int(sys.argv[1]), int(sys.argv[2])
+real_step, steps = Trainer._step, 0
+
+
+def step(self, loss):
+    global steps
+    steps += 1
+    if int(os.environ["RANK"]) == fail_rank and steps == fail_at:
+        raise RuntimeError(f"injected failure at step {steps}")
+    real_step(self, loss)
+
+
+Trainer._step = step
+sys.exit(main(["train", *sys.argv[3:]]))

@@ -1,0 +1,171 @@
+"""Data-parallel training under torchrun, on CPUs with gloo: N processes with batch B take the
+steps of one process with batch N*B, checkpoints move between process counts (and nodes), and a
+failing rank ends the whole job with its reason instead of leaving the others waiting."""
+import json
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner.checkpoint import load_checkpoint
+from captioner.cli import main
+from captioner.data import load_coco
+from captioner.distributed import Dist
+from captioner.training import Trainer, TrainOptions
+
+HELPERS = Path(__file__).parent / "helpers"
+# 600 training captions: a multiple of every global batch used here, so no rank gets padding
+SMALL = ["--hidden-size", "64", "--embed-size", "32", "--attention-size", "32", "--min-word-count", "1",
+         "--dropout", "0", "--device", "cpu", "--quiet"]
+TIMEOUT = 240  # no test may hang: every launch is killed after this
+
+
+def _data(shapes) -> list[str]:
+    return ["--train-annotations", str(shapes["train_json"]), "--train-images", str(shapes["train_images"])]
+
+
+def _torchrun(launch: list[str], target: list[str], timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, *target]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def _train_n(n: int, args: list[str]) -> None:
+    """`torchrun --standalone --nproc_per_node=n -m captioner train ARGS`, which must succeed."""
+    r = _torchrun(["--standalone", f"--nproc_per_node={n}"], ["-m", "captioner", "train", *args])
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _two_nodes(args: list[str]) -> None:
+    """The multi-node recipe on one machine: two torchrun agents (one process each) meeting at a
+    c10d rendezvous, as two hosts would."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+              "--rdzv-id=captioner-test"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "captioner", "train", *args]
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=TIMEOUT) for p in nodes]
+    finally:
+        for p in nodes:
+            p.kill()
+    assert all(p.returncode == 0 for p in nodes), [err[-3000:] for _, err in outs]
+
+
+def _max_diff(a: Path, b: Path) -> float:
+    da, db = load_checkpoint(a)["decoder"], load_checkpoint(b)["decoder"]
+    return max((da[k] - db[k]).abs().max().item() for k in da)
+
+
+def _epochs(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ranks_shard_each_global_batch_and_reshuffle_every_epoch(shapes, tmp_path):
+    """The sampler alone: rank r's batch i holds exactly its share of one process's batch i at
+    twice the size; epochs are shuffled differently."""
+    train = load_coco(shapes["train_json"], shapes["train_images"])
+    opts = TrainOptions(epochs=1, batch_size=20, hidden_size=16, embed_size=8, min_word_count=1)
+    trainer = Trainer(train, None, tmp_path, opts, device="cpu", quiet=True)
+    dataset = trainer.train_data[0]
+
+    def batches(epoch: int) -> list[list[int]]:  # caption indices of each batch
+        return [list(b) for b in trainer._loader(dataset, True, epoch).batch_sampler]
+
+    one = {e: batches(e) for e in (0, 1)}
+    trainer.opts = replace(opts, batch_size=10)
+    for epoch in (0, 1):
+        shards = []
+        for rank in (0, 1):
+            trainer.dist = Dist(rank, 2)
+            shards.append(batches(epoch))
+        assert len(shards[0]) == len(shards[1]) == len(one[epoch]) == 30
+        for a, b, whole in zip(*shards, one[epoch]):
+            assert not set(a) & set(b) and sorted(a + b) == sorted(whole)
+    assert one[0] != one[1]  # reshuffled per epoch
+    assert sorted(sum(one[0], [])) == list(range(len(dataset)))  # every caption once
+
+
+@pytest.mark.parametrize("decoder,optimizer", [("lstm", "adam"), ("attention", "momentum")])
+def test_two_processes_take_the_steps_of_one_with_twice_the_batch(shapes, tmp_path, decoder, optimizer):
+    """60 optimizer steps (2 epochs x 30) with captions of varying length: the 2-process run is
+    normalised by the global batch's tokens, so it lands where one process with batch 2B does.
+    (The attention decoder uses SGD+momentum here: Adam turns float-rounding differences of
+    near-zero gradients into visible ones over many steps, which would only test rounding.)"""
+    args = [*_data(shapes), *SMALL, "--epochs", "2", "--decoder", decoder, "--optimizer", optimizer]
+    if optimizer == "momentum":
+        args += ["--lr", "0.05"]
+    _train_n(2, [*args, "--out", str(tmp_path / "two"), "--batch-size", "10"])
+    assert main(["train", *args, "--out", str(tmp_path / "one"), "--batch-size", "20"]) == 0
+    assert main(["train", *args, "--out", str(tmp_path / "half"), "--batch-size", "10"]) == 0
+
+    assert _max_diff(tmp_path / "two" / "last.pt", tmp_path / "one" / "last.pt") < 1e-5
+    assert _max_diff(tmp_path / "two" / "last.pt", tmp_path / "half" / "last.pt") > 1e-3  # the test can tell
+    two, one = _epochs(tmp_path / "two"), _epochs(tmp_path / "one")
+    assert [r["epoch"] for r in two] == [1, 2]  # one log line per epoch: rank 0 alone writes
+    for a, b in zip(two, one):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)  # all-reduced over both ranks
+    train = load_checkpoint(tmp_path / "two" / "last.pt")["config"]["train"]
+    assert (train["world_size"], train["batch_size"]) == (2, 10)
+
+
+def test_checkpoints_resume_across_process_counts_and_nodes(shapes, tmp_path):
+    """2 processes -> 1 and 1 -> 2 nodes: the resumed run keeps the global batch (the per-process
+    batch changes) and finishes exactly where an uninterrupted single-process run does."""
+    args = [*_data(shapes), *SMALL]
+    assert main(["train", *args, "--out", str(tmp_path / "straight"), "--batch-size", "20", "--epochs", "2"]) == 0
+
+    _train_n(2, [*args, "--out", str(tmp_path / "a"), "--batch-size", "10", "--epochs", "1"])
+    assert main(["train", *args, "--out", str(tmp_path / "a"), "--epochs", "2", "--resume"]) == 0
+
+    assert main(["train", *args, "--out", str(tmp_path / "b"), "--batch-size", "20", "--epochs", "1"]) == 0
+    _two_nodes([*args, "--out", str(tmp_path / "b"), "--epochs", "2", "--resume"])
+
+    for run, world, batch in (("a", 1, 20), ("b", 2, 10)):
+        ck = load_checkpoint(tmp_path / run / "last.pt")
+        assert ck["epoch"] == 2 and [r["epoch"] for r in _epochs(tmp_path / run)] == [1, 2]
+        assert (ck["config"]["train"]["world_size"], ck["config"]["train"]["batch_size"]) == (world, batch)
+        assert _max_diff(tmp_path / run / "last.pt", tmp_path / "straight" / "last.pt") < 1e-5
+
+
+@pytest.mark.parametrize("rank,step", [(1, 5), (0, 35)])
+def test_a_failing_rank_ends_the_job_with_its_reason(shapes, tmp_path, rank, step):
+    """Rank 1 mid-epoch, or rank 0 (which validates and saves) in epoch 2: the job exits non-zero
+    within the timeout, the failing rank says why in one line, and the other says it stopped."""
+    args = [*_data(shapes), *SMALL, "--out", str(tmp_path / "run"), "--batch-size", "10", "--epochs", "3"]
+    r = _torchrun(["--standalone", "--nproc_per_node=2"], [str(HELPERS / "failing_rank.py"), str(rank), str(step),
+                                                           *args], timeout=120)
+    assert r.returncode != 0
+    assert f"captioner: rank {rank} of 2: failed: RuntimeError: injected failure at step {step}" in r.stderr
+    other = 1 - rank
+    assert (f"captioner: rank {other} of 2: stopped: another process of this job went away" in r.stderr
+            or f"captioner: rank {other} of 2: interrupted" in r.stderr  # torchrun's SIGTERM came first
+            or "interrupted during epoch" in r.stderr), r.stderr[-3000:]
+    if step > 30:  # failed in epoch 2: epoch 1's checkpoint is intact and resumable
+        assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
+
+
+def test_a_rank_0_error_reaches_every_rank(shapes, tmp_path):
+    """What rank 0 alone does (here: reading the checkpoint to resume) fails on every rank with
+    the same one-line message, rather than leaving the others waiting for it."""
+    r = _torchrun(["--standalone", "--nproc_per_node=2"],
+                  ["-m", "captioner", "train", *_data(shapes), *SMALL, "--out", str(tmp_path / "none"), "--resume"],
+                  timeout=120)
+    assert r.returncode != 0
+    for rank in (0, 1):
+        line = next(l for l in r.stderr.splitlines() if l.startswith(f"captioner: rank {rank} of 2: "))
+        assert "last.pt" in line
+    assert "captioner/training.py" not in r.stderr  # a message, not a worker's traceback
+
+
+def test_torch_distributed_is_not_needed_for_one_process(shapes, tmp_path):
+    """Without torchrun nothing joins a process group and the trainer is a single process."""
+    train = load_coco(shapes["train_json"], shapes["train_images"])
+    trainer = Trainer(train, None, tmp_path, TrainOptions(epochs=1, hidden_size=16, embed_size=8, min_word_count=1),
+                      device="cpu", quiet=True)
+    assert not torch.distributed.is_initialized() and trainer.dist == Dist() and trainer.wrapped is trainer.core
