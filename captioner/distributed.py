@@ -139,7 +139,10 @@ def current(device: torch.device) -> Dist:
     """This process's place in an already-initialised process group (a single process without one)."""
     if not (torch_dist.is_available() and torch_dist.is_initialized()):
         return Dist(device=device)
-    return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank, device)
 
 
 def shutdown() -> None:

@@ -179,8 +179,8 @@ class Trainer:
         self.out = Path(out_dir)
         self.skip_bad = skip_bad  # leave out images that cannot be read instead of refusing to train
         self.use_cache, self.cache_dir = use_cache, cache_dir
-        self.device = dist.device if dist is not None else resolve_device(device)
-        self.dist = dist or current(self.device)
+        self.dist = dist or current(resolve_device(device))  # a process group set up by the caller is used
+        self.device = self.dist.device
         self.quiet = quiet or not self.dist.is_main  # one display per job: rank 0's
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)

@@ -169,3 +169,19 @@ def test_torch_distributed_is_not_needed_for_one_process(shapes, tmp_path):
     trainer = Trainer(train, None, tmp_path, TrainOptions(epochs=1, hidden_size=16, embed_size=8, min_word_count=1),
                       device="cpu", quiet=True)
     assert not torch.distributed.is_initialized() and trainer.dist == Dist() and trainer.wrapped is trainer.core
+
+
+def test_compile_trains_like_eager(shapes, tmp_path):
+    """--compile (torch.compile of the attention decoder's per-word step) changes speed, not
+    results: the same epoch in eager and compiled mode gives the same loss and weights (SGD, for
+    the reason given in the 2-process test above)."""
+    train = load_coco(shapes["train_json"], shapes["train_images"])
+    opts = TrainOptions(epochs=1, batch_size=40, decoder="attention", hidden_size=32, embed_size=16,
+                        attention_size=16, dropout=0.0, min_word_count=1, optimizer="momentum", lr=0.05)
+    for name, compile in (("eager", False), ("compiled", True)):
+        trainer = Trainer(train, None, tmp_path / name, opts, device="cpu", quiet=True, compile=compile)
+        assert hasattr(trainer.model.decoder._advance, "_torchdynamo_orig_callable") == compile
+        trainer.fit()
+    assert _epochs(tmp_path / "compiled")[0]["train_loss"] == pytest.approx(
+        _epochs(tmp_path / "eager")[0]["train_loss"], rel=1e-5)
+    assert _max_diff(tmp_path / "compiled" / "last.pt", tmp_path / "eager" / "last.pt") < 1e-4
