@@ -283,9 +283,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       compile=args.compile)
     try:
         best = trainer.fit()
-    except TrainingInterrupted as e:
-        if dist.is_main:
-            _err(str(e))
+    except TrainingInterrupted as e:  # rank 0 saved the weights; the others have nothing to add
+        _err(_rank() + (str(e) if dist.is_main else "interrupted"))
         return 130
     distributed.shutdown()
     if not args.quiet and dist.is_main:
