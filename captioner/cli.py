@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import os
 import signal
 import sys
 import traceback
@@ -20,7 +19,7 @@ from .data import (
     load_karpathy,
     load_sequences,
 )
-from .distributed import PeerFailure, first_line, lost_peer
+from .distributed import PeerFailure, first_line, from_env, lost_peer
 from .encoders import EncoderWeightsError
 from .features import FeatureCache
 from .images import DEFAULT_MAX_PIXELS, ImageError, list_images
@@ -471,8 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _rank() -> str:
     """'rank R of W: ' inside a multi-process job (torchrun), so every line says who failed."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    return f"rank {os.environ.get('RANK', '0')} of {world}: " if world.isdigit() and int(world) > 1 else ""
+    rank, world, _ = from_env()
+    return f"rank {rank} of {world}: " if world > 1 else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -111,17 +111,15 @@ def first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def launched() -> bool:
-    """True inside a torchrun (or similarly launched) job of more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+def from_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) outside torchrun."""
+    return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")))
 
 
 def init(device: str | torch.device = "auto", timeout_min: float = DEFAULT_TIMEOUT_MIN) -> Dist:
     """Join the job torchrun started (no-op for one process) and pick this process's device:
     with CUDA, each process of a node takes the GPU numbered by its LOCAL_RANK."""
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local_rank = from_env()
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -139,7 +137,7 @@ def current(device: torch.device) -> Dist:
     """This process's place in an already-initialised process group (a single process without one)."""
     if not (torch_dist.is_available() and torch_dist.is_initialized()):
         return Dist(device=device)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = from_env()[2]
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
     return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank, device)
