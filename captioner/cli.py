@@ -372,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--encoder-lr", type=float, default=d.encoder_lr)
     o = t.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=d.epochs)
-    o.add_argument("--batch-size", type=int, default=d.batch_size)
+    o.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="per process: under torchrun the global batch is this x the number of processes")
     o.add_argument("--lr", type=float, default=d.lr)
     o.add_argument("--optimizer", default=d.optimizer, choices=["adam", "sgd", "momentum"])
     o.add_argument("--momentum", type=float, default=d.momentum)
