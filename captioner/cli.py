@@ -12,13 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .checkpoint import CheckpointError
-from .data import (
-    DataError,
-    load_coco,
-    load_coco_references,
-    load_karpathy,
-    load_sequences,
-)
+from .data import DataError, load_coco, load_coco_references, load_karpathy, load_sequences
 from .distributed import PeerFailure, first_line, from_env, lost_peer
 from .encoders import EncoderWeightsError
 from .features import FeatureCache
@@ -271,12 +265,12 @@ def _stop_on_sigterm() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import distributed
-    from .training import Trainer, TrainingInterrupted
+    from .training import CLI_UNSET, Trainer, TrainingInterrupted
 
     _stop_on_sigterm()
     dist = distributed.init(args.device)  # under torchrun: join the job (gloo on CPUs, nccl on GPUs)
     train, val = _corpora(args)
-    opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__ if hasattr(args, k)})
+    opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__ if k not in CLI_UNSET})
     trainer = Trainer(train, val, args.out, opts, device=args.device, resume=args.resume, quiet=args.quiet,
                       use_cache=not args.no_cache, cache_dir=args.cache_dir, skip_bad=args.skip_bad, dist=dist,
                       compile=args.compile)

@@ -120,9 +120,7 @@ def init(device: str | torch.device = "auto", timeout_min: float = DEFAULT_TIMEO
     """Join the job torchrun started (no-op for one process) and pick this process's device:
     with CUDA, each process of a node takes the GPU numbered by its LOCAL_RANK."""
     rank, world, local_rank = from_env()
-    dev = resolve_device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    dev = _local_device(resolve_device(device), local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not torch_dist.is_initialized():
@@ -138,9 +136,14 @@ def current(device: torch.device) -> Dist:
     if not (torch_dist.is_available() and torch_dist.is_initialized()):
         return Dist(device=device)
     local_rank = from_env()[2]
+    return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank, _local_device(device, local_rank))
+
+
+def _local_device(device: torch.device, local_rank: int) -> torch.device:
+    """'cuda' without a number -> this process's GPU on its node (cuda:LOCAL_RANK)."""
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank, device)
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return device
 
 
 def shutdown() -> None:

@@ -90,6 +90,9 @@ class TrainOptions:
         return hp
 
 
+#: TrainOptions fields that no flag sets: the trainer fills them in
+CLI_UNSET = ("world_size",)
+
 #: what a run started with --init-from takes from that checkpoint's options (shapes, vocabulary)
 ARCHITECTURE = ("encoder", "decoder", "embed_size", "hidden_size", "num_layers", "dropout", "attention_size",
                 "alpha_c", "temporal", "temporal_size", "keypoints", "min_word_count", "max_caption_len")
@@ -413,7 +416,8 @@ class Trainer:
             global_tokens = self.dist.sum([mask.sum().item()])[0]
             loss = -(advantage * logp * mask).sum() * (world / global_tokens)
             self._step(loss)
-            total_loss, total_reward, batches = total_loss + loss.item(), total_reward + reward.mean().item(), batches + 1
+            total_loss, total_reward = total_loss + loss.item(), total_reward + reward.mean().item()
+            batches += 1
             bar.set_postfix(cider=f"{total_reward / batches:.3f}")
         # summed over ranks, each step's losses add up to world x that step's loss: the mean comes out right
         total_loss, total_reward, batches = self.dist.sum([total_loss, total_reward, batches])

@@ -27,5 +27,5 @@ def build_model(config: dict[str, Any], vocab_size: int, feature_dim: int) -> Ca
     return SequenceModel(decoder, feature_dim, **temporal)
 
 
-__all__ = ["AttentionDecoder", "CaptionModel", "DecoderState", "Frames", "LossTerms", "SequenceModel", "ShowTellDecoder",
-           "DECODERS", "TEMPORAL", "build_decoder", "build_model"]
+__all__ = ["AttentionDecoder", "CaptionModel", "DecoderState", "Frames", "LossTerms", "SequenceModel",
+           "ShowTellDecoder", "DECODERS", "TEMPORAL", "build_decoder", "build_model"]
