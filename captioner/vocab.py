@@ -1,8 +1,8 @@
 """Tokenizer and vocabulary.
 
-The tokenizer is nltk's Treebank tokenizer (regex only: no downloadable data needed), which
-splits like the PTB tokenizer that the COCO caption evaluation uses, so our tokens line up with
-the metrics' tokens. Tokens without a letter or digit (punctuation) are dropped.
+Captions are tokenised exactly as the COCO caption evaluation tokenises them (captioner/ptb.py),
+so the words a model learns are the words the metrics count. Tokens without a letter or digit
+(punctuation, brackets) are dropped.
 """
 from __future__ import annotations
 
@@ -11,26 +11,18 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from functools import cache
+from .ptb import coco_tokens
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 
 _has_alnum = re.compile(r"[0-9a-z]")
-
-
-@cache
-def treebank_tokenizer():
-    """nltk's Treebank tokenizer, imported on first use: importing nltk costs ~0.8 s (it pulls in
-    scipy), which `captioner caption` never needs."""
-    from nltk.tokenize import TreebankWordTokenizer
-
-    return TreebankWordTokenizer()
+_BRACKETS = {"-lrb-", "-rrb-", "-lsb-", "-rsb-", "-lcb-", "-rcb-"}  # what the tokenizer makes of ( ) [ ] { }
 
 
 def tokenize(text: str) -> list[str]:
     """Lower-cased word tokens of a caption, punctuation dropped."""
-    return [t for t in treebank_tokenizer().tokenize(text.lower().strip()) if _has_alnum.search(t)]
+    return [t for t in coco_tokens(text) if _has_alnum.search(t) and t not in _BRACKETS]
 
 
 class Vocabulary:

@@ -1,78 +1,47 @@
-"""Regenerate tests/fixtures/coco_metrics_parity.json: candidate/reference sets scored by the
-reference implementation, pycocoevalcap (coco-caption), so our pure-Python metrics can be tested
-against it without it being installed.
+"""Regenerate tests/fixtures/coco_metrics_parity.json: caption sets scored by the reference
+implementation, pycocoevalcap (coco-caption), so our pure-Python tokenizer and metrics are tested
+against it without Java.
 
-Needs pycocoevalcap and Java (its PTB tokenizer and METEOR are Java), e.g. in a throwaway venv:
-    python -m venv /tmp/ev && /tmp/ev/bin/pip install pycocoevalcap
-    /tmp/ev/bin/python scripts/make_metrics_fixture.py
+Two parts, both messy on purpose (tests/helpers/messy_captions.py says how):
+- "builtin": sets rewritten from our own sentences (about 1100 captions), committed in full
+  with the official tokens and scores; tested everywhere.
+- "shared": sets made from the real captions in ../shared/data (the 495 human COCO captions of
+  coco_dev, and Flickr8k val captions; about 1300 captions). That data must not be copied into
+  the repository, so only the official scores and a hash of each caption's official tokens are
+  kept; the test rebuilds the sets from ../shared/data and skips where it is absent.
+
+Needs pycocoevalcap and Java (its PTB tokenizer and METEOR are Java), e.g.
+    pip install pycocoevalcap && python scripts/make_metrics_fixture.py
 It does not import captioner (no torch needed).
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import random
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.meteor.meteor import Meteor
-from pycocoevalcap.rouge.rouge import Rouge
-from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.helpers.messy_captions import builtin_sets, shared_sets  # noqa: E402
 
-OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "coco_metrics_parity.json"
-
-SUBJECTS = ["a dog", "two dogs", "a man", "the woman", "a little girl", "three children", "a brown dog",
-            "an old man", "A black and white dog", "people"]
-VERBS = ["runs on", "is running across", "jumps over", "plays with", "sits on", "walks along",
-         "is standing near", "rides", "looks at", "catches"]
-OBJECTS = ["the grass", "a red ball", "the beach", "a bench", "the water", "a bike", "snow", "the street",
-           "a frisbee", "the rocks"]
-EXTRAS = ["", " in the park", " at night", ", smiling", " while it's raining", " (outside)", " near the dog's toy",
-          "; it is sunny", " - quickly", " with 2 friends"]
-ENDINGS = ["", ".", " .", "!", "?", "...", " ."]
+OUT = ROOT / "tests" / "fixtures" / "coco_metrics_parity.json"
+SHARED = ROOT.parent / "shared" / "data"
 
 
-def sentence(rng: random.Random) -> str:
-    s = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}{rng.choice(EXTRAS)}{rng.choice(ENDINGS)}"
-    if rng.random() < 0.3:
-        s = s.capitalize()
-    if rng.random() < 0.15:
-        s = "  " + s.upper() + " "
-    return s
+def token_hash(tokens: str) -> str:
+    return hashlib.sha1(tokens.encode("utf-8")).hexdigest()[:16]
 
 
-def make_sets(seed: int = 8) -> list[dict]:
-    rng = random.Random(seed)
-    sets = []
-    for i in range(54):
-        refs = [sentence(rng) for _ in range(rng.randint(1, 5))]
-        r = rng.random()
-        if r < 0.25:
-            cand = rng.choice(refs)  # exact copy of a reference
-        elif r < 0.5:
-            words = rng.choice(refs).split()
-            cand = " ".join(words[: rng.randint(1, len(words))])  # a prefix: short candidates
-        else:
-            cand = sentence(rng)
-        sets.append({"id": i, "candidate": cand, "references": refs})
-    edge = [
-        ("", ["a dog runs on the grass", "a brown dog is running"]),  # empty candidate
-        ("a a a a a a a a", ["a dog runs", "a cat sleeps on a mat"]),  # repeats: clipped counts
-        ("dog", ["a dog runs on the grass."]),  # one word
-        ("a man rides a bike down the street while two dogs run after him and people watch from a bench "
-         "in the park at night", ["a man rides a bike", "a cyclist on a street"]),  # long
-        ("The dog, the dog, and the DOG!", ["the dog and the dog", "dogs"]),  # punctuation + repeats
-        ("two dogs play with a red ball", ["two dogs play with a red ball"] * 5),  # identical references
-        ("a woman's hat", ["a woman's red hat.", "the hat of a woman"]),  # possessive
-    ]
-    for cand, refs in edge:
-        sets.append({"id": len(sets), "candidate": cand, "references": refs})
-    return sets
+def score(sets: list[dict]) -> dict:
+    """The official tokens and scores of a list of sets, as COCOEvalCap computes them."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-
-def main() -> None:
-    sets = make_sets()
     gts = {s["id"]: [{"caption": r} for r in s["references"]] for s in sets}
     res = {s["id"]: [{"caption": s["candidate"]}] for s in sets}
     tok = PTBTokenizer()
@@ -82,11 +51,8 @@ def main() -> None:
     cider, cider_each = Cider().compute_score(gts_t, res_t)
     meteor, _ = Meteor().compute_score(gts_t, res_t)
     ids = [s["id"] for s in sets]
-    fixture = {
-        "about": "Scores by pycocoevalcap (coco-caption) for the sets below; regenerate with "
-                 "scripts/make_metrics_fixture.py",
-        "pycocoevalcap_version": version("pycocoevalcap"),
-        "sets": sets,
+    return {
+        "captions": sum(1 + len(s["references"]) for s in sets),
         "ptb_tokens": {"candidates": [res_t[i][0] for i in ids], "references": [gts_t[i] for i in ids]},
         "expected": {"BLEU-1": bleu[0], "BLEU-2": bleu[1], "BLEU-3": bleu[2], "BLEU-4": bleu[3],
                      "ROUGE-L": float(rouge), "CIDEr-D": float(cider), "METEOR-1.5": float(meteor)},
@@ -94,9 +60,34 @@ def main() -> None:
         "per_image": {"ids": list(gts_t.keys()), "ROUGE-L": [float(x) for x in rouge_each],
                       "CIDEr-D": [float(x) for x in cider_each]},
     }
+
+
+def main() -> None:
+    builtin = builtin_sets()
+    fixture = {
+        "about": "Scores by pycocoevalcap (coco-caption) for the sets below; regenerate with "
+                 "scripts/make_metrics_fixture.py",
+        "pycocoevalcap_version": version("pycocoevalcap"),
+        "builtin": {"sets": builtin, **score(builtin)},
+    }
+    shared = shared_sets(SHARED)
+    if shared is None:
+        print(f"note: {SHARED} not found: the 'shared' part is left out", file=sys.stderr)
+    else:
+        part = score(shared)
+        tokens = part.pop("ptb_tokens")
+        part["token_sha1"] = {"candidates": [token_hash(t) for t in tokens["candidates"]],
+                              "references": [[token_hash(t) for t in ts] for ts in tokens["references"]]}
+        fixture["shared"] = {"sets": len(shared), "sources": sorted({s["source"].split(":")[0] for s in shared}),
+                             **part}
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(fixture, indent=1) + "\n")
-    print(f"wrote {OUT}: {len(sets)} sets; " + ", ".join(f"{k} {v:.4f}" for k, v in fixture["expected"].items()))
+    OUT.write_text(json.dumps(fixture, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    for name in ("builtin", "shared"):
+        if name in fixture:
+            part = fixture[name]
+            print(f"{name}: {part['captions']} captions; "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in part["expected"].items()))
+    print(f"wrote {OUT}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Our metrics against coco-caption (pycocoevalcap) on a committed fixture, plus hand-worked cases."""
 import builtins
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -7,44 +8,90 @@ from pathlib import Path
 import pytest
 
 from captioner import metrics
-from captioner.metrics import bleu, diversity, evaluate, normalize, rouge_l
+from captioner.metrics import bleu, diversity, evaluate, normalize, normalize_corpus, rouge_l
+from tests.helpers.messy_captions import builtin_sets, shared_sets
 
-FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "coco_metrics_parity.json").read_text())
-SETS = FIXTURE["sets"]
+FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "coco_metrics_parity.json").read_text(encoding="utf-8"))
+BUILTIN = FIXTURE["builtin"]
+SETS = BUILTIN["sets"]
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+PARITY = 1e-6
 
 
-def test_fixture_is_broad_enough():
-    assert len(SETS) >= 50
+def _corpus(sets):
+    return {s["id"]: s["references"] for s in sets}, {s["id"]: s["candidate"] for s in sets}
+
+
+def test_fixture_is_broad_and_messy():
+    assert BUILTIN["captions"] >= 1000 and SETS == builtin_sets()  # the committed sets are the generator's
+    text = [t for s in SETS for t in [s["candidate"], *s["references"]]]
     assert any(s["candidate"] == "" for s in SETS)
     assert {len(s["references"]) for s in SETS} >= {1, 2, 3, 4, 5}
-    assert any(any(ch in s["candidate"] for ch in ",.!?()") for s in SETS)
+    for kind, chars in {"a sentence inside": [". A", ". T"], "curly quotes": "“”‘’", "emoji": ["🐶", "😀"],
+                        "non-ASCII letters": "éüñçøł", "non-Latin": "мκ公", "brackets": "([{",
+                        "numbers with points/commas": ["3.5", "1,000"], "stray white space": ["\t", "  ", "\u00a0"],
+                        "abbreviations": ["Mr.", "U.S.", "etc."], "possessives": ["'s", "’s", "s' "],
+                        "hyphens and dashes": ["-year-", "—", "–"]}.items():
+        assert any(c in t for t in text for c in chars), kind
 
 
 def test_tokenisation_matches_coco_caption_ptb_tokenizer():
-    for s, cand, refs in zip(SETS, FIXTURE["ptb_tokens"]["candidates"], FIXTURE["ptb_tokens"]["references"]):
-        assert " ".join(normalize(s["candidate"])) == cand, s["candidate"]
-        assert [" ".join(normalize(r)) for r in s["references"]] == refs
+    r_tok, c_tok = normalize_corpus(*_corpus(SETS))
+    for s, cand, refs in zip(SETS, BUILTIN["ptb_tokens"]["candidates"], BUILTIN["ptb_tokens"]["references"]):
+        assert " ".join(c_tok[s["id"]]) == cand, s["candidate"]
+        assert [" ".join(r) for r in r_tok[s["id"]]] == refs, s["references"]
+
+
+def test_a_period_inside_a_caption_ends_the_word():
+    # the case that was wrong: "square." stayed glued to its period; abbreviations keep theirs
+    assert normalize("A dog sits below a square. A cat runs.") == "a dog sits below a square a cat runs".split()
+    assert normalize("Mr. Smith in the U.S. on Jan. 5, etc.") == ["mr.", "smith", "in", "the", "u.s.", "on", "jan.",
+                                                                  "5", "etc."]
+    assert normalize("The dog’s “toy” isn't—here… (3½ ft)") == ["the", "dog", "'s", "toy", "is", "n't", "here",
+                                                               "-lrb-", "3", "1/2", "ft", "-rrb-"]
 
 
 def test_corpus_scores_equal_pycocoevalcap():
-    refs = {s["id"]: s["references"] for s in SETS}
-    cands = {s["id"]: s["candidate"] for s in SETS}
-    ours = evaluate(refs, cands, use_meteor=False)
+    ours = evaluate(*_corpus(SETS), use_meteor=False)
     for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D"):
-        assert ours[k] == pytest.approx(FIXTURE["expected"][k], abs=1e-4), k
+        assert ours[k] == pytest.approx(BUILTIN["expected"][k], abs=PARITY), k
     assert ours["images"] == len(SETS) and ours["references"] == sum(len(s["references"]) for s in SETS)
     assert ours["METEOR"] is None and ours["METEOR_backend"] == "unavailable"
 
 
 def test_per_image_rouge_and_cider_equal_pycocoevalcap():
     by_id = {s["id"]: s for s in SETS}
-    ids = FIXTURE["per_image"]["ids"]
-    r_tok = {i: [normalize(r) for r in by_id[i]["references"]] for i in ids}
-    c_tok = {i: normalize(by_id[i]["candidate"]) for i in ids}
-    cider = metrics.cider_d(r_tok, c_tok)
-    for i, want_r, want_c in zip(ids, FIXTURE["per_image"]["ROUGE-L"], FIXTURE["per_image"]["CIDEr-D"]):
-        assert rouge_l(r_tok[i], c_tok[i]) == pytest.approx(want_r, abs=1e-4), i
-        assert cider[i] == pytest.approx(want_c, abs=1e-4), i
+    ids = BUILTIN["per_image"]["ids"]
+    r_tok, c_tok = normalize_corpus({i: by_id[i]["references"] for i in ids}, {i: by_id[i]["candidate"] for i in ids})
+    cider = metrics.cider_d({i: [metrics.split_words(r) for r in rs] for i, rs in r_tok.items()},
+                            {i: metrics.split_words(c) for i, c in c_tok.items()})
+    for i, want_r, want_c in zip(ids, BUILTIN["per_image"]["ROUGE-L"], BUILTIN["per_image"]["CIDEr-D"]):
+        assert rouge_l(r_tok[i], c_tok[i]) == pytest.approx(want_r, abs=PARITY), i
+        assert cider[i] == pytest.approx(want_c, abs=PARITY), i
+
+
+def test_real_coco_and_flickr_captions_equal_pycocoevalcap():
+    """The real captions stay in ../shared/data; the fixture holds their official scores and token hashes."""
+    sets = shared_sets(SHARED_DATA)
+    if sets is None:
+        pytest.skip(f"{SHARED_DATA} (COCO and Flickr8k captions) is not here")
+    part = FIXTURE["shared"]
+    assert len(sets) == part["sets"] and sum(1 + len(s["references"]) for s in sets) == part["captions"] >= 1000
+    refs, cands = _corpus(sets)
+    r_tok, c_tok = normalize_corpus(refs, cands)
+
+    def h(tokens):
+        return hashlib.sha1(" ".join(tokens).encode()).hexdigest()[:16]
+
+    got = {"candidates": [h(c_tok[s["id"]]) for s in sets],
+           "references": [[h(r) for r in r_tok[s["id"]]] for s in sets]}
+    bad = [s["candidate"] for s, a, b in zip(sets, got["candidates"], part["token_sha1"]["candidates"]) if a != b]
+    bad += [r for s, a, b in zip(sets, got["references"], part["token_sha1"]["references"])
+            for r, x, y in zip(s["references"], a, b) if x != y]
+    assert not bad, f"{len(bad)} captions tokenised unlike coco-caption, e.g. {bad[:3]}"
+    ours = evaluate(refs, cands, use_meteor=False)
+    for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D"):
+        assert ours[k] == pytest.approx(part["expected"][k], abs=PARITY), k
 
 
 def test_bleu_brevity_penalty_and_closest_reference_by_hand():
@@ -101,9 +148,7 @@ def test_nltk_meteor_scores_make_sense():
 def test_official_meteor_matches_pycocoevalcap_fixture():
     if metrics.meteor_backend() != "official-1.5":
         pytest.skip("official METEOR needs pycocoevalcap and Java")
-    refs = {s["id"]: s["references"] for s in SETS}
-    cands = {s["id"]: s["candidate"] for s in SETS}
-    assert metrics.meteor(refs, cands) == pytest.approx(FIXTURE["expected"]["METEOR-1.5"], abs=1e-4)
+    assert metrics.meteor(*_corpus(SETS)) == pytest.approx(BUILTIN["expected"]["METEOR-1.5"], abs=PARITY)
 
 
 def test_diversity_counts_distinct_captions_and_words():
