@@ -1,12 +1,10 @@
 """Greedy and beam-search decoding, written once over the per-step interface (models/base.py).
 
 Beam search is batched: all images x beams advance as one (B*K, ...) tensor program, so a batch
-of 32 images costs about one model step per word, not 32. Finished beams stay in place with
-their score frozen (their only continuation is <pad> at log-prob 0), so they keep competing
-with the live ones; the search stops when every beam has ended or `max_len` words are out.
-Only live rows are run through the model, so finished beams and images cost nothing more, and
-(without a length penalty) an image stops as soon as its n-best beams have ended, since no live
-beam can overtake them: the result is exact, only reached sooner.
+of 32 images costs about one model step per word, not 32. Captions that end are set aside with
+their length-penalised score and K live beams go on, as in GNMT and fairseq; an image stops as
+soon as no live beam can beat its n-best finished captions (exact), and only the live rows of
+unfinished images are run through the model.
 """
 from __future__ import annotations
 
@@ -96,22 +94,39 @@ def _step_live(model: CaptionModel, tokens: Tensor, state: DecoderState, live: T
 def _hypothesis(seq: list[int], logprob: float, finished: bool, alpha: float,
                 attention: Tensor | None = None) -> Hypothesis:
     words = [w for w in seq if w not in (PAD_ID, END_ID)]
-    lp = ((5.0 + len(words) + int(finished)) / 6.0) ** alpha  # GNMT length penalty over words + <end>
+    lp = _length_penalty(len(words) + int(finished), alpha)
     attn = attention[: len(words)].cpu() if attention is not None else None  # words are a prefix of seq
     return Hypothesis(words, logprob, logprob / lp, finished, attn)
+
+
+def _length_penalty(words_and_end: int, alpha: float) -> float:
+    """GNMT's lp(|Y|) = ((5 + |Y|) / 6) ** alpha; |Y| counts the words and the <end> token."""
+    return ((5.0 + words_and_end) / 6.0) ** alpha
 
 
 @torch.no_grad()
 def beam_search(model: CaptionModel, features: Any, beam_size: int = 5, max_len: int = 20, min_len: int = 1,
                 length_alpha: float = 0.0, no_repeat_ngram: int = 0, n_best: int = 1,
-                suppress: Sequence[int] = ()) -> list[list[Hypothesis]]:
-    """Batched beam search; for each image (or sequence) the `n_best` hypotheses, best first.
+                suppress: Sequence[int] = (), early_stop: bool = True) -> list[list[Hypothesis]]:
+    """Batched beam search; for each image (or sequence) the `n_best` hypotheses, best first, ranked
+    by log-probability / GNMT length penalty (`length_alpha`; 0 = raw log-probability).
     `suppress`: token ids never to emit (the Captioner passes <unk>).
+
+    As in the standard implementations (GNMT, fairseq), a caption that ends is set aside with its
+    penalised score and the search goes on with `beam_size` live beams: of each step's best
+    2 x beam_size continuations, those ending at a rank below beam_size are kept as finished
+    and the first beam_size that do not end stay live. An image stops when no live beam can
+    still beat its n_best-th finished caption: a live beam's log-probability only falls, so its
+    best possible score is its log-probability over the largest penalty (that of max_len), which
+    makes the stop exact (`early_stop=False` runs every beam to max_len, for checking). Beams cut
+    at max_len count as unfinished hypotheses.
 
     features: what `model.init_state` takes, e.g. (B, ...) image features or a `Frames` batch.
     """
     if beam_size < 1 or not 1 <= n_best <= beam_size:
         raise ValueError(f"need beam_size >= 1 and 1 <= n_best <= beam_size (got {beam_size}, {n_best})")
+    if length_alpha < 0:
+        raise ValueError(f"the length penalty must be >= 0 (got {length_alpha})")
     state = model.init_state(features)
     B, K, dev = state.batch_size, beam_size, state.device
     state = state.repeat_interleave(K)  # (B*K, ...)
@@ -119,64 +134,82 @@ def beam_search(model: CaptionModel, features: Any, beam_size: int = 5, max_len:
     history = torch.empty((B * K, 0), dtype=torch.long, device=dev)
     beam_logp = torch.full((B, K), float("-inf"), device=dev)
     beam_logp[:, 0] = 0.0  # all beams start identical: expand only the first at step 0
-    finished = torch.zeros(B * K, dtype=torch.bool, device=dev)
     offsets = (torch.arange(B, device=dev) * K)[:, None]  # (B, 1)
     attention = None  # (B*K, t, R) when the model exposes per-step attention (state.alpha)
+    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+    best_bound = _length_penalty(max_len, length_alpha)  # the largest penalty any caption can get
     for t in range(max_len):
-        logp, state = _step_live(model, tokens, state, ~finished)  # (B*K, V)
+        live = torch.isfinite(beam_logp.view(-1))  # (B*K,)
+        logp, state = _step_live(model, tokens, state, live)  # (B*K, V)
         V = logp.size(-1)
         logp = _constrain(logp.float(), history, t, min_len, no_repeat_ngram, suppress)
-        logp[finished] = float("-inf")
-        logp[finished, PAD_ID] = 0.0  # finished beams: only <pad>, at no cost
-        cand = (beam_logp.view(B * K, 1) + logp).view(B, K * V)  # (B, K*V)
-        beam_logp, idx = cand.topk(K, dim=1)  # (B, K)
+        cand = (beam_logp.view(B * K, 1) + logp).view(B, K * V)  # (B, K*V); dead beams stay -inf
+        top_logp, top_idx = cand.topk(min(2 * K, K * V), dim=1)  # (B, 2K) best continuations
+        top_tok = top_idx % V  # (B, 2K)
+        ends = (top_tok == END_ID) & torch.isfinite(top_logp)  # (B, 2K)
+        step_attn = state.alpha if getattr(state, "alpha", None) is not None else None  # (B*K, R)
+        # captions that end among the K best continuations are set aside, scored with the penalty
+        for b, j in (ends[:, :K]).nonzero().tolist():
+            row = int(offsets[b, 0]) + int(top_idx[b, j]) // V
+            attn = None
+            if step_attn is not None:
+                attn = step_attn[row:row + 1] if attention is None else torch.cat([attention[row], step_attn[row:row + 1]])
+            finished[b].append(_hypothesis(history[row].tolist() + [END_ID], float(top_logp[b, j]), True, length_alpha,
+                                           attn))
+        # the first K continuations that do not end stay live
+        keep_logp, keep = torch.where(ends, float("-inf"), top_logp).topk(K, dim=1)  # (B, K)
+        idx = top_idx.gather(1, keep)  # (B, K)
         src = (offsets + idx // V).view(-1)  # (B*K,) beam each survivor came from
         tokens = (idx % V).view(-1)  # (B*K,)
+        beam_logp = keep_logp
         state = state.index(src)
         history = torch.cat([history[src], tokens[:, None]], dim=1)  # (B*K, t+1)
-        if getattr(state, "alpha", None) is not None:
-            step_attn = state.alpha[:, None, :]  # (B*K, 1, R): what produced this step's word
-            attention = step_attn if attention is None else torch.cat([attention[src], step_attn], dim=1)
-        finished = finished[src] | (tokens == END_ID) | torch.isinf(beam_logp.view(-1))
-        if length_alpha == 0:
-            # beams are sorted by score and scores only fall as words are added: once an image's
-            # n_best leading beams have ended, no live beam can overtake them, so stop it
-            settled = finished.view(B, K)[:, :n_best].all(dim=1)  # (B,)
-            finished |= settled.repeat_interleave(K)
-        if finished.all():
+        if step_attn is not None:
+            step = step_attn[:, None, :]  # (B*K, 1, R): what produced this step's word
+            attention = step[src] if attention is None else torch.cat([attention[src], step[src]], dim=1)
+        if early_stop:
+            for b in range(B):
+                if len(finished[b]) >= n_best:
+                    nth = sorted((h.score for h in finished[b]), reverse=True)[n_best - 1]
+                    if float(beam_logp[b, 0]) / best_bound <= nth:  # no live beam can get in any more
+                        beam_logp[b] = float("-inf")
+        if not torch.isfinite(beam_logp).any():
             break
-    ended = (history == END_ID).any(dim=1).tolist()  # (B*K,)
     seqs, scores = history.tolist(), beam_logp.view(-1).tolist()
     results = []
     for b in range(B):
-        hyps = [_hypothesis(seqs[i], scores[i], ended[i], length_alpha, None if attention is None else attention[i])
-                for i in range(b * K, (b + 1) * K) if math.isfinite(scores[i])]
+        hyps = finished[b] + [_hypothesis(seqs[i], scores[i], False, length_alpha,
+                                          None if attention is None else attention[i])
+                              for i in range(b * K, (b + 1) * K) if math.isfinite(scores[i])]
         hyps.sort(key=lambda h: h.score, reverse=True)
         results.append(hyps[:n_best])
     return results
 
 
 def sample(model: CaptionModel, features: Any, n: int = 1, max_len: int = 16,
-           temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+           temperature: float = 1.0, suppress: Sequence[int] = ()) -> tuple[Tensor, Tensor, Tensor]:
     """n captions per input drawn from the model, keeping the graph (for self-critical training).
+    `suppress`: token ids never to draw (<unk>, as at inference: a sample should be a caption the
+    model could print).
 
     Returns tokens (B*n, T) (the n samples of input b are rows b*n .. b*n+n-1; <pad> after <end>),
-    the log-probability of each chosen token (B*n, T) and the mask of real steps, <end> included (B*n, T).
+    the log-probability of each chosen token (B*n, T) and the mask of real steps, <end> included
+    (B*n, T). A sample that holds no <end> was cut at max_len.
     """
     state = model.init_state(features).repeat_interleave(n)
     N, dev = state.batch_size, state.device
     tokens = torch.full((N,), START_ID, dtype=torch.long, device=dev)
     finished = torch.zeros(N, dtype=torch.bool, device=dev)
+    banned = [PAD_ID, START_ID, *suppress]
     out_tokens, out_logp, out_mask = [], [], []
     for _ in range(max_len):
         logp, state = model.step(tokens, state)  # (N, V)
         logp = logp.float().clone()
-        logp[:, PAD_ID] = float("-inf")
-        logp[:, START_ID] = float("-inf")
+        logp[:, banned] = float("-inf")
         with torch.no_grad():
-            probs = (logp / temperature).softmax(dim=-1) if temperature != 1.0 else logp.exp()
+            probs = (logp / temperature).softmax(dim=-1)  # (N, V): renormalised without the banned ids
             tokens = torch.multinomial(probs, 1).squeeze(1)  # (N,)
-        chosen = logp.gather(1, tokens[:, None]).squeeze(1)  # (N,)
+        chosen = logp.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)  # (N,)
         out_mask.append(~finished)
         out_tokens.append(tokens.masked_fill(finished, PAD_ID))
         out_logp.append(chosen.masked_fill(finished, 0.0))

@@ -147,10 +147,13 @@ def test_max_len_caps_words():
 
 def test_length_penalty_reranks_towards_longer_captions():
     # GNMT lp(|Y|) = ((5+|Y|)/6)^alpha over words + <end>; alpha=1:
-    # "a" -1.171/(7/6) = -1.004, "b c" -1.309/(8/6) = -0.982, "c" -1.609/(7/6) = -1.380
+    # "a" -1.171/(7/6) = -1.004, "b c" -1.309/(8/6) = -0.982, "a b c" -1.766/(9/6) = -1.177,
+    # "c" -1.609/(7/6) = -1.380. "a b c" is found because "a"'s ending does not take a beam's place:
+    # step 1 goes on with 3 live beams (b c, a b, c ...), not 2 (the old search kept "a" in a slot).
     [hyps] = beam_search(FakeModel(), images(0), beam_size=3, n_best=3, length_alpha=1.0)
-    assert [h.tokens for h in hyps] == [[B, C], [A], [C]]
-    assert hyps[0].score == pytest.approx(math.log(0.27) / (8 / 6), abs=1e-6)
+    assert [h.tokens for h in hyps] == [[B, C], [A], [A, B, C]]
+    assert [h.score for h in hyps] == pytest.approx([math.log(x) / lp for x, lp in
+                                                     ((0.27, 8 / 6), (0.31, 7 / 6), (0.171, 9 / 6))], abs=1e-6)
     assert hyps[0].logprob == pytest.approx(math.log(0.27), abs=1e-6)
 
 
@@ -179,3 +182,86 @@ def test_suppressed_tokens_are_never_emitted():
     assert g.tokens == [B, C]  # a (.5) is gone: b (.3), then c (.9)
     for hyps in beam_search(FakeModel(), images(0, 3), beam_size=3, n_best=3, suppress=[A]):
         assert all(A not in h.tokens for h in hyps)
+
+
+# ---- against an exhaustive search -------------------------------------------------------------
+W = 4  # real words in the random models below: ids 3..6 after <pad>, <start>, <end>
+
+
+def random_tables(seed: int, n: int) -> Tensor:
+    """n random next-token tables (V = 3 + W): row = previous token; <pad>/<start> never come next."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, 3 + W, 3 + W, generator=g) * 1.5
+    logits[:, :, [PAD, START]] = float("-inf")
+    return logits.log_softmax(-1)
+
+
+class TableModel(CaptionModel):
+    """Like FakeModel, over given tables; counts the rows it is asked to step."""
+
+    def __init__(self, tables):
+        super().__init__()
+        self.tables, self.rows = tables, []
+
+    def init_state(self, features):
+        return FakeState(image=features.long())
+
+    def step(self, tokens, state):
+        self.rows.append(len(tokens))
+        return self.tables[state.image, tokens], state
+
+
+def exhaustive(tables: Tensor, image: int, max_len: int, alpha: float, n_best: int) -> list[tuple[list[int], float]]:
+    """Every caption of at most max_len words (ended, or cut at max_len), scored as beam search
+    scores them; the n_best best."""
+    out = []
+
+    def walk(prefix, logp):
+        prev = prefix[-1] if prefix else START
+        for tok in range(2, 3 + W):
+            lp = logp + float(tables[image, prev, tok])
+            if tok == END:
+                if prefix:  # min_len 1
+                    out.append((prefix, lp / ((5 + len(prefix) + 1) / 6) ** alpha))
+            elif len(prefix) + 1 == max_len:
+                out.append((prefix + [tok], lp / ((5 + max_len) / 6) ** alpha))
+            else:
+                walk(prefix + [tok], lp)
+
+    walk([], 0.0)
+    return sorted(out, key=lambda x: -x[1])[:n_best]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.7, 2.0])
+def test_a_beam_wide_enough_finds_the_exhaustive_best(alpha):
+    tables = random_tables(0, 6)
+    hyps = beam_search(TableModel(tables), images(*range(6)), beam_size=W ** 4, n_best=5, max_len=4,
+                       length_alpha=alpha)
+    for image, hs in enumerate(hyps):
+        want = exhaustive(tables, image, 4, alpha, 5)
+        assert [h.tokens for h in hs] == [w for w, _ in want]
+        assert [h.score for h in hs] == pytest.approx([s for _, s in want], abs=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_early_stop_changes_nothing_but_the_work(alpha):
+    tables = random_tables(1, 16)
+    kw = dict(beam_size=3, n_best=2, max_len=9, length_alpha=alpha)
+    fast, full = TableModel(tables), TableModel(tables)
+    a = beam_search(fast, images(*range(16)), **kw)
+    b = beam_search(full, images(*range(16)), early_stop=False, **kw)
+    assert [[h.tokens for h in hs] for hs in a] == [[h.tokens for h in hs] for hs in b]
+    assert [h.score for hs in a for h in hs] == pytest.approx([h.score for hs in b for h in hs])
+    assert sum(fast.rows) < sum(full.rows) == 16 * 3 * 9 - 16 * 2  # all rows live to max_len without it
+
+
+def test_k_beams_stay_live_after_captions_end():
+    # image 0, beam 2: at step 1 "a <end>" finishes; the search still steps 2 live beams (b c, a b)
+    model = TableModel(TABLES)
+    beam_search(model, images(0), beam_size=2, n_best=1, max_len=5, length_alpha=1.0, early_stop=False)
+    assert model.rows[:3] == [1, 2, 2]
+
+
+def test_negative_length_penalty_is_refused():
+    with pytest.raises(ValueError, match="length penalty"):
+        beam_search(FakeModel(), images(0), length_alpha=-0.5)
