@@ -155,11 +155,21 @@ class TrainStep(nn.Module):
     def forward(self, inputs: Tensor | Frames, captions: Tensor | None = None, lengths: Tensor | None = None,
                 samples: int = 0, max_len: int = 0) -> LossTerms | tuple[Tensor, Tensor, Tensor]:
         """inputs: features (B, ...) or, when fine-tuning, pixels (B, 3, S, S). Teacher forcing on
-        captions (B, T) -> LossTerms; samples > 0 -> `decoding.sample` (tokens, log-probs, mask)."""
+        captions (B, T) -> LossTerms; samples > 0 -> `decoding.sample` (tokens, log-probs, mask),
+        never drawing <unk> (inference never prints it either)."""
         features = inputs if self.encoder is None else pool(self.encoder(inputs), self.decoder.feature_kind)
         if samples:
-            return sample(self.decoder, features, n=samples, max_len=max_len)
+            return sample(self.decoder, features, n=samples, max_len=max_len, suppress=[Vocabulary.unk_id])
         return self.decoder(features, captions, lengths)
+
+
+def scst_rewards(cider: CiderD, images: list[int], tokens: Tensor, vocab: Vocabulary) -> Tensor:
+    """Self-critical reward of each sampled caption (N, T) of images[i]: its CIDEr-D against that
+    image's references, or 0 when it was cut at the length limit without <end> (an unfinished
+    sentence is not a caption: rewarding it like one teaches the model to run on)."""
+    ended = (tokens == Vocabulary.end_id).any(dim=1).tolist()  # (N,)
+    return torch.tensor([cider.score(i, normalize(vocab.decode(t))) if done else 0.0
+                         for i, t, done in zip(images, tokens.tolist(), ended)])  # (N,)
 
 
 class TrainingInterrupted(Exception):
@@ -408,9 +418,7 @@ class Trainer:
             with self._autocast():
                 features = feats[idx].to(self.device).float()
                 tokens, logp, mask = self.wrapped(features, samples=n, max_len=self.opts.scst_max_len)  # (B*n, T)
-            images = idx.repeat_interleave(n).tolist()
-            reward = torch.tensor([self.cider.score(i, normalize(vocab.decode(t)))
-                                   for i, t in zip(images, tokens.tolist())]).view(-1, n)  # (B, n)
+            reward = scst_rewards(self.cider, idx.repeat_interleave(n).tolist(), tokens, vocab).view(-1, n)  # (B, n)
             baseline = (reward.sum(1, keepdim=True) - reward) / (n - 1)  # (B, n) mean of the other samples
             advantage = (reward - baseline).view(-1, 1).to(self.device)  # (B*n, 1)
             global_tokens = self.dist.sum([mask.sum().item()])[0]

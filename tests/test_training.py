@@ -125,3 +125,30 @@ def test_self_critical_training_raises_cider_of_a_weak_model(shapes, tmp_path, c
     assert cider["sc"] >= cider["xe"] + 0.2, cider
     xe_vocab = load_checkpoint(tmp_path / "xe" / "best.pt")["vocab"]
     assert load_checkpoint(tmp_path / "sc" / "best.pt")["vocab"] == xe_vocab
+
+
+def test_self_critical_rewards_only_finished_captions_and_never_samples_unk():
+    from captioner.decoding import sample
+    from captioner.metrics import CiderD
+    from captioner.models import ShowTellDecoder
+    from captioner.training import TrainStep, scst_rewards
+    from captioner.vocab import Vocabulary
+
+    vocab = Vocabulary(["a", "dog", "runs"])
+    cider = CiderD({0: [["a", "dog", "runs"]], 1: [["runs"]]})
+    s, e = Vocabulary.start_id, Vocabulary.end_id
+    a, dog, runs = (vocab.stoi[w] for w in ("a", "dog", "runs"))
+    tokens = torch.tensor([[a, dog, runs, e], [a, dog, runs, runs]])  # the same words; the second was cut
+    reward = scst_rewards(cider, [0, 0], tokens, vocab)
+    assert reward[0] > 1.0 and reward[1] == 0.0
+    # <unk> is never drawn, even by a decoder that prefers it to everything else
+    torch.manual_seed(0)
+    decoder = ShowTellDecoder(vocab_size=len(vocab), feature_dim=8, embed_size=8, hidden_size=8).eval()
+    with torch.no_grad():
+        decoder.out.bias.fill_(-5.0)
+        decoder.out.bias[vocab.unk_id] = 10.0
+    free, _, _ = sample(decoder, torch.randn(4, 8), n=50, max_len=6)
+    assert (free == vocab.unk_id).float().mean() > 0.9  # the model's own choice
+    tokens, logp, mask = TrainStep(None, decoder)(torch.randn(4, 8), samples=50, max_len=6)
+    assert not (tokens == vocab.unk_id).any() and torch.isfinite(logp[mask]).all()
+    assert s not in tokens.tolist()
