@@ -171,7 +171,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if corpus is None:
         raise DataError("give --annotations (or --sequences) and --images, or --karpathy-json and --split")
     model = Captioner.load(args.model, device=args.device)
-    cache = None if args.no_cache else FeatureCache(model.encoder, args.cache_dir)
+    cache = None if args.no_cache else FeatureCache(model.encoder, args.cache_dir, model.device)
     results, failed = caption_corpus(model, corpus, batch_size=args.batch_size, quiet=args.quiet, cache=cache,
                                      **_decoding(model, args))
     for e in failed:
@@ -202,9 +202,8 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
     if not paths and not problems:
         raise DataError("nothing to extract: give image files/folders/globs, --annotations with --images, "
                         "or --karpathy-json")
-    cache = FeatureCache(build_encoder(args.encoder), args.cache_dir)
-    failed = problems + cache.fill(paths, batch_size=args.batch_size, device=resolve_device(args.device),
-                                   num_workers=args.num_workers, quiet=args.quiet)
+    cache = FeatureCache(build_encoder(args.encoder), args.cache_dir, resolve_device(args.device))
+    failed = problems + cache.fill(paths, batch_size=args.batch_size, num_workers=args.num_workers, quiet=args.quiet)
     for e in failed:
         _err(str(e))
     if not args.quiet:

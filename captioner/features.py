@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .checkpoint import atomic_write
 from .data import CaptionCorpus
 from .encoders import Encoder
 from .images import ImageError, Preprocess, load_image
@@ -85,13 +86,19 @@ def split_batch(batch: list[Tensor | ImageError]) -> tuple[list[int], Tensor | N
     return idx, pixels, [x for x in batch if isinstance(x, ImageError)]
 
 
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """What the encoder computes in on this device: bf16 autocast on CUDA, fp32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 @torch.no_grad()
 def encode_pixels(encoder: Encoder, pixels: Tensor, device: torch.device) -> Tensor:
-    """(B, 3, S, S) -> grid (B, R, D) fp32; channels_last, bf16 autocast on CUDA."""
+    """(B, 3, S, S) -> grid (B, R, D) fp32; channels_last, computed in `compute_dtype(device)`."""
     if device.type == "cuda":
         pixels = pixels.pin_memory()  # so the copy to the GPU is asynchronous
     x = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    dtype = compute_dtype(device)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         return encoder(x).float()
 
 
@@ -137,13 +144,15 @@ def image_identity(path: str | os.PathLike) -> str:
     return f"{p}\t{st.st_size}\t{st.st_mtime_ns}"
 
 
-def encoder_key(encoder: Encoder) -> str:
-    """Name + hash of the weights + preprocessing: features made by anything else never match."""
+def encoder_key(encoder: Encoder, dtype: torch.dtype = torch.float32) -> str:
+    """Name + hash of the weights + preprocessing + compute dtype: features made by anything else
+    never match (bf16 features from a GPU differ from fp32 ones from a CPU)."""
     h = hashlib.sha256()
     for name, t in sorted(encoder.trunk.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     h.update(json.dumps(encoder.spec.preprocess.to_dict(), sort_keys=True).encode())
+    h.update(str(dtype).encode())
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in encoder.spec.name)
     return f"{safe}-{h.hexdigest()[:16]}"
 
@@ -168,38 +177,59 @@ class GridFeatures:
 
 
 class FeatureCache:
-    """One encoder's cached features under CACHE/features/<encoder key>/."""
+    """One encoder's cached features under CACHE/features/<encoder key>/, computed on `device`
+    (whose compute dtype is part of the key)."""
 
-    def __init__(self, encoder: Encoder, root: str | os.PathLike | None = None) -> None:
+    def __init__(self, encoder: Encoder, root: str | os.PathLike | None = None,
+                 device: torch.device = torch.device("cpu")) -> None:
         if encoder.trainable:
             raise ValueError("a fine-tuned encoder's features change while training: they cannot be cached")
-        self.encoder = encoder
-        self.dir = Path(root or cache_dir()) / "features" / encoder_key(encoder)
+        self.encoder, self.device = encoder, device
+        self.dir = Path(root or cache_dir()) / "features" / encoder_key(encoder, compute_dtype(device))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.index: dict[str, int] = {}
         self.shape: tuple[int, int] | None = None  # (R, D)
 
-    # files: meta.json {"regions", "dim", "encoder"}, index.jsonl, grid.f16, pooled.f16, lock
+    # files: meta.json {"encoder", "shape", "dtype", "computed_in"}, index.jsonl ({"k": identity, "r": row}
+    # per line), grid.f16, pooled.f16, lock
     def _read(self) -> None:
         meta = self.dir / "meta.json"
         self.shape = tuple(json.loads(meta.read_text())["shape"]) if meta.is_file() else None
         self.index = {}
         index = self.dir / "index.jsonl"
         if index.is_file():
-            for line in index.read_text(encoding="utf-8").splitlines():
-                if line.endswith("}"):  # a line cut short by a crash is ignored
+            text = index.read_text(encoding="utf-8")
+            for line in text.split("\n")[:-1]:  # whole lines only: a last line without its newline was cut
+                try:
                     rec = json.loads(line)
                     self.index[rec["k"]] = rec["r"]
+                except (ValueError, KeyError, TypeError):  # damaged by an older version: that row is re-extracted
+                    continue
+
+    def _repair_index(self) -> None:
+        """Cut index.jsonl back to its last whole line, so the next append starts on a fresh line
+        (a crash mid-line would otherwise glue the next record onto the cut one)."""
+        index = self.dir / "index.jsonl"
+        if not index.is_file():
+            return
+        data = index.read_bytes()
+        keep = data.rfind(b"\n") + 1
+        if keep != len(data):
+            os.truncate(index, keep)
+
+    def _rows(self) -> int:
+        """Rows the index accounts for (rows past them were written by a run that crashed)."""
+        return 1 + max(self.index.values(), default=-1)
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        n = len(self.index)
+        n = self._rows()
         R, D = self.shape
         grid = np.memmap(self.dir / "grid.f16", dtype=np.float16, mode="r", shape=(n, R, D))
         pooled = np.memmap(self.dir / "pooled.f16", dtype=np.float16, mode="r", shape=(n, D))
         return grid, pooled
 
-    def fill(self, paths: Sequence[Path], batch_size: int = 32, device: torch.device = torch.device("cpu"),
-             num_workers: int = 1, quiet: bool = False, desc: str = "features") -> list[ImageError]:
+    def fill(self, paths: Sequence[Path], batch_size: int = 32, num_workers: int = 1, quiet: bool = False,
+             desc: str = "features") -> list[ImageError]:
         """Extract and append whatever of `paths` is not cached yet; returns the images that failed."""
         with open(self.dir / "lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time; others wait, then find their rows
@@ -218,14 +248,15 @@ class FeatureCache:
             failed = [err for _, _, err in todo if err is not None]
             todo = [(p, k) for p, k, err in todo if err is None]
             if todo:
-                failed += self._extract(todo, batch_size, device, num_workers, quiet, desc)
+                failed += self._extract(todo, batch_size, self.device, num_workers, quiet, desc)
         return failed
 
     def _extract(self, todo: list[tuple[Path, str]], batch_size: int, device: torch.device, num_workers: int,
                  quiet: bool, desc: str) -> list[ImageError]:
         encoder = self.encoder.to(device, memory_format=torch.channels_last).eval()
         failed: list[ImageError] = []
-        n = len(self.index)
+        self._repair_index()
+        n = self._rows()
         if self.shape is not None:  # drop rows a crash left without an index line
             R, D = self.shape
             for name, row_bytes in (("grid.f16", R * D * 2), ("pooled.f16", D * 2)):
@@ -244,8 +275,9 @@ class FeatureCache:
                     grid = encode_pixels(encoder, pixels, device)  # (b, R, D) fp32
                     if self.shape is None:
                         self.shape = tuple(grid.shape[1:])
-                        (self.dir / "meta.json").write_text(json.dumps(
-                            {"encoder": encoder.spec.name, "shape": list(self.shape), "dtype": "float16"}))
+                        meta = {"encoder": encoder.spec.name, "shape": list(self.shape), "dtype": "float16",
+                                "computed_in": str(compute_dtype(device))}
+                        atomic_write(self.dir / "meta.json", lambda f: f.write(json.dumps(meta).encode()))
                     fg.write(grid.half().cpu().numpy().tobytes())
                     fp.write(grid.mean(dim=1).half().cpu().numpy().tobytes())
                     fg.flush()
@@ -303,7 +335,7 @@ def corpus_features(encoder: Encoder, decoder, corpus: CaptionCorpus, cache: Fea
     kind = decoder.feature_kind
     common = dict(batch_size=batch_size, device=device, num_workers=num_workers, quiet=quiet, desc=desc)
     if cache is not None:
-        failed = cache.fill(corpus.paths, **common)
+        failed = cache.fill(corpus.paths, batch_size=batch_size, num_workers=num_workers, quiet=quiet, desc=desc)
     else:
         store, failed = extract_features(encoder, corpus.paths, kind, **common)
     bad = {e.path for e in failed}

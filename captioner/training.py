@@ -313,7 +313,7 @@ class Trainer:
         vocab, opts, encoder = self.model.vocab, self.opts, self.model.encoder
         if encoder.trainable:
             return CaptionDataset(corpus, vocab, opts.max_caption_len, LoadImage(self.model.preprocess)), None
-        cache = FeatureCache(encoder, self.cache_dir) if self.use_cache else None
+        cache = FeatureCache(encoder, self.cache_dir, self.device) if self.use_cache else None
         feats, kept, failed = corpus_features(encoder, self.model.decoder, corpus, cache, device=self.device,
                                               num_workers=opts.num_workers, quiet=self.quiet, desc=desc)
         if failed:

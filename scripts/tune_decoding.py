@@ -32,7 +32,7 @@ def main() -> None:
     a = p.parse_args()
     model = Captioner.load(a.model, device="cpu")
     corpus = load_coco(a.annotations, a.images)
-    feats, kept, failed = corpus_features(model.encoder, model.decoder, corpus, FeatureCache(model.encoder))
+    feats, kept, failed = corpus_features(model.encoder, model.decoder, corpus, FeatureCache(model.encoder, device=model.device))
     if failed:
         sys.exit(f"{len(failed)} image(s) could not be read, e.g. {failed[0]}")
     ids, refs = [corpus.image_ids[k] for k in kept], references(corpus)

@@ -180,3 +180,57 @@ def test_extract_features_cli_then_train_extracts_nothing(shapes, tmp_path, caps
     assert rc == 0 and (index.stat().st_mtime_ns, (index.parent / "grid.f16").stat().st_size) == before
     rc = main(["extract-features", str(tmp_path / "nothing-here.png"), "--cache-dir", str(cache), "--quiet"])
     assert rc == 1 and "nothing-here.png: no such file" in capsys.readouterr().err
+
+
+def test_a_line_cut_by_a_crash_is_repaired_before_the_next_append(lite0, images, tmp_path):
+    cache = FeatureCache(lite0, tmp_path / "cache")
+    cache.fill(images[:4], num_workers=0, quiet=True)
+    with open(cache.dir / "index.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"k": "/somewhere/img.png\\t123\\t4')  # the process died in the middle of a line
+    cache = FeatureCache(lite0, tmp_path / "cache")
+    assert cache.fill(images, num_workers=0, quiet=True) == []
+    lines = (cache.dir / "index.jsonl").read_text(encoding="utf-8").split("\n")
+    assert lines[-1] == "" and len(lines) == 9 and all(json.loads(l) for l in lines[:-1])
+    fresh = FeatureCache(lite0, tmp_path / "fresh")
+    fresh.fill(images, num_workers=0, quiet=True)
+    again = FeatureCache(lite0, tmp_path / "cache")  # as another process reads it
+    assert torch.equal(again.load(images, "pooled"), fresh.load(images, "pooled"))
+    # a whole record whose newline was never written is cut too (the next append would glue onto it)
+    with open(cache.dir / "index.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"k": "x", "r": 8}')
+    images[0].write_bytes(images[1].read_bytes())
+    os.utime(images[0], ns=(1, 10**18))  # changed: extracted again, appended
+    assert again.fill(images, num_workers=0, quiet=True) == []
+    assert all(json.loads(l) for l in (cache.dir / "index.jsonl").read_text().splitlines())
+    now = FeatureCache(lite0, tmp_path / "cache").load(images[:1], "pooled").float()
+    assert torch.allclose(now, fresh.load(images[1:2], "pooled").float(), atol=1e-2)  # batch of 1 vs of 8
+
+
+def _fill_in_a_process(root: str, paths: list[str]) -> None:
+    FeatureCache(build_encoder(), root).fill(paths, batch_size=2, num_workers=0, quiet=True)
+
+
+def test_two_processes_fill_one_cache_at_once(lite0, images, tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    paths = [str(p) for p in images]
+    procs = [ctx.Process(target=_fill_in_a_process, args=(str(tmp_path / "cache"), part))
+             for part in (paths[:6], paths[2:][::-1])]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+        assert p.exitcode == 0
+    cache = FeatureCache(lite0, tmp_path / "cache")
+    records = [json.loads(l) for l in (cache.dir / "index.jsonl").read_text().splitlines()]
+    assert sorted(r["r"] for r in records) == list(range(8)) and len({r["k"] for r in records}) == 8  # each once
+    fresh = FeatureCache(lite0, tmp_path / "fresh")
+    fresh.fill(images, batch_size=2, num_workers=0, quiet=True)
+    assert torch.allclose(cache.load(images, "pooled").float(), fresh.load(images, "pooled").float(), atol=1e-2)
+
+
+def test_the_compute_dtype_is_part_of_the_key(lite0, tmp_path):
+    assert encoder_key(lite0, torch.bfloat16) != encoder_key(lite0, torch.float32)
+    cpu, gpu = FeatureCache(lite0, tmp_path), FeatureCache(lite0, tmp_path, torch.device("cuda"))
+    assert cpu.dir != gpu.dir  # bf16 features from a GPU never stand in for fp32 ones, nor the reverse
