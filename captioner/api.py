@@ -13,6 +13,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .decoding import beam_search
 from .device import resolve_device
 from .encoders import Encoder, build_encoder
+from .errors import UsageError
 from .features import default_workers, encode_pixels, pool, prepared_batches, split_batch
 from .images import ImageError, Preprocess, load_image, to_rgb
 from .models import CaptionModel, SequenceModel, build_model
@@ -195,7 +196,7 @@ class Captioner:
         decode_opts: min_len, length_alpha, no_repeat_ngram, batch_size, num_workers.
         """
         if return_attention and self.decoder.attends_over != "regions":
-            raise ValueError("this model has no attention over image regions to return "
+            raise UsageError("this model has no attention over image regions to return "
                              f"(decoder {self.config['decoder']}{', sequence model' if self.is_sequence_model else ''})")
         single = not isinstance(x, (list, tuple))
         results: list = []
@@ -241,7 +242,7 @@ class Captioner:
         decode_opts: n_best, min_len, length_alpha, no_repeat_ngram, batch_size, num_workers.
         """
         if return_attention and self.decoder.attends_over != "frames":
-            raise ValueError("this model has no attention over frames to return (train on sequences "
+            raise UsageError("this model has no attention over frames to return (train on sequences "
                              "with --decoder attention)")
         r = next(self.generate_sequences([frames], beam_size=beam_size, max_len=max_len, **decode_opts))
         if isinstance(r, ImageError):

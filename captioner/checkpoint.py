@@ -15,12 +15,14 @@ from typing import Any
 
 import torch
 
+from .errors import CaptionerError
+
 FORMAT = "captioner-checkpoint"
 FORMAT_VERSION = 1
 REQUIRED = ("format", "format_version", "config", "vocab", "decoder")
 
 
-class CheckpointError(Exception):
+class CheckpointError(CaptionerError):
     """A checkpoint that cannot be used; the message names the file and the reason."""
 
 

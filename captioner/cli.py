@@ -11,10 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .checkpoint import CheckpointError
 from .data import DataError, load_coco, load_coco_references, load_karpathy, load_sequences
 from .distributed import PeerFailure, first_line, from_env, lost_peer
-from .encoders import EncoderWeightsError
+from .errors import CaptionerError, UsageError
 from .features import FeatureCache
 from .images import DEFAULT_MAX_PIXELS, ImageError, list_images
 from .training import TrainOptions
@@ -52,12 +51,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     given = [bool(args.inputs), bool(args.sequence), bool(args.sequence_dir)]
     if sum(given) != 1:
-        raise ValueError("give images to caption one by one, or --sequence FRAME..., or --sequence-dir DIR "
+        raise UsageError("give images to caption one by one, or --sequence FRAME..., or --sequence-dir DIR "
                          "(one of them)")
     model = Captioner.load(args.model, device=args.device)
     model.max_pixels = args.max_pixels
     if args.attention_map and model.decoder.attends_over != "regions":
-        raise ValueError(f"--attention-map needs a single-image model trained with --decoder attention "
+        raise UsageError(f"--attention-map needs a single-image model trained with --decoder attention "
                          f"(this one has --decoder {model.config['decoder']}"
                          f"{' on sequences' if model.is_sequence_model else ''})")
     decode_opts = dict(beam_size=args.beam_size, n_best=args.n_best, max_len=args.max_len, min_len=args.min_len,
@@ -272,7 +271,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__ if k not in CLI_UNSET})
     trainer = Trainer(train, val, args.out, opts, device=args.device, resume=args.resume, quiet=args.quiet,
                       use_cache=not args.no_cache, cache_dir=args.cache_dir, skip_bad=args.skip_bad, dist=dist,
-                      compile=args.compile)
+                      compile=args.compile, overwrite=args.overwrite)
     try:
         best = trainer.fit()
     except TrainingInterrupted as e:  # rank 0 saved the weights; the others have nothing to add
@@ -343,8 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-caption-len", type=int, default=d.max_caption_len, help="longer captions are cut")
     m = t.add_argument_group("model")
     m.add_argument("--encoder", default=d.encoder, help="efficientnet_lite0 | resnet50|101|152 | timm/<name>")
-    m.add_argument("--decoder", default=d.decoder, choices=["lstm", "attention"],
-                   help="lstm: Show-and-Tell on the pooled vector; attention: Show-Attend-Tell on the 7x7 grid")
+    m.add_argument("--decoder", default=d.decoder, choices=["attention", "lstm"],
+                   help="attention (default): Show-Attend-Tell on the 7x7 grid; lstm: Show-and-Tell on the "
+                        "pooled vector (faster, weaker)")
     m.add_argument("--embed-size", type=int, default=d.embed_size)
     m.add_argument("--hidden-size", type=int, default=d.hidden_size)
     m.add_argument("--num-layers", type=int, default=d.num_layers)
@@ -396,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = t.add_argument_group("run")
     r.add_argument("--out", required=True, help="run folder: last.pt, best.pt, metrics.jsonl")
     r.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (its settings; --epochs may grow)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an OUT that holds another run (its checkpoints and log are deleted)")
     r.add_argument("--device", default="auto",
                    help="auto | cpu | cuda (under torchrun each process takes the GPU of its LOCAL_RANK)")
     r.add_argument("--compile", action="store_true",
@@ -472,15 +474,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, DataError, EncoderWeightsError, ImageError, FloatingPointError, ValueError) as e:
+    except CaptionerError as e:  # the user's to fix: one line
         _err(_rank() + str(e))
         return 2
     except KeyboardInterrupt:
         _err(_rank() + "interrupted")
         return 130
     except Exception as e:
-        if not _rank():
-            raise  # a bug: the traceback is the useful report
+        if not _rank():  # a bug: the traceback is the useful report
+            traceback.print_exc()
+            _err(f"internal error ({type(e).__name__}: {first_line(e)}): this is a bug in captioner, "
+                 "please report it with the traceback above")
+            return 1
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops the other workers: let this one finish exiting
         if isinstance(e, PeerFailure):  # its message names this rank
             _err(str(e))

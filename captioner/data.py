@@ -17,11 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .errors import DataError
 from .vocab import Vocabulary
-
-
-class DataError(Exception):
-    """A dataset that cannot be used as given; the message says which file and why."""
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import UsageError
 from .models.base import CaptionModel, DecoderState
 
 PAD_ID, START_ID, END_ID = 0, 1, 2  # fixed by Vocabulary
@@ -124,9 +125,9 @@ def beam_search(model: CaptionModel, features: Any, beam_size: int = 5, max_len:
     features: what `model.init_state` takes, e.g. (B, ...) image features or a `Frames` batch.
     """
     if beam_size < 1 or not 1 <= n_best <= beam_size:
-        raise ValueError(f"need beam_size >= 1 and 1 <= n_best <= beam_size (got {beam_size}, {n_best})")
+        raise UsageError(f"need beam_size >= 1 and 1 <= n_best <= beam_size (got {beam_size}, {n_best})")
     if length_alpha < 0:
-        raise ValueError(f"the length penalty must be >= 0 (got {length_alpha})")
+        raise UsageError(f"the length penalty must be >= 0 (got {length_alpha})")
     state = model.init_state(features)
     B, K, dev = state.batch_size, beam_size, state.device
     state = state.repeat_interleave(K)  # (B*K, ...)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import UsageError
+
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """'auto' -> cuda when available, else cpu; asking for cuda without one is an error."""
@@ -12,5 +14,5 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA device is available (use --device cpu)")
+        raise UsageError("--device cuda was asked for, but no CUDA device is available (use --device cpu)")
     return dev

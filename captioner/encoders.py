@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .errors import CaptionerError, UsageError
 from .images import Preprocess
 
 DEFAULT_ENCODER = "efficientnet_lite0"
@@ -24,7 +25,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class EncoderWeightsError(RuntimeError):
+class EncoderWeightsError(CaptionerError, RuntimeError):
     """Pretrained weights for the requested encoder are not available offline."""
 
 
@@ -192,7 +193,7 @@ def _build_timm(name: str) -> Encoder:
     import timm
 
     if name not in timm.list_models(pretrained=True) and name not in timm.list_models():
-        raise ValueError(f"unknown timm model {name!r}")
+        raise UsageError(f"unknown timm model {name!r}")
     weights = _timm_cached_weights(name)
     if weights is None:
         raise EncoderWeightsError(
@@ -226,4 +227,4 @@ def build_encoder(name: str = DEFAULT_ENCODER) -> Encoder:
         return _build_torchvision(name)
     if name.startswith("timm/"):
         return _build_timm(name[len("timm/"):])
-    raise ValueError(f"unknown encoder {name!r}: use efficientnet_lite0, {', '.join(_TORCHVISION)} or timm/<name>")
+    raise UsageError(f"unknown encoder {name!r}: use efficientnet_lite0, {', '.join(_TORCHVISION)} or timm/<name>")

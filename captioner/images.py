@@ -16,10 +16,12 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2 as T
 
+from .errors import CaptionerError
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
 
-class ImageError(Exception):
+class ImageError(CaptionerError):
     """An input image that cannot be used; carries the path and a one-line reason."""
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import DataError
 from .paths import cache_dir
 from .ptb import coco_tokens, coco_tokens_in_order
 
@@ -263,7 +264,7 @@ def evaluate(refs: Mapping[Any, list[str]], cands: Mapping[Any, str], use_meteor
     """All COCO caption metrics for raw strings; keys as in METRICS plus 'METEOR_backend' and counts."""
     missing = [k for k in cands if k not in refs]
     if missing:
-        raise KeyError(f"{len(missing)} candidate(s) have no references, e.g. image id {missing[0]!r}")
+        raise DataError(f"{len(missing)} candidate(s) have no references, e.g. image id {missing[0]!r}")
     r_tok, c_tok = normalize_corpus(refs, cands)
     out: dict[str, Any] = {}
     if not cands:

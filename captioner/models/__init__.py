@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import UsageError
 from .attention import AttentionDecoder
 from .base import CaptionModel, DecoderState, LossTerms
 from .sequence import TEMPORAL, Frames, SequenceModel
@@ -13,7 +14,7 @@ DECODERS = {"lstm": ShowTellDecoder, "attention": AttentionDecoder}
 
 def build_decoder(kind: str, vocab_size: int, feature_dim: int, **hparams) -> CaptionModel:
     if kind not in DECODERS:
-        raise ValueError(f"unknown decoder {kind!r}; choose from {', '.join(DECODERS)}")
+        raise UsageError(f"unknown decoder {kind!r}; choose from {', '.join(DECODERS)}")
     return DECODERS[kind](vocab_size=vocab_size, feature_dim=feature_dim, **hparams)
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UsageError
 from .base import CaptionModel, DecoderState, LossTerms, shared
 
 
@@ -72,7 +73,7 @@ class AttentionDecoder(CaptionModel):
                  pad_id: int = 0) -> None:
         super().__init__()
         if num_layers != 1:
-            raise ValueError("the attention decoder has one LSTM layer (--num-layers 1)")
+            raise UsageError("the attention decoder has one LSTM layer (--num-layers 1)")
         self.pad_id, self.alpha_c = pad_id, alpha_c
         self.embed = nn.Embedding(vocab_size, embed_size, padding_idx=pad_id)
         self.att_feat = nn.Linear(feature_dim, attention_size)

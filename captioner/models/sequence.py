@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import UsageError
 from .attention import Memory, _grid_coords
 from .base import CaptionModel, DecoderState, LossTerms
 
@@ -73,7 +74,7 @@ class SequenceModel(CaptionModel):
                  keypoints: int = 16, dropout: float = 0.5, tbptt: int = 0) -> None:
         super().__init__()
         if kind not in TEMPORAL:
-            raise ValueError(f"unknown temporal model {kind!r}: {', '.join(TEMPORAL)}")
+            raise UsageError(f"unknown temporal model {kind!r}: {', '.join(TEMPORAL)}")
         self.decoder, self.kind, self.tbptt = decoder, kind, tbptt
         self.attends_over = "frames" if decoder.attends_over else None
         self.keypoint_score = nn.Linear(feature_dim, keypoints)

@@ -1,0 +1,25 @@
+"""The errors a user can cause and fix, as opposed to bugs.
+
+Every exception that stands for a problem with the user's input, options, files or machine
+derives from `CaptionerError` and carries a one-line message naming the thing and the problem:
+the CLI prints that line and exits 2. Anything else that escapes is a bug, and the CLI shows its
+traceback and says so (a bare ValueError from inside torch is never dressed up as bad input).
+"""
+from __future__ import annotations
+
+
+class CaptionerError(Exception):
+    """A problem the user can fix; the message says what and where."""
+
+
+class UsageError(CaptionerError, ValueError):
+    """Options or arguments that cannot work together (also a ValueError, for callers that catch that)."""
+
+
+class DataError(CaptionerError):
+    """A dataset that cannot be used as given; the message says which file and why."""
+
+
+class TrainingDiverged(CaptionerError, FloatingPointError):
+    """The training loss became inf or nan (too high a learning rate, usually); the last good
+    checkpoint is kept."""
