@@ -4,7 +4,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "model" / "captioner-flickr8k.pt"
+BUNDLED_NAME = "captioner-flickr8k.pt"
+# an installed wheel carries it inside the package (pyproject maps assets/model to captioner/bundled);
+# a checkout, or an editable install, has it in the repository's assets/model
+_INSTALLED = Path(__file__).resolve().parent / "bundled" / BUNDLED_NAME
+_CHECKOUT = Path(__file__).resolve().parent.parent / "assets" / "model" / BUNDLED_NAME
+BUNDLED_MODEL = _INSTALLED if _INSTALLED.is_file() else _CHECKOUT
 
 
 def cache_dir() -> Path:
