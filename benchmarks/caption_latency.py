@@ -38,6 +38,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="checkpoint (default: random decoder weights)")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--images", type=int, default=32, help="images per warm measurement (one batch)")
+    ap.add_argument("--cold-runs", type=int, help="cold starts to time (default: --runs; 0: skip them)")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="captioner-bench-"))
     try:
@@ -48,14 +50,14 @@ def main() -> None:
 
         rng = random.Random(0)
         imgs = []
-        for i in range(32):
+        for i in range(a.images):
             p = tmp / f"img{i}.jpg"
             draw_shape(rng.choice(["red", "blue"]), "circle", "big", rng, px=640).save(p, quality=90)
             imgs.append(p)
 
         exe = shutil.which("captioner") or sys.exit("`captioner` is not installed (pip install -e .)")
         cold = []
-        for _ in range(a.runs):
+        for _ in range(a.runs if a.cold_runs is None else a.cold_runs):
             with Timer() as t:
                 subprocess.run([exe, "caption", str(imgs[0]), "--model", str(model_path), "--device", "cpu"],
                                check=True, capture_output=True)
@@ -67,22 +69,24 @@ def main() -> None:
         batch, single = [], []
         for _ in range(a.runs):
             with Timer() as t:
-                model.caption(imgs, batch_size=32, num_workers=0)
-            batch.append(t.s / 32)
+                model.caption(imgs, batch_size=len(imgs), num_workers=0)
+            batch.append(t.s / len(imgs))
             with Timer() as t:
                 for p in imgs:
                     model.caption(p)
-            single.append(t.s / 32)
+            single.append(t.s / len(imgs))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"machine: {machine()}")
-    print(f"model: {a.model or 'random decoder weights (captions run to max_len 20)'}; beam 5; "
-          f"640x640 JPEG inputs; median of {a.runs}")
+    print(f"model: {a.model or 'random decoder weights (captions run to max_len 20)'}; "
+          f"{model.config['decoder']} decoder{' on frames' if model.is_sequence_model else ''}; "
+          f"beam {model.decoding['beam_size']}; 640x640 JPEG inputs; median of {a.runs}")
     print("| captioner caption | value |")
     print("|---|---|")
-    print(f"| cold start, 1 image (process start to output) | {statistics.median(cold):.1f} s |")
-    print(f"| peak RSS of that process | {peak_rss_mb:.0f} MB |")
-    print(f"| warm, batch of 32 | {1000 * statistics.median(batch):.0f} ms/image |")
+    if cold:
+        print(f"| cold start, 1 image (process start to output) | {statistics.median(cold):.1f} s |")
+        print(f"| peak RSS of that process | {peak_rss_mb:.0f} MB |")
+    print(f"| warm, batch of {a.images} | {1000 * statistics.median(batch):.0f} ms/image |")
     print(f"| warm, one image at a time | {1000 * statistics.median(single):.0f} ms/image |")
     print(f"| batching speed-up | {statistics.median(single) / statistics.median(batch):.1f}x |")
 

@@ -1,0 +1,57 @@
+"""Every benchmark that takes --model runs on every kind of checkpoint captioner writes."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from captioner import Captioner
+from captioner.encoders import build_encoder
+from captioner.models import build_model
+from captioner.paths import BUNDLED_MODEL
+from captioner.training import TrainOptions
+from captioner.vocab import Vocabulary
+
+pytestmark = pytest.mark.slow
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+KINDS = {"show-and-tell": ("lstm", "none"), "attention": ("attention", "none"),
+         "sequence, attention": ("attention", "gru"), "sequence, show-and-tell": ("lstm", "lstm")}
+
+
+def _checkpoint(path: Path, decoder: str, temporal: str) -> Path:
+    """A small checkpoint of one kind, random weights (the benchmarks time decoding, not quality)."""
+    opts = TrainOptions(decoder=decoder, temporal=temporal, hidden_size=32, embed_size=16, attention_size=16,
+                        temporal_size=32, keypoints=4)
+    enc = build_encoder()
+    vocab = Vocabulary([f"w{i}" for i in range(40)])
+    config = {"encoder": opts.encoder, "decoder": decoder, "decoder_hparams": opts.decoder_hparams(),
+              "temporal": opts.temporal_config(), "preprocess": enc.spec.preprocess.to_dict(), "fine_tune_encoder": 0}
+    Captioner(enc, build_model(config, len(vocab), enc.feature_dim), vocab, config, device="cpu").save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpts")
+    made = {name: _checkpoint(out / f"{i}.pt", *kind) for i, (name, kind) in enumerate(KINDS.items())}
+    return made | {"bundled": BUNDLED_MODEL}
+
+
+def _run(script: str, *args) -> str:
+    r = subprocess.run([sys.executable, str(BENCH / script), *map(str, args)], capture_output=True, text=True,
+                       timeout=600, cwd=BENCH.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "bundled"])
+def test_beam_search_benchmark_runs_on_every_kind_of_checkpoint(checkpoints, kind):
+    out = _run("beam_search.py", "--model", checkpoints[kind], "--images", "3", "--repeats", "1", "--max-len", "6")
+    assert "**speed-up**" in out and "same best caption on" in out
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "bundled"])
+def test_caption_latency_benchmark_runs_on_every_kind_of_checkpoint(checkpoints, kind):
+    cold = "1" if kind == "bundled" else "0"  # one cold start (a `captioner caption` process) is enough
+    out = _run("caption_latency.py", "--model", checkpoints[kind], "--runs", "1", "--images", "2", "--cold-runs", cold)
+    assert "batching speed-up" in out and "decoder" in out and ("cold start" in out) == (kind == "bundled")
