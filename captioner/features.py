@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .checkpoint import atomic_write
 from .data import CaptionCorpus
 from .encoders import Encoder
+from .errors import DataError
 from .images import ImageError, Preprocess, load_image
 from .paths import cache_dir
 
@@ -132,7 +133,7 @@ def extract_features(encoder: Encoder, paths: Sequence[Path], kind: str = "poole
             start += len(batch)
             bar.update(len(batch))
     if out is None:
-        raise ValueError("no image could be read")
+        raise DataError("no image could be read")
     return out, failed
 
 

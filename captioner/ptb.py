@@ -107,7 +107,7 @@ def _scanner() -> tuple[re.Pattern, list[tuple[re.Pattern, str]]]:
     rules = [
         ("split3", r"(?i:cannot)"),  # can | not
         ("keep", r"(?i:c\+\+|[cf]#)"),
-        ("split2", f"(?i:gonna|gotta|lemme|gimme|wanna|'tis|'twas)(?![A-Za-z])"),
+        ("split2", "(?i:gonna|gotta|lemme|gimme|wanna|'tis|'twas)(?![A-Za-z])"),
         ("keep", r"<\/?[A-Za-z!?][^>\r\n]*>"),  # SGML-like tags stay one token
         ("dash", "[\u2013\u2014\u2015\x96\x97]|&(?:MD|mdash|ndash);"),
         ("amp", "&amp;"),
@@ -116,7 +116,7 @@ def _scanner() -> tuple[re.Pattern, list[tuple[re.Pattern, str]]]:
         ("clitic", f"{APOS}(?i:s|m|d|re|ve|ll){NOT_LETTER}"),
         ("host", f"({LET}*(?![nN]){LET})(?=[nN]{APOS}[tT]{NOT_LETTER})[nN]{APOS}[tT]"),
         ("clitic", f"[nN]{APOS}[tT]{NOT_LETTER}"),
-        ("keep", f"(?i:ma'am|'em|'cause|'till?|'n'|y'|th')"),
+        ("keep", "(?i:ma'am|'em|'cause|'till?|'n'|y'|th')"),
         ("keep", f"'{DIG}{DIG}[sS]?"),
         ("keep", f"{ELIDED}{ALNUM}+(?:{HY}{ELIDED}{ALNUM}+)*"),  # hyphenated, o'clock, 5km
         ("keep", r"[A-Za-z0-9][A-Za-z0-9.,]*(?:-[A-Za-z0-9]+)+"),  # points before the first hyphen: 1.5-2
@@ -133,7 +133,7 @@ def _scanner() -> tuple[re.Pattern, list[tuple[re.Pattern, str]]]:
         ("keep", f"[A-Za-z]\\.(?!{SP}+(?:{starts})(?:{SP}|$))"),
         ("keep", f"(?i:{'|'.join(_ABBREV_BEFORE_NUMBER)})\\.(?={SP}*{DIG})"),
         ("keep", f"{WORD}\\.(?=[,;:\u3001])"),
-        ("drop", f"\"|''|``|[`\u2018\u2019\u201b\u201c\u201d\x91-\x94\u2039\u203a\u00ab\u00bb']{{1,2}}"),
+        ("drop", "\"|''|``|[`\u2018\u2019\u201b\u201c\u201d\x91-\x94\u2039\u203a\u00ab\u00bb']{1,2}"),
         ("keep", "[\u201a\u201e\u201f]"),
         ("bracket", r"[()\[\]{}]"),
         ("hyphens", r"-+"),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Training demo: generate a small shapes dataset, train a captioner on it (about a minute on 2 CPU
+# Training demo: generate a small shapes dataset, train a captioner on it (under two minutes on 2 CPU
 # cores, encoder features computed once), then caption the held-back shapes.
 # Everything lands in runs/quickstart (override with QUICKSTART_DIR); nothing is downloaded.
 set -euo pipefail

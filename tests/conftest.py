@@ -11,8 +11,18 @@ REPO = Path(__file__).resolve().parents[1]
 FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
 
 # Small but real: trains in seconds from cached Lite0 features and captions held-back images well.
-TRAIN_ARGS = ["--epochs", "15", "--batch-size", "32", "--hidden-size", "256", "--embed-size", "128",
+TRAIN_ARGS = ["--decoder", "lstm", "--epochs", "15", "--batch-size", "32", "--hidden-size", "256", "--embed-size", "128",
               "--min-word-count", "1", "--lr", "2e-3", "--dropout", "0.2", "--device", "cpu", "--quiet"]
+
+
+# Tests that use these fixtures train a model first: the `slow` tier (`pytest -m "not slow"` skips them).
+SLOW_FIXTURES = {"trained_run", "captioner_model", "motion_models", "relation_models"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)

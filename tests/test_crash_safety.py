@@ -15,7 +15,9 @@ from captioner.checkpoint import load_checkpoint
 from captioner.data import load_coco
 from captioner.training import Trainer, TrainOptions
 
-ARGS = ["--batch-size", "2", "--hidden-size", "64", "--embed-size", "32", "--min-word-count", "1",
+pytestmark = pytest.mark.slow  # launches training processes
+
+ARGS = ["--decoder", "lstm", "--batch-size", "2", "--hidden-size", "64", "--embed-size", "32", "--min-word-count", "1",
         "--device", "cpu", "--quiet", "--lr-schedule", "constant"]
 
 
@@ -30,7 +32,10 @@ def _epochs_logged(out):
 
 
 def _start_and_wait_for_first_epoch(shapes, out, epochs):
-    proc = subprocess.Popen(_train_cmd(shapes, out, "--epochs", str(epochs)), stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal delivers it: a shell runs background jobs with SIGINT ignored, and a child
+    # that starts with it ignored never installs Python's KeyboardInterrupt handler
+    proc = subprocess.Popen(_train_cmd(shapes, out, "--epochs", str(epochs)), stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not _epochs_logged(out) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -55,7 +60,10 @@ def test_sigkill_mid_run_then_resume_accounts_for_every_epoch(shapes, tmp_path):
 def test_sigint_and_sigterm_save_the_weights_and_exit_cleanly(shapes, tmp_path, sig):
     proc = _start_and_wait_for_first_epoch(shapes, tmp_path, epochs=50)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # never left running, whatever happened
     assert proc.returncode == 130 and "Traceback" not in err
     assert "interrupted" in err and "interrupted.pt" in err and len(err.strip().splitlines()) == 1
     Captioner.load(tmp_path / "interrupted.pt", device="cpu")  # the weights of the moment, usable
@@ -67,7 +75,7 @@ def test_sigint_and_sigterm_save_the_weights_and_exit_cleanly(shapes, tmp_path, 
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(shapes, tmp_path):
     train = load_coco(shapes["train_json"], shapes["train_images"])
-    opts = TrainOptions(epochs=1, batch_size=32, hidden_size=32, embed_size=16, min_word_count=1)
+    opts = TrainOptions(decoder="lstm", epochs=1, batch_size=32, hidden_size=32, embed_size=16, min_word_count=1)
     trainer = Trainer(train, None, tmp_path, opts, device="cpu", quiet=True)
     trainer.fit()
     good = load_checkpoint(tmp_path / "last.pt")["decoder"]

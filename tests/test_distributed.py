@@ -18,9 +18,11 @@ from captioner.distributed import Dist
 from captioner.encoders import build_encoder
 from captioner.training import Trainer, TrainOptions
 
+pytestmark = pytest.mark.slow  # launches training processes
+
 HELPERS = Path(__file__).parent / "helpers"
 # 600 training captions: a multiple of every global batch used here, so no rank gets padding
-SMALL = ["--hidden-size", "64", "--embed-size", "32", "--attention-size", "32", "--min-word-count", "1",
+SMALL = ["--decoder", "lstm", "--hidden-size", "64", "--embed-size", "32", "--attention-size", "32", "--min-word-count", "1",
          "--dropout", "0", "--device", "cpu", "--quiet"]
 TIMEOUT = 240  # no test may hang: every launch is killed after this
 
@@ -71,7 +73,7 @@ def test_ranks_shard_each_global_batch_and_reshuffle_every_epoch(shapes, tmp_pat
     """The sampler alone: rank r's batch i holds exactly its share of one process's batch i at
     twice the size; epochs are shuffled differently."""
     train = load_coco(shapes["train_json"], shapes["train_images"])
-    opts = TrainOptions(epochs=1, batch_size=20, hidden_size=16, embed_size=8, min_word_count=1)
+    opts = TrainOptions(decoder="lstm", epochs=1, batch_size=20, hidden_size=16, embed_size=8, min_word_count=1)
     trainer = Trainer(train, None, tmp_path, opts, device="cpu", quiet=True)
     dataset = trainer.train_data[0]
 
@@ -189,8 +191,8 @@ def test_a_rank_0_error_reaches_every_rank(shapes, tmp_path):
 def test_torch_distributed_is_not_needed_for_one_process(shapes, tmp_path):
     """Without torchrun nothing joins a process group and the trainer is a single process."""
     train = load_coco(shapes["train_json"], shapes["train_images"])
-    trainer = Trainer(train, None, tmp_path, TrainOptions(epochs=1, hidden_size=16, embed_size=8, min_word_count=1),
-                      device="cpu", quiet=True)
+    opts = TrainOptions(decoder="lstm", epochs=1, hidden_size=16, embed_size=8, min_word_count=1)
+    trainer = Trainer(train, None, tmp_path, opts, device="cpu", quiet=True)
     assert not torch.distributed.is_initialized() and trainer.dist == Dist() and trainer.wrapped is trainer.core
 
 

@@ -8,7 +8,7 @@ from captioner.checkpoint import load_checkpoint
 from captioner.cli import main
 from captioner.metrics import METRICS
 
-SHAPES_ARGS = ["--batch-size", "32", "--hidden-size", "128", "--embed-size", "64", "--min-word-count", "1",
+SHAPES_ARGS = ["--decoder", "lstm", "--batch-size", "32", "--hidden-size", "128", "--embed-size", "64", "--min-word-count", "1",
                "--device", "cpu", "--quiet", "--dropout", "0.2"]
 
 
@@ -57,6 +57,7 @@ def test_score_refuses_bad_results_files(shapes, tmp_path, capsys):
     assert rc == 2 and "JSON list" in err
 
 
+@pytest.mark.slow  # trains several epochs with validation
 def test_best_follows_the_selection_metric(shapes, tmp_path):
     assert _train_with_val(shapes, tmp_path / "cider", "--epochs", "4", "--lr", "1e-3") == 0
     log = [json.loads(l) for l in (tmp_path / "cider" / "metrics.jsonl").read_text().splitlines()]

@@ -142,7 +142,7 @@ def test_fine_tuned_encoders_are_not_cached():
 
 def test_cached_and_uncached_training_agree(shapes, tmp_path):
     train = load_coco(shapes["test_json"], shapes["test_images"])
-    opts = TrainOptions(epochs=2, batch_size=16, hidden_size=64, embed_size=32, min_word_count=1, num_workers=0)
+    opts = TrainOptions(decoder="lstm", epochs=2, batch_size=16, hidden_size=64, embed_size=32, min_word_count=1, num_workers=0)
     losses = {}
     for name, use_cache in (("cached", True), ("uncached", False)):
         Trainer(train, None, tmp_path / name, opts, device="cpu", quiet=True, use_cache=use_cache,
@@ -155,7 +155,7 @@ def test_cached_and_uncached_training_agree(shapes, tmp_path):
 def test_a_warm_cache_does_not_change_a_run(shapes, tmp_path):
     """Same seed, cold cache vs warm cache: identical weights (extraction must not touch the training RNG)."""
     train = load_coco(shapes["test_json"], shapes["test_images"])
-    opts = TrainOptions(epochs=1, batch_size=16, hidden_size=32, embed_size=16, min_word_count=1, num_workers=1)
+    opts = TrainOptions(decoder="lstm", epochs=1, batch_size=16, hidden_size=32, embed_size=16, min_word_count=1, num_workers=1)
     for name in ("cold", "warm"):
         Trainer(train, None, tmp_path / name, opts, device="cpu", quiet=True, cache_dir=tmp_path / "cache").fit()
     from captioner.checkpoint import load_checkpoint
@@ -210,6 +210,7 @@ def _fill_in_a_process(root: str, paths: list[str]) -> None:
     FeatureCache(build_encoder(), root).fill(paths, batch_size=2, num_workers=0, quiet=True)
 
 
+@pytest.mark.slow  # launches processes
 def test_two_processes_fill_one_cache_at_once(lite0, images, tmp_path):
     import multiprocessing
 

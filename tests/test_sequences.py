@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from captioner import Captioner
 from captioner.cli import main
 from captioner.data import DataError, load_sequences
 from captioner.decoding import beam_search
@@ -251,3 +252,22 @@ def test_fine_tuning_the_encoder_on_sequences_is_refused_clearly(motion, tmp_pat
     opts = TrainOptions(fine_tune_encoder=1, epochs=1)
     with pytest.raises(ValueError, match="single images only"):
         Trainer(motion["train"], None, tmp_path, opts, device="cpu", quiet=True)
+
+
+@pytest.mark.slow
+def test_the_default_decoder_learns_the_direction_of_motion(motion, tmp_path):
+    """No --decoder, no --temporal: the defaults must be the setting that works (attention over a
+    GRU on the frames). Only the step size suits this tiny set: lr 2e-3, batch 32 (Flickr8k's
+    defaults take 2 steps an epoch here)."""
+    d = motion["dir"]
+    run = tmp_path / "run"
+    assert main(["train", "--train-sequences", str(motion["train_json"]), "--train-images", str(d / "train"),
+                 "--out", str(run), "--epochs", "10", "--lr", "2e-3", "--batch-size", "32", "--min-word-count", "1",
+                 "--device", "cpu", "--quiet"]) == 0
+    model = Captioner.load(run / "best.pt", device="cpu")
+    assert model.config["decoder"] == "attention" and model.config["temporal"]["kind"] == "gru"
+    truth = [motion["truth"][i] for i in motion["test"].image_ids]
+    _, forward = _directions(model, motion)
+    _, backward = _directions(model, motion, reverse=True)
+    assert sum(d == t for d, t in zip(forward, truth)) / len(truth) >= 0.9
+    assert sum(d == OPPOSITE[t] for d, t in zip(backward, truth)) / len(truth) >= 0.9

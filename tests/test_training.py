@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from captioner.training import Trainer, TrainOptions, _optimizer
 
 from .conftest import FLICKR8K
 
-QUICK = ["--batch-size", "32", "--hidden-size", "64", "--embed-size", "32", "--min-word-count", "1",
+QUICK = ["--decoder", "lstm", "--batch-size", "32", "--hidden-size", "64", "--embed-size", "32", "--min-word-count", "1",
          "--device", "cpu", "--quiet"]
 
 
@@ -58,9 +59,10 @@ def test_optimizers():
     assert sgd.param_groups[0]["momentum"] == 0 and mom.param_groups[0]["momentum"] == 0.9
 
 
+@pytest.mark.slow  # runs the encoder every step
 def test_fine_tuning_trains_the_last_encoder_blocks_only(shapes, tmp_path):
     train = load_coco(shapes["test_json"], shapes["test_images"])  # 24 images: small enough to run the CNN
-    opts = TrainOptions(epochs=1, batch_size=24, hidden_size=32, embed_size=16, min_word_count=1,
+    opts = TrainOptions(decoder="lstm", epochs=1, batch_size=24, hidden_size=32, embed_size=16, min_word_count=1,
                         fine_tune_encoder=1, encoder_lr=1e-2, num_workers=0)
     trainer = Trainer(train, None, tmp_path, opts, device="cpu", quiet=True)
     enc = trainer.model.encoder
@@ -80,10 +82,11 @@ def test_cli_data_errors_are_one_line(shapes, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not (FLICKR8K / "captions_train.json").is_file(), reason="Flickr8k not present at ../shared/data")
+@pytest.mark.slow  # reads real photos
 def test_real_photos_loss_falls(tmp_path):
     """200 real Flickr8k photos, ~300 steps: the training loss falls clearly."""
     corpus = load_coco(FLICKR8K / "captions_train.json", FLICKR8K / "images").subset(200)
-    opts = TrainOptions(epochs=5, batch_size=16, hidden_size=256, embed_size=128, min_word_count=2, lr=1e-3,
+    opts = TrainOptions(decoder="lstm", epochs=5, batch_size=16, hidden_size=256, embed_size=128, min_word_count=2, lr=1e-3,
                         dropout=0.2)
     trainer = Trainer(corpus, None, tmp_path, opts, device="cpu", quiet=True)
     trainer.fit()
@@ -103,6 +106,7 @@ def test_bf16_autocast_trains_like_fp32(shapes, tmp_path):
     assert load_checkpoint(tmp_path / "bf16" / "last.pt")["config"]["train"]["amp"] == "bf16"
 
 
+@pytest.mark.slow  # trains two models
 def test_self_critical_training_raises_cider_of_a_weak_model(shapes, tmp_path, capsys):
     """Self-critical fine-tuning from --init-from: the reward it optimises (CIDEr-D) goes up on
     held-back images, and the architecture and vocabulary come from the starting checkpoint."""
@@ -152,3 +156,32 @@ def test_self_critical_rewards_only_finished_captions_and_never_samples_unk():
     tokens, logp, mask = TrainStep(None, decoder)(torch.randn(4, 8), samples=50, max_len=6)
     assert not (tokens == vocab.unk_id).any() and torch.isfinite(logp[mask]).all()
     assert s not in tokens.tolist()
+
+
+def test_cosine_resume_with_more_epochs_follows_the_longer_schedule(shapes, tmp_path):
+    base = ["--lr-schedule", "cosine", "--lr", "1e-3"]
+    assert _train(shapes, tmp_path / "short", "--epochs", "2", *base) == 0
+    assert _train(shapes, tmp_path / "short", "--epochs", "5", "--resume", *base) == 0
+    assert _train(shapes, tmp_path / "long", "--epochs", "5", *base) == 0
+    lrs = {run: [json.loads(l)["lr"] for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+           for run in ("short", "long")}
+    want = [1e-3 * 0.5 * (1 + math.cos(math.pi * e / 5)) for e in range(5)]
+    assert lrs["long"] == pytest.approx(want)
+    assert lrs["short"][2:] == pytest.approx(want[2:])  # after the resume: the 5-epoch curve, falling to the end
+    assert all(a >= b for a, b in zip(lrs["short"][2:], lrs["short"][3:]))
+
+
+def test_a_folder_holding_a_run_is_not_reused_without_resume_or_overwrite(shapes, tmp_path, capsys):
+    assert _train(shapes, tmp_path / "run", "--epochs", "1") == 0
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert _train(shapes, tmp_path / "run", "--epochs", "1", "--seed", "3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a run" in err[0] and "--resume" in err[0] and "--overwrite" in err[0]
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before  # untouched
+    # --overwrite with an option that fails: the old run is still there (files go only when training starts)
+    assert _train(shapes, tmp_path / "run", "--epochs", "1", "--overwrite", "--self-critical", "--scst-samples", "1") == 2
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    assert _train(shapes, tmp_path / "run", "--epochs", "1", "--seed", "3", "--overwrite") == 0
+    assert (tmp_path / "run" / "last.pt").read_bytes() != before
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
