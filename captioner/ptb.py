@@ -59,25 +59,25 @@ _SINGLE = {"£": "#", "€": "$", "\x80": "$", "¤": "$", "₠": "$", "¢": "cen
            "¾": "3/4", "⅓": "1/3", "⅔": "2/3"}
 
 
+def _runs() -> list[tuple[int, int, str]]:
+    """The character table as (first, last, class) code-point runs."""
+    out = []
+    for run in RUNS.split():
+        a, b = (int(x, 16) for x in run[:-1].split("-"))
+        out.append((a, b, run[-1]))
+    return out
+
+
 def _ranges(kinds: str) -> str:
     """Regex class body of the non-ASCII BMP characters whose class is in `kinds`."""
-    parts = []
-    for run in RUNS.split():
-        span, kind = run[:-1], run[-1]
-        if kind in kinds:
-            a, b = (int(x, 16) for x in span.split("-"))
-            parts.append(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}")
-    return "".join(parts)
+    return "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}"
+                   for a, b, kind in _runs() if kind in kinds)
 
 
 def _digits() -> str:
     """Non-ASCII characters of class L that are decimal digits (they make numbers, not words)."""
-    out = []
-    for run in RUNS.split():
-        if run[-1] == "L":
-            a, b = (int(x, 16) for x in run[:-1].split("-"))
-            out += [re.escape(chr(c)) for c in range(a, b + 1) if chr(c).isdecimal()]
-    return "".join(out)
+    return "".join(re.escape(chr(c)) for a, b, kind in _runs() if kind == "L"
+                   for c in range(a, b + 1) if chr(c).isdecimal())
 
 
 @cache
