@@ -150,13 +150,16 @@ def beam_search(model: CaptionModel, features: Any, beam_size: int = 5, max_len:
         ends = (top_tok == END_ID) & torch.isfinite(top_logp)  # (B, 2K)
         step_attn = state.alpha if getattr(state, "alpha", None) is not None else None  # (B*K, R)
         # captions that end among the K best continuations are set aside, scored with the penalty
-        for b, j in (ends[:, :K]).nonzero().tolist():
-            row = int(offsets[b, 0]) + int(top_idx[b, j]) // V
-            attn = None
+        eb, ej = ends[:, :K].nonzero(as_tuple=True)  # (E,), (E,)
+        if len(eb):
+            rows = eb * K + top_idx[eb, ej] // V  # (E,) the beam each ended caption came from
+            ended_attn = None
             if step_attn is not None:
-                attn = step_attn[row:row + 1] if attention is None else torch.cat([attention[row], step_attn[row:row + 1]])
-            finished[b].append(_hypothesis(history[row].tolist() + [END_ID], float(top_logp[b, j]), True, length_alpha,
-                                           attn))
+                step = step_attn[rows][:, None, :]  # (E, 1, R)
+                ended_attn = step if attention is None else torch.cat([attention[rows], step], dim=1)  # (E, t+1, R)
+            for k, (b, seq, lp) in enumerate(zip(eb.tolist(), history[rows].tolist(), top_logp[eb, ej].tolist())):
+                finished[b].append(_hypothesis(seq + [END_ID], lp, True, length_alpha,
+                                               None if ended_attn is None else ended_attn[k]))
         # the first K continuations that do not end stay live
         keep_logp, keep = torch.where(ends, float("-inf"), top_logp).topk(K, dim=1)  # (B, K)
         idx = top_idx.gather(1, keep)  # (B, K)
@@ -169,10 +172,11 @@ def beam_search(model: CaptionModel, features: Any, beam_size: int = 5, max_len:
             step = step_attn[:, None, :]  # (B*K, 1, R): what produced this step's word
             attention = step[src] if attention is None else torch.cat([attention[src], step[src]], dim=1)
         if early_stop:
+            best_live = beam_logp[:, 0].tolist()  # (B,) beams are sorted: the first is the best
             for b in range(B):
-                if len(finished[b]) >= n_best:
+                if len(finished[b]) >= n_best and math.isfinite(best_live[b]):
                     nth = sorted((h.score for h in finished[b]), reverse=True)[n_best - 1]
-                    if float(beam_logp[b, 0]) / best_bound <= nth:  # no live beam can get in any more
+                    if best_live[b] / best_bound <= nth:  # no live beam can get in any more
                         beam_logp[b] = float("-inf")
         if not torch.isfinite(beam_logp).any():
             break

@@ -249,11 +249,12 @@ class FeatureCache:
             failed = [err for _, _, err in todo if err is not None]
             todo = [(p, k) for p, k, err in todo if err is None]
             if todo:
-                failed += self._extract(todo, batch_size, self.device, num_workers, quiet, desc)
+                failed += self._extract(todo, batch_size, num_workers, quiet, desc)
         return failed
 
-    def _extract(self, todo: list[tuple[Path, str]], batch_size: int, device: torch.device, num_workers: int,
-                 quiet: bool, desc: str) -> list[ImageError]:
+    def _extract(self, todo: list[tuple[Path, str]], batch_size: int, num_workers: int, quiet: bool,
+                 desc: str) -> list[ImageError]:
+        device = self.device
         encoder = self.encoder.to(device, memory_format=torch.channels_last).eval()
         failed: list[ImageError] = []
         self._repair_index()

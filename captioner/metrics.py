@@ -239,25 +239,26 @@ def _nltk_wordnet():
     return wordnet
 
 
-def meteor(refs: Mapping[Any, list[str]], cands: Mapping[Any, str], backend: str | None = None) -> float | None:
-    """Mean METEOR over images from raw strings, or None when no backend is available."""
+def meteor(refs: Mapping[Any, list[str]], cands: Mapping[Any, str], backend: str | None = None,
+           tokens: tuple[dict, dict] | None = None) -> float | None:
+    """Mean METEOR over images from raw strings, or None when no backend is available.
+    `tokens`: the corpus as `normalize_corpus` gives it, when the caller has it already."""
     backend = backend or meteor_backend()
     keys = list(cands)
+    if backend not in ("official-1.5", "nltk"):
+        return None
+    r_tok, c_tok = tokens or normalize_corpus(refs, cands)
     if backend == "official-1.5":
         from pycocoevalcap.meteor.meteor import Meteor
 
-        r_tok, c_tok = normalize_corpus(refs, cands)
         gts = {k: [" ".join(r) for r in r_tok[k]] for k in keys}
         res = {k: [" ".join(c_tok[k])] for k in keys}
         score, _ = Meteor().compute_score(gts, res)  # runs the METEOR 1.5 jar in a Java subprocess
         return float(score)
-    if backend == "nltk":
-        from nltk.translate.meteor_score import meteor_score
+    from nltk.translate.meteor_score import meteor_score
 
-        wn = _nltk_wordnet()
-        return sum(meteor_score([normalize(r) for r in refs[k]], normalize(cands[k]), wordnet=wn)
-                   for k in keys) / max(len(keys), 1)
-    return None
+    wn = _nltk_wordnet()
+    return sum(meteor_score(r_tok[k], c_tok[k], wordnet=wn) for k in keys) / max(len(keys), 1)
 
 
 def evaluate(refs: Mapping[Any, list[str]], cands: Mapping[Any, str], use_meteor: bool = True) -> dict[str, Any]:
@@ -276,7 +277,7 @@ def evaluate(refs: Mapping[Any, list[str]], cands: Mapping[Any, str], use_meteor
     for k, b in enumerate(bleu(r_words, c_words), start=1):
         out[f"BLEU-{k}"] = b
     backend = meteor_backend() if use_meteor else "unavailable"
-    out["METEOR"] = meteor(refs, cands, backend) if backend != "unavailable" else None
+    out["METEOR"] = meteor(refs, cands, backend, tokens=(r_tok, c_tok)) if backend != "unavailable" else None
     out["ROUGE-L"] = sum(rouge_l(r_tok[k], c_tok[k]) for k in cands) / len(cands)
     cider = cider_d(r_words, c_words)
     out["CIDEr-D"] = sum(cider.values()) / len(cider)

@@ -121,6 +121,7 @@ def test_meteor_can_be_switched_off(monkeypatch):
 
 
 def test_meteor_falls_back_to_nltk_without_java_or_pycocoevalcap(monkeypatch):
+    monkeypatch.delenv("CAPTIONER_METEOR", raising=False)  # whatever the caller's environment says
     real_import = builtins.__import__
 
     def no_pycocoevalcap(name, *a, **kw):
