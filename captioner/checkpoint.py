@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pickle import UnpicklingError  # the error torch's safe loader raises; nothing is pickled here
 import tempfile
 import warnings
@@ -32,10 +36,39 @@ def _umask() -> int:
     return mask
 
 
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C (SIGINT) and SIGTERM wait until the block is done, then take effect as they would
+    have: a write is never cut halfway (torch's zip writer, cut mid-file, raises its own error on
+    top of the KeyboardInterrupt and leaves nothing usable). Nested blocks hold until the outermost
+    one ends. Outside the main thread (where Python cannot set handlers) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: h for s in held if (h := signal.getsignal(s)) not in (signal.SIG_IGN, None)}
+    for s in previous:  # (None: a handler not set from Python; left alone)
+        signal.signal(s, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(pending):  # delivered now, to whatever handled them before
+            signal.raise_signal(s)
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call write(file_object) on a temp file next to `path`, then rename it over `path`."""
+    """Call write(file_object) on a temp file next to `path`, then rename it over `path`; signals
+    wait until it is done (see `signals_held`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    with signals_held():
+        _atomic_write(path, write)
+
+
+def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

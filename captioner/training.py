@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from .api import Captioner
-from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint, signals_held
 from .data import Batch, CaptionCorpus, CaptionDataset, DataError, collate
 from .decoding import sample
 from .device import resolve_device
@@ -267,7 +267,7 @@ class Trainer:
         self.amp = amp_dtype(opts.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.sched = _scheduler(opts, self.optim, "max" if self.higher_is_better else "min")
-        self.start_epoch = 0
+        self.start_epoch = self.epochs_done = 0
         self.best_score = -math.inf if self.higher_is_better else math.inf
         self.bad_epochs = 0  # epochs since the selection metric last improved
         if init:
@@ -285,7 +285,7 @@ class Trainer:
                 self.sched.load_state_dict(ckpt["scheduler"])
             self._stretch_cosine(ckpt["epoch"])
             self.scaler.load_state_dict(ckpt.get("scaler") or {})
-            self.start_epoch = ckpt["epoch"]
+            self.start_epoch = self.epochs_done = ckpt["epoch"]
             self.best_score, self.bad_epochs = ckpt["best_score"], ckpt["bad_epochs"]
         if self.dist.is_main and resume:
             self._trim_metrics(self.start_epoch)  # lines a crash wrote past the checkpoint
@@ -517,11 +517,13 @@ class Trainer:
                               file=sys.stderr, flush=True)
                     break
         except KeyboardInterrupt:
+            done = max(epoch, self.epochs_done)  # the signal may have waited for the epoch's checkpoints
             if self.dist.is_main:
-                save_checkpoint(self.out / "interrupted.pt", self.model.checkpoint_payload() | {"epoch": epoch})
-            raise TrainingInterrupted(f"interrupted during epoch {epoch + 1}: weights saved to "
+                save_checkpoint(self.out / "interrupted.pt", self.model.checkpoint_payload() | {"epoch": done})
+            when = f"after epoch {done}" if done > epoch else f"during epoch {epoch + 1}"
+            raise TrainingInterrupted(f"interrupted {when}: weights saved to "
                                       f"{self.out / 'interrupted.pt'}; `--resume` continues from "
-                                      f"{self.out / 'last.pt'} (end of epoch {epoch})") from None
+                                      f"{self.out / 'last.pt'} (end of epoch {done})") from None
         if self.dist.is_main and not (self.out / "best.pt").is_file():
             raise CheckpointError(f"{self.out}: no epochs were run, so there is no best.pt "
                                   f"(already at epoch {self.start_epoch} of {self.opts.epochs}?)")
@@ -559,9 +561,11 @@ class Trainer:
         self.dist.on_main(lambda: self._log_and_save(record, improved))
 
     def _log_and_save(self, record: dict[str, Any], improved: bool) -> None:
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        self._save(record["epoch"], improved)  # after the log line: a resume trims lines past the checkpoint
+        with signals_held():  # Ctrl-C here waits: the log line, last.pt and best.pt are written together
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            self._save(record["epoch"], improved)  # after the log line: a resume trims lines past the checkpoint
+            self.epochs_done = record["epoch"]
         if not self.quiet:
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                              if k not in ("best", "METEOR_backend"))

@@ -185,3 +185,33 @@ def test_a_folder_holding_a_run_is_not_reused_without_resume_or_overwrite(shapes
     assert _train(shapes, tmp_path / "run", "--epochs", "1", "--seed", "3", "--overwrite") == 0
     assert (tmp_path / "run" / "last.pt").read_bytes() != before
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_ctrl_c_during_a_checkpoint_save_waits_for_it_then_stops_cleanly(shapes, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+    import time
+
+    import captioner.checkpoint as ckpt_module
+
+    real_save, calls = torch.save, []
+
+    def save_interrupted_midway(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # epoch 1 writes last.pt, then best.pt: Ctrl-C while best.pt is being written
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # (a handler that raises would cut the write here)
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_module.torch, "save", save_interrupted_midway)
+    rc = _train(shapes, tmp_path, "--epochs", "3")
+    err = capsys.readouterr().err
+    assert len(calls) >= 2 and rc == 130, err
+    assert err.count("\n") == 1 and "Traceback" not in err and "interrupted after epoch 1" in err
+    log = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1] and log[0]["best"]
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    assert load_checkpoint(tmp_path / "interrupted.pt")["epoch"] == 1
+    monkeypatch.setattr(ckpt_module.torch, "save", real_save)
+    assert _train(shapes, tmp_path, "--epochs", "2", "--resume") == 0  # and the run goes on
+    assert [json.loads(l)["epoch"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
