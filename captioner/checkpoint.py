@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from .errors import CaptionerError
+from .errors import CaptionerError, OutputError
+from .paths import check_output_file
 
 FORMAT = "captioner-checkpoint"
 FORMAT_VERSION = 1
@@ -63,9 +64,14 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     """Call write(file_object) on a temp file next to `path`, then rename it over `path`; signals
     wait until it is done (see `signals_held`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with signals_held():
-        _atomic_write(path, write)
+    check_output_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with signals_held():
+            _atomic_write(path, write)
+    except OSError as e:  # e.g. the disk filled up: name the user's file, not the temp file
+        raise OutputError(f"{path}: not written ({e.strerror or type(e).__name__}); "
+                          "any earlier version of it is untouched") from None
 
 
 def _atomic_write(path: Path, write) -> None:

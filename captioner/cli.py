@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import signal
 import sys
 import traceback
@@ -16,6 +17,7 @@ from .distributed import PeerFailure, first_line, from_env, lost_peer
 from .errors import CaptionerError, UsageError
 from .features import FeatureCache
 from .images import DEFAULT_MAX_PIXELS, ImageError, list_images
+from .paths import check_output_dir, check_output_file
 from .training import TrainOptions
 
 GLOB_CHARS = set("*?[")
@@ -25,10 +27,21 @@ def _err(msg: str) -> None:
     print(f"captioner: {msg}", file=sys.stderr, flush=True)
 
 
+def _stdin_paths() -> list[str]:
+    """`-`: paths read from standard input, one per line (as `find ... | captioner caption -`)."""
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError("`-` reads image paths from standard input, one per line, but nothing is piped in")
+    return [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+
+
 def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[ImageError]]:
-    """Files, folders (their images, sorted) and globs -> image paths, plus what matched nothing."""
+    """Files, folders (their images, sorted), globs and `-` (paths on standard input) -> image
+    paths, plus what matched nothing."""
     paths: list[str] = []
     problems: list[ImageError] = []
+    if list(args).count("-") > 1:
+        raise UsageError("`-` (paths from standard input) can be given once")
+    args = [x for a in args for x in (_stdin_paths() if a == "-" else [a])]
     for a in args:
         p = Path(a)
         if p.is_dir():
@@ -53,6 +66,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if sum(given) != 1:
         raise UsageError("give images to caption one by one, or --sequence FRAME..., or --sequence-dir DIR "
                          "(one of them)")
+    if args.attention_map:
+        check_output_dir(args.attention_map)
     model = Captioner.load(args.model, device=args.device)
     model.max_pixels = args.max_pixels
     if args.attention_map and model.decoder.attends_over != "regions":
@@ -165,6 +180,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .api import Captioner
     from .evaluation import caption_corpus, references, score, write_results
 
+    if args.results:
+        check_output_file(args.results)  # before captioning everything, not after
     corpus = _load_corpus(args.annotations, args.images, args.karpathy_json, args.images_root, args.split,
                           args.skip_missing, args.sequences, args.skip_bad)
     if corpus is None:
@@ -304,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("caption", help="caption images, folders or glob patterns")
-    c.add_argument("inputs", nargs="*", help="image files, folders of images, or glob patterns (one caption each)")
+    c.add_argument("inputs", nargs="*",
+                   help="image files, folders of images, glob patterns, or - to read paths from standard input, "
+                        "one per line (one caption each)")
     c.add_argument("--sequence", nargs="+", metavar="FRAME",
                    help="one caption for these images as an ordered sequence (album, burst, video frames)")
     c.add_argument("--sequence-dir", action="append", metavar="DIR",
@@ -480,6 +499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err(_rank() + "interrupted")
         return 130
+    except BrokenPipeError:  # the reader went away (`captioner caption DIR | head -1`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's last flush has nowhere to fail
+        return 141  # 128 + SIGPIPE: what a shell reports for a tool stopped by a closed pipe
     except Exception as e:
         if not _rank():  # a bug: the traceback is the useful report
             traceback.print_exc()

@@ -23,3 +23,7 @@ class DataError(CaptionerError):
 class TrainingDiverged(CaptionerError, FloatingPointError):
     """The training loss became inf or nan (too high a learning rate, usually); the last good
     checkpoint is kept."""
+
+
+class OutputError(CaptionerError):
+    """A path captioner was asked to write cannot be written; the message names the path as given."""

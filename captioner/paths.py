@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+
+from .errors import OutputError
 
 BUNDLED_NAME = "captioner-flickr8k.pt"
 # an installed wheel carries it inside the package (pyproject maps assets/model to captioner/bundled);
@@ -23,3 +26,41 @@ def cache_dir() -> Path:
 def bundled_model_path() -> Path:
     """Where `Captioner.load()` looks when no path is given: $CAPTIONER_MODEL, else the bundled file."""
     return Path(os.environ.get("CAPTIONER_MODEL", BUNDLED_MODEL))
+
+
+def _nearest_folder(path: Path, given: str) -> Path:
+    """The closest existing ancestor of `path` (where the first folder or file would be created)."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"{given}: cannot write here: {parent} is a file, not a folder")
+            return parent
+    return Path.cwd()
+
+
+def _probe(folder: Path, given: str) -> None:
+    """Create and remove a temp file in `folder`: the one honest test of writability (permission
+    bits, read-only mounts, ACLs and root all answer it correctly)."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".captioner-probe.", dir=folder)
+    except OSError as e:
+        raise OutputError(f"{given}: cannot write into {folder} ({e.strerror or type(e).__name__})") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def check_output_file(path: str | os.PathLike) -> None:
+    """Refuse, before any work is done, a file path that cannot be written (a folder, a path under
+    a file, a read-only place): OutputError naming the path the user gave."""
+    given, p = str(path), Path(path)
+    if p.is_dir():
+        raise OutputError(f"{given}: is a folder; give a file name")
+    _probe(p.parent if p.parent.is_dir() else _nearest_folder(p, given), given)
+
+
+def check_output_dir(path: str | os.PathLike) -> None:
+    """Refuse, before any work is done, a folder that cannot be created or written into."""
+    given, p = str(path), Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{given}: exists and is not a folder; give a folder (it is created if missing)")
+    _probe(p if p.is_dir() else _nearest_folder(p, given), given)

@@ -30,6 +30,7 @@ from .evaluation import caption_corpus, caption_features, references
 from .features import FeatureCache, ItemFeatures, LoadImage, corpus_features, pool
 from .metrics import METRICS, CiderD, diversity, evaluate, meteor_backend, normalize
 from .models import CaptionModel, Frames, LossTerms, build_model
+from .paths import check_output_dir
 from .vocab import Vocabulary
 
 
@@ -214,6 +215,7 @@ class Trainer:
         self.device = self.dist.device
         self.quiet = quiet or not self.dist.is_main  # one display per job: rank 0's
         if self.dist.is_main:
+            check_output_dir(self.out)  # before any work: a run that cannot save is not started
             self.out.mkdir(parents=True, exist_ok=True)
         # a fresh run refuses a folder holding another run; with --overwrite that run's files go
         # when training starts (fit), not before every option and file has been checked

@@ -7,13 +7,24 @@ from pathlib import Path
 
 from .checkpoint import atomic_write
 from .data import DataError
+from .paths import check_output_file
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise DataError(f"{run_dir}: no metrics.jsonl (is this a `captioner train --out` folder?)")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {n} is not JSON ({e.msg}): the log is damaged; delete that line "
+                            "(a resume rewrites the log from its checkpoint)") from None
+        if row is not None and not (isinstance(row, dict) and isinstance(row.get("epoch"), int)):
+            raise DataError(f"{path}: line {n} is not an epoch record (no \"epoch\"): the log is damaged")
+        if row is not None:
+            rows.append(row)
     if not rows:
         raise DataError(f"{path}: empty: no epoch has finished yet")
     return rows
@@ -28,6 +39,7 @@ def plot_training(run_dir: str | os.PathLike, out: str | os.PathLike | None = No
 
     rows = read_metrics(run_dir)
     out = Path(out) if out else Path(run_dir) / "curves.png"
+    check_output_file(out)  # before drawing
     epochs = [r["epoch"] for r in rows]
     best = [r["epoch"] for r in rows if r.get("best")]
     panels = [("loss (cross-entropy per word)", ["train_loss", "val_loss"]),
