@@ -5,22 +5,23 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple, Union
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .decoding import beam_search
+from .decoding import beam_search, check_options, whole_number
 from .device import resolve_device
 from .encoders import Encoder, build_encoder
 from .errors import UsageError
 from .features import default_workers, encode_pixels, pool, prepared_batches, split_batch
-from .images import ImageError, Preprocess, load_image, to_rgb
+from .images import ImageError, Preprocess, check_size, from_array, load_image, to_rgb
 from .models import CaptionModel, SequenceModel, build_model
 from .paths import bundled_model_path
 from .vocab import Vocabulary
 
-ImageInput = Union[str, os.PathLike, Image.Image, Tensor]
+ImageInput = Union[str, os.PathLike, Image.Image, Tensor, np.ndarray]
 
 
 class Caption(NamedTuple):
@@ -116,14 +117,11 @@ class Captioner:
         if isinstance(item, (str, os.PathLike)):
             return self.preprocess(load_image(item, self.max_pixels))
         if isinstance(item, Image.Image):
-            return self.preprocess(to_rgb(item))
-        if isinstance(item, Tensor):
-            if item.dim() != 3 or item.size(0) != 3:
-                raise ImageError("<tensor>", f"expected an RGB tensor (3, H, W), got shape {tuple(item.shape)}")
-            if item.is_floating_point():  # [0, 1] -> 8 bits like every other input: same picture, same caption
-                item = (item.clamp(0, 1) * 255).round().to(torch.uint8)
-            return self.preprocess(item)
-        raise ImageError(repr(item)[:60], f"unsupported input type {type(item).__name__}")
+            return self.preprocess(to_rgb(check_size(item, f"<PIL image {item.width}x{item.height} {item.mode}>")))
+        if isinstance(item, (Tensor, np.ndarray)):
+            return self.preprocess(from_array(item))
+        raise ImageError(f"<{type(item).__name__}>", "unsupported input: give a file path, a PIL image, an RGB "
+                                                    "tensor (3, H, W) or an array (H, W, 3)")
 
     @property
     def is_sequence_model(self) -> bool:
@@ -152,14 +150,20 @@ class Captioner:
                                      for s in range(0, len(pixels), batch_size)]))  # (F_i, ...)
         return self.decoder.from_frames(frames)
 
+    def resolve_decoding(self, n_best: int = 1, **given: Any) -> dict[str, Any]:
+        """The decoding settings a call gets: `self.decoding` with what the caller set (None: not
+        set), checked (UsageError for nonsense)."""
+        o = self.decoding | {k: v for k, v in given.items() if v is not None}
+        check_options(n_best=n_best, **o)
+        return o
+
     def decode(self, features: Any, beam_size: int | None = None, n_best: int = 1, max_len: int | None = None,
                min_len: int | None = None, length_alpha: float | None = None,
                no_repeat_ngram: int | None = None) -> list[list[Caption]]:
         """The decoder's input for B images or sequences (see `encode`) -> for each its n-best Captions,
         best first. Settings left None come from `self.decoding`."""
-        given = dict(beam_size=beam_size, max_len=max_len, min_len=min_len, length_alpha=length_alpha,
-                     no_repeat_ngram=no_repeat_ngram)
-        o = self.decoding | {k: v for k, v in given.items() if v is not None}
+        o = self.resolve_decoding(n_best=n_best, beam_size=beam_size, max_len=max_len, min_len=min_len,
+                                  length_alpha=length_alpha, no_repeat_ngram=no_repeat_ngram)
         was_training = self.decoder.training
         self.decoder.eval()
         try:
@@ -179,6 +183,9 @@ class Captioner:
         more than one batch), then encoded and beam-searched a batch at a time.
         decode_opts: beam_size, n_best, max_len, min_len, length_alpha, no_repeat_ngram (see `decode`).
         """
+        whole_number(batch_size, 1, "batch size (--batch-size, batch_size=)")
+        if num_workers is not None:
+            whole_number(num_workers, 0, "workers (num_workers=)")
         workers = default_workers(len(inputs), batch_size) if num_workers is None else num_workers
         for batch in prepared_batches(inputs, self.prepare, batch_size, workers):
             idx, pixels, _ = split_batch(batch)
@@ -198,6 +205,8 @@ class Captioner:
         if return_attention and self.decoder.attends_over != "regions":
             raise UsageError("this model has no attention over image regions to return "
                              f"(decoder {self.config['decoder']}{', sequence model' if self.is_sequence_model else ''})")
+        if errors not in ("raise", "skip"):
+            raise UsageError(f"errors must be 'raise' or 'skip', not {errors!r}")
         single = not isinstance(x, (list, tuple))
         results: list = []
         for r in self.generate([x] if single else list(x), beam_size=beam_size, max_len=max_len, **decode_opts):
@@ -253,9 +262,11 @@ class Captioner:
                       max_len: int | None = None,
                       **decode_opts: Any) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
         """The n best (caption, score) pairs, best first; score = summed log-prob (length-penalised if asked)."""
+        whole_number(n, 1, "n-best (--n-best, n_best= / n=)")
         single = not isinstance(x, (list, tuple))
         out = []
-        for r in self.generate([x] if single else list(x), beam_size=beam_size or max(n, self.decoding["beam_size"]),
+        beam = max(n, self.decoding["beam_size"]) if beam_size is None else beam_size
+        for r in self.generate([x] if single else list(x), beam_size=beam,
                                n_best=n,
                                max_len=max_len, **decode_opts):
             if isinstance(r, ImageError):

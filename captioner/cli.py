@@ -14,6 +14,7 @@ from pathlib import Path
 from . import __version__
 from .data import DataError, load_coco, load_coco_references, load_karpathy, load_sequences
 from .distributed import PeerFailure, first_line, from_env, lost_peer
+from .decoding import whole_number
 from .errors import CaptionerError, UsageError
 from .features import FeatureCache
 from .images import DEFAULT_MAX_PIXELS, ImageError, list_images
@@ -68,8 +69,11 @@ def cmd_caption(args: argparse.Namespace) -> int:
                          "(one of them)")
     if args.attention_map:
         check_output_dir(args.attention_map)
+    whole_number(args.batch_size, 1, "batch size (--batch-size, batch_size=)")
+    whole_number(args.max_pixels, 1, "--max-pixels")
     model = Captioner.load(args.model, device=args.device)
     model.max_pixels = args.max_pixels
+    _decoding(model, args)  # nonsense refused before any image is read
     if args.attention_map and model.decoder.attends_over != "regions":
         raise UsageError(f"--attention-map needs a single-image model trained with --decoder attention "
                          f"(this one has --decoder {model.config['decoder']}"
@@ -201,10 +205,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _decoding(model, args: argparse.Namespace) -> dict:
-    """The model's decoding defaults, with what the command line set."""
-    given = {"beam_size": args.beam_size, "max_len": args.max_len, "min_len": args.min_len,
-             "length_alpha": args.length_penalty, "no_repeat_ngram": args.no_repeat_ngram}
-    return model.decoding | {k: v for k, v in given.items() if v is not None}
+    """The model's decoding defaults, with what the command line set; checked before any work."""
+    return model.resolve_decoding(n_best=getattr(args, "n_best", 1), beam_size=args.beam_size, max_len=args.max_len,
+                                  min_len=args.min_len, length_alpha=args.length_penalty,
+                                  no_repeat_ngram=args.no_repeat_ngram)
 
 
 def cmd_extract_features(args: argparse.Namespace) -> int:
@@ -233,10 +237,15 @@ def cmd_validate_data(args: argparse.Namespace) -> int:
 
     from .data import DataProblems, check_file
     from .images import load_image
+    from .vocab import tokenize
 
     if not args.file or not args.images:
         raise DataError("give --annotations or --sequences, and --images")
     files, groups, captions, problems = check_file(args.file)
+    for key, caps in captions.items():
+        for c in caps:
+            if not tokenize(c):
+                problems.add("captions with no words (only punctuation or symbols)", f"{key!r}: {c[:30]!r}")
     used = {i for ids in groups.values() for i in ids} if groups is not None else set(files)
     images = DataProblems(args.file)
     for iid in tqdm(sorted(used, key=str), desc="images", unit="img", disable=args.quiet, leave=False):
@@ -248,9 +257,12 @@ def cmd_validate_data(args: argparse.Namespace) -> int:
     what = f"{len(groups)} sequences, " if groups is not None else ""
     print(f"{args.file}: {len(files)} images, {what}{sum(len(c) for c in captions.values())} captions")
     bad = problems.lines(args.show) + images.lines(args.show)
+    if not captions:
+        bad.insert(0, "no captioned images: nothing to train or evaluate on")
     for line in bad:
         print(f"  {line}")
-    print("problems found: training refuses this file unless given --skip-bad / --skip-missing" if bad else "ok")
+    print("problems found: fix them (training refuses malformed entries and missing or unreadable images unless "
+          "given --skip-bad / --skip-missing)" if bad else "ok")
     return 1 if bad else 0
 
 

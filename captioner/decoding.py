@@ -23,6 +23,30 @@ PAD_ID, START_ID, END_ID = 0, 1, 2  # fixed by Vocabulary
 DEAD_END_LOGP = -1e4  # log-prob charged for ending a caption that the constraints left no other way out of
 
 
+def whole_number(value: Any, low: int, name: str) -> int:
+    """`value` if it is an int >= low, else UsageError naming the option (as flag and keyword)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise UsageError(f"{name} must be a whole number >= {low}, not {value!r}")
+    return value
+
+
+def check_options(beam_size: Any, n_best: Any, max_len: Any, min_len: Any, length_alpha: Any,
+                  no_repeat_ngram: Any) -> None:
+    """Refuse decoding settings that make no sense (UsageError), rather than quietly decoding
+    some other way (a beam of 0 is not greedy search, a max length of 0 is not a caption)."""
+    whole_number(beam_size, 1, "beam size (--beam-size, beam_size=)")
+    whole_number(n_best, 1, "n-best (--n-best, n_best= / n=)")
+    whole_number(max_len, 1, "max length (--max-len, max_len=)")
+    whole_number(min_len, 0, "min length (--min-len, min_len=)")
+    whole_number(no_repeat_ngram, 0, "no-repeat n-gram size (--no-repeat-ngram, no_repeat_ngram=)")
+    if min_len > max_len:
+        raise UsageError(f"min length {min_len} is more than max length {max_len}")
+    if not isinstance(length_alpha, (int, float)) or isinstance(length_alpha, bool) or \
+            not math.isfinite(length_alpha) or length_alpha < 0:
+        raise UsageError(f"length penalty (--length-penalty, length_alpha=) must be a number >= 0, "
+                         f"not {length_alpha!r}")
+
+
 @dataclass
 class Hypothesis:
     tokens: list[int]  # word ids, without <start>/<end>

@@ -96,6 +96,8 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
     try:
         with _open_without_pillow_limit(p) as img:
             w, h = img.size
+            if w == 0 or h == 0:
+                raise ImageError(p, f"has no pixels ({w}x{h})")
             if w * h > limit:
                 raise ImageError(p, f"declares {w}x{h} = {w * h:,} pixels, over the limit of {limit:,} "
                                     "(a decompression bomb? raise the limit with --max-pixels)")
@@ -109,6 +111,57 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
         raise ImageError(p, "not an image (unrecognised format, or a corrupt header)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageError(p, f"unreadable image ({e})") from None
+
+
+def check_size(img: Image.Image, label: str) -> Image.Image:
+    """An image with no pixels (0 wide or 0 high) cannot be resized or described."""
+    if img.width == 0 or img.height == 0:
+        raise ImageError(label, f"has no pixels ({img.width}x{img.height})")
+    return img
+
+
+def from_array(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """An in-memory picture as the (3, H, W) uint8 tensor a file would give; ImageError (naming
+    the input by its type and shape) for anything that is not a picture.
+
+    Tensors are (3, H, W); numpy arrays are (H, W, 3) or (H, W), as PIL and OpenCV give them
+    (OpenCV's channel order is BGR: convert it first). Floating-point values must lie in [0, 1],
+    integers in 0..255: anything else (0..255 as floats, NaN, negatives, 16-bit values) is refused
+    rather than clipped into another picture.
+    """
+    if isinstance(x, np.ndarray):
+        label = f"<numpy array {x.shape} {x.dtype}>"
+        if x.ndim == 2:
+            x = np.repeat(x[..., None], 3, axis=2)
+        if x.ndim != 3 or x.shape[2] != 3:
+            raise ImageError(label, "expected an RGB array (H, W, 3) or grey-scale (H, W)")
+        if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)) or x.dtype == np.bool_:
+            raise ImageError(label, "expected integer (0..255) or floating-point (0..1) pixel values")
+        t = torch.from_numpy(np.array(x, copy=True)).permute(2, 0, 1)  # (3, H, W); a copy: arrays may be read-only
+    else:
+        label, t = f"<tensor {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}>", x
+        if t.dim() != 3 or t.size(0) != 3:
+            raise ImageError(label, "expected an RGB tensor (3, H, W)")
+        if t.dtype == torch.bool or t.is_complex():
+            raise ImageError(label, "expected integer (0..255) or floating-point (0..1) pixel values")
+    if t.size(1) == 0 or t.size(2) == 0:
+        raise ImageError(label, f"has no pixels ({t.size(2)}x{t.size(1)})")
+    t = t.detach().cpu()
+    if t.dtype == torch.uint8:
+        return t
+    if t.is_floating_point():
+        t = t.float()
+        if not torch.isfinite(t).all():
+            raise ImageError(label, "holds NaN or infinite values")
+        lo, hi = t.min().item(), t.max().item()
+        if lo < 0 or hi > 1:
+            hint = " (0..255 values: divide by 255, or pass uint8)" if hi > 1 and lo >= 0 else ""
+            raise ImageError(label, f"floating-point pixels must lie in [0, 1]; these span [{lo:g}, {hi:g}]{hint}")
+        return (t * 255).round().to(torch.uint8)  # 8 bits like every other input: same picture, same caption
+    lo, hi = t.min().item(), t.max().item()
+    if lo < 0 or hi > 255:
+        raise ImageError(label, f"integer pixels must lie in 0..255; these span {lo}..{hi}")
+    return t.to(torch.uint8)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from .features import FeatureCache, ItemFeatures, LoadImage, corpus_features, po
 from .metrics import METRICS, CiderD, diversity, evaluate, meteor_backend, normalize
 from .models import CaptionModel, Frames, LossTerms, build_model
 from .paths import check_output_dir
-from .vocab import Vocabulary
+from .vocab import SPECIALS, Vocabulary, word_counts
 
 
 @dataclass
@@ -77,6 +77,26 @@ class TrainOptions:
     scst_max_len: int = 16  # most words per sampled caption
     world_size: int = 1  # processes the run trains on (set by the trainer; see Trainer._keep_global_batch)
 
+    def check(self) -> None:
+        """Refuse settings that cannot train, naming the flag (UsageError): nonsense is never
+        quietly turned into something else."""
+        for name, low in _AT_LEAST.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise UsageError(f"{_flag(name)} must be a whole number >= {low}, not {v!r}")
+        for name, (low, high, closed) in _WITHIN.items():
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
+            if not ok or (v == low and "low" not in closed) or (v == high and "high" not in closed):
+                span = f"{'[' if 'low' in closed else '('}{low:g}, {high:g}{']' if 'high' in closed else ')'}"
+                raise UsageError(f"{_flag(name)} must be a number in {span}, not {v!r}")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"{_flag(name)} {getattr(self, name)!r} is not one of: {', '.join(allowed)}")
+        canonical_metric(self.select_metric)
+        if self.self_critical and self.scst_samples < 2:
+            raise UsageError("--self-critical needs --scst-samples >= 2 (each sample's baseline is the others' mean)")
+
     def temporal_config(self) -> dict[str, Any] | None:
         """The checkpoint's "temporal" entry (None: a single-image decoder); `temporal` resolved."""
         if self.temporal == "none":
@@ -94,6 +114,23 @@ class TrainOptions:
 
 #: TrainOptions fields that no flag sets: the trainer fills them in
 CLI_UNSET = ("world_size",)
+
+#: what `TrainOptions.check` accepts: whole numbers from a minimum, numbers in a range, choices
+_AT_LEAST = {"epochs": 1, "batch_size": 1, "embed_size": 1, "hidden_size": 1, "num_layers": 1, "attention_size": 1,
+             "min_word_count": 1, "max_caption_len": 1, "lr_step_epochs": 1, "lr_patience": 0, "fine_tune_encoder": 0,
+             "seed": 0, "num_workers": 0, "patience": 0, "val_beam_size": 1, "temporal_size": 1, "keypoints": 1,
+             "tbptt": 0, "scst_samples": 1, "scst_max_len": 1, "world_size": 1}
+_INF = math.inf
+_WITHIN = {"lr": (0, _INF, "high"), "encoder_lr": (0, _INF, "high"), "grad_clip": (0, _INF, "high"),
+           "dropout": (0, 1, "low"), "momentum": (0, 1, "low"), "weight_decay": (0, _INF, "low high"),
+           "lr_gamma": (0, 1, "high"), "alpha_c": (0, _INF, "low high")}
+_CHOICES = {"decoder": ("attention", "lstm"), "optimizer": ("adam", "sgd", "momentum"),
+            "lr_schedule": ("plateau", "constant", "step", "cosine"), "amp": ("auto", "off", "bf16", "fp16"),
+            "temporal": ("auto", "gru", "lstm", "none")}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 #: what a run started with --init-from takes from that checkpoint's options (shapes, vocabulary)
 ARCHITECTURE = ("encoder", "decoder", "embed_size", "hidden_size", "num_layers", "dropout", "attention_size",
@@ -119,6 +156,18 @@ def canonical_metric(name: str) -> str:
     if key not in _METRIC_NAMES:
         raise UsageError(f"unknown metric {name!r}: choose from {', '.join(sorted(set(_METRIC_NAMES.values())))}")
     return _METRIC_NAMES[key]
+
+
+def _training_vocabulary(train: CaptionCorpus, min_count: int) -> Vocabulary:
+    """The words of the training captions; refuses a vocabulary with no words (nothing to learn)."""
+    counts = word_counts(c for caps in train.captions for c in caps)
+    vocab = Vocabulary.from_counts(counts, min_count)
+    if len(vocab) == len(SPECIALS):
+        if not counts:
+            raise DataError(f"{train.source}: the training captions hold no words (only punctuation or symbols?)")
+        raise UsageError(f"--min-word-count {min_count} leaves no words: the most frequent word of "
+                         f"{train.source} occurs {max(counts.values())} time(s)")
+    return vocab
 
 
 class CosineFactor:
@@ -233,8 +282,10 @@ class Trainer:
             init = self.dist.on_main(lambda: load_checkpoint(opts.init_from, map_location="cpu"))
             saved = init["config"]["train"]
             self.opts = opts = replace(opts, **{k: saved[k] for k in ARCHITECTURE if k in saved})
-        if opts.self_critical and opts.scst_samples < 2:
-            raise UsageError("--self-critical needs --scst-samples >= 2 (each sample's baseline is the others' mean)")
+        opts.check()
+        for corpus in (train, val):
+            if corpus is not None and len(corpus) == 0:
+                raise DataError(f"{corpus.source}: no captioned images to {'train' if corpus is train else 'validate'} on")
         if opts.temporal == "auto":  # resolved once; the checkpoint keeps the resolved value
             self.opts = opts = replace(opts, temporal="gru" if train.frames is not None else "none")
         if opts.temporal not in ("gru", "lstm", "none"):
@@ -253,8 +304,7 @@ class Trainer:
         random.seed(opts.seed)
 
         source = ckpt or init
-        vocab = Vocabulary.from_dict(source["vocab"]) if source else Vocabulary.build(
-            (c for caps in train.captions for c in caps), min_count=opts.min_word_count)
+        vocab = Vocabulary.from_dict(source["vocab"]) if source else _training_vocabulary(train, opts.min_word_count)
         encoder = build_encoder(opts.encoder)
         config = {"encoder": opts.encoder, "decoder": opts.decoder, "decoder_hparams": opts.decoder_hparams(),
                   "temporal": opts.temporal_config(), "preprocess": encoder.spec.preprocess.to_dict(),

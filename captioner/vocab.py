@@ -25,6 +25,10 @@ def tokenize(text: str) -> list[str]:
     return [t for t in coco_tokens(text) if _has_alnum.search(t) and t not in _BRACKETS]
 
 
+def word_counts(captions: Iterable[str]) -> Counter:
+    return Counter(tok for c in captions for tok in tokenize(c))
+
+
 class Vocabulary:
     """Word <-> index map with fixed specials: <pad>=0, <start>=1, <end>=2, <unk>=3."""
 
@@ -41,7 +45,10 @@ class Vocabulary:
     @classmethod
     def build(cls, captions: Iterable[str], min_count: int = 5) -> "Vocabulary":
         """Words seen at least `min_count` times, most frequent first (ties alphabetical)."""
-        counts = Counter(tok for c in captions for tok in tokenize(c))
+        return cls.from_counts(word_counts(captions), min_count)
+
+    @classmethod
+    def from_counts(cls, counts: Counter, min_count: int = 5) -> "Vocabulary":
         words = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
         return cls(words, min_count=min_count)
 

@@ -3,6 +3,7 @@ accepted silently, and nothing the user had is lost or overwritten."""
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "assets" / "examples"
 
 
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
+def _one_line_error(capsys, out: str | None = None) -> str:
+    """The one line on stderr; `out`, when given, is what stdout must hold."""
+    captured = capsys.readouterr()
+    err = captured.err
+    assert out is None or captured.out == out, captured.out
     assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("captioner: "), err
     return err
 
@@ -94,3 +98,97 @@ def test_saving_a_model_where_it_cannot_go_names_the_path(tmp_path, read_only):
     for bad in (tmp_path, read_only / "m.pt"):
         with pytest.raises(OutputError, match=f"^{bad}: "):
             model.save(bad)
+
+
+@pytest.mark.parametrize("flags", [["--beam-size", "0"], ["--beam-size", "-1"], ["--max-len", "0"], ["--n-best", "0"],
+                                   ["--min-len", "9", "--max-len", "3"], ["--length-penalty", "-1"],
+                                   ["--batch-size", "0"], ["--no-repeat-ngram", "-2"]])
+def test_caption_refuses_nonsense_decoding_options(flags, capsys):
+    assert main(["caption", str(EXAMPLES / "cat.jpg"), "--device", "cpu", *flags]) == 2
+    _one_line_error(capsys, out="")
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--patience", "-1"], "--patience"), (["--grad-clip", "-1"], "--grad-clip"), (["--grad-clip", "0"], "--grad-clip"),
+    (["--max-caption-len", "0"], "--max-caption-len"), (["--select-metric", "FOO"], "FOO"), (["--epochs", "0"], "--epochs"),
+    (["--dropout", "1"], "--dropout"), (["--lr", "0"], "--lr"), (["--min-word-count", "0"], "--min-word-count"),
+    (["--min-word-count", "100000"], "--min-word-count 100000 leaves no words")])
+def test_train_refuses_settings_that_cannot_train(shapes, tmp_path, capsys, flags, named):
+    rc = main(["train", "--train-annotations", str(shapes["train_json"]), "--train-images", str(shapes["train_images"]),
+               "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet", *flags])
+    assert rc == 2 and named in _one_line_error(capsys)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_datasets_that_cannot_train_are_refused_and_flagged(shapes, tmp_path, capsys):
+    import json
+
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"images": [], "annotations": []}))
+    symbols = tmp_path / "symbols.json"
+    data = json.loads(Path(shapes["train_json"]).read_text())
+    for a in data["annotations"]:
+        a["caption"] = "🙂 !!! ☀"
+    symbols.write_text(json.dumps(data))
+    base = ["train", "--train-images", str(shapes["train_images"]), "--device", "cpu", "--quiet"]
+    assert main([*base, "--train-annotations", str(empty), "--out", str(tmp_path / "a")]) == 2
+    assert "no captioned images to train on" in _one_line_error(capsys)
+    assert main([*base, "--train-annotations", str(shapes["train_json"]), "--val-annotations", str(empty),
+                 "--val-images", str(shapes["train_images"]), "--out", str(tmp_path / "b")]) == 2
+    assert "no captioned images to validate on" in _one_line_error(capsys)
+    assert main([*base, "--train-annotations", str(symbols), "--out", str(tmp_path / "c")]) == 2
+    assert "hold no words" in _one_line_error(capsys)
+    assert main(["validate-data", "--annotations", str(empty), "--images", str(tmp_path), "--quiet"]) == 1
+    assert "no captioned images" in capsys.readouterr().out
+    assert main(["validate-data", "--annotations", str(symbols), "--images", str(shapes["train_images"]),
+                 "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert f"{len(data['annotations'])} captions with no words" in out and "\nok" not in out
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from captioner import Captioner
+
+    return Captioner.load(device="cpu")
+
+
+def test_api_refuses_nonsense_options(bundled):
+    from captioner.errors import UsageError
+
+    cat = EXAMPLES / "cat.jpg"
+    for kwargs in ({"beam_size": 0}, {"beam_size": -1}, {"max_len": 0}, {"min_len": 5, "max_len": 2},
+                   {"beam_size": 2.5}, {"length_alpha": float("nan")}, {"errors": "bogus"}, {"batch_size": 0}):
+        with pytest.raises(UsageError):
+            bundled.caption(cat, **kwargs)
+    for n in (0, 1.5, True):
+        with pytest.raises(UsageError):
+            bundled.caption_nbest(cat, n=n)
+    assert len(bundled.caption_nbest(cat, n=2, beam_size=1)) == 2  # a beam narrower than n widens, as documented
+
+
+def test_in_memory_pictures_are_checked_not_clamped(bundled):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from captioner.images import ImageError
+
+    rgb = np.asarray(Image.open(EXAMPLES / "cat.jpg").convert("RGB"))  # (H, W, 3) uint8, read-only
+    want = bundled.caption(EXAMPLES / "cat.jpg", beam_size=1)
+    as_tensor = torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+    assert bundled.caption(rgb, beam_size=1) == want  # numpy arrays, as PIL and OpenCV give them
+    assert bundled.caption(as_tensor.float() / 255, beam_size=1) == want
+    assert bundled.caption(as_tensor.long(), beam_size=1) == want
+    bad = {"has no pixels": [Image.new("RGB", (0, 0)), torch.zeros(3, 0, 0), np.zeros((0, 5, 3), np.uint8)],
+           "must lie in [0, 1]": [as_tensor.float(), torch.full((3, 8, 8), -0.5)],
+           "NaN": [torch.full((3, 8, 8), float("nan"))],
+           "must lie in 0..255": [as_tensor.long() * 2],
+           "expected an RGB": [torch.zeros(4, 8, 8), np.zeros((8, 8, 4), np.uint8)]}
+    for reason, items in bad.items():
+        for item in items:
+            with pytest.raises(ImageError, match=re.escape(reason)) as e:
+                bundled.caption(item)
+            assert e.value.path.startswith("<") and "array(" not in e.value.path and "tensor([" not in e.value.path
+    got = bundled.caption([rgb, torch.zeros(3, 0, 0), EXAMPLES / "cat.jpg"], errors="skip", beam_size=1)
+    assert got == [want, None, want]  # a bad item never costs the good ones
