@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .data import DataError, load_coco, load_coco_references, load_karpathy, load_sequences
+from .data import DataError, load_coco, load_karpathy, load_sequences
 from .distributed import PeerFailure, first_line, from_env, lost_peer
 from .decoding import whole_number
 from .errors import CaptionerError, UsageError
@@ -267,9 +267,12 @@ def cmd_validate_data(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from .evaluation import read_results, score
+    from .evaluation import check_coverage, load_references, read_results, score
 
-    report = {"results": str(args.results), **score(load_coco_references(args.annotations), read_results(args.results))}
+    refs, files = load_references(args.annotations, args.karpathy_json, args.split)
+    results = read_results(args.results, files)
+    check_coverage(refs, results, str(args.results), args.allow_partial)
+    report = {"results": str(args.results), "reference_images": len(refs), **score(refs, results)}  # + "images" scored
     print(json.dumps(report))
     return 0
 
@@ -300,7 +303,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     opts = TrainOptions(**{k: getattr(args, k) for k in TrainOptions.__dataclass_fields__ if k not in CLI_UNSET})
     trainer = Trainer(train, val, args.out, opts, device=args.device, resume=args.resume, quiet=args.quiet,
                       use_cache=not args.no_cache, cache_dir=args.cache_dir, skip_bad=args.skip_bad, dist=dist,
-                      compile=args.compile, overwrite=args.overwrite)
+                      compile=args.compile, overwrite=args.overwrite, given=args.given)
+    if trainer.finished:
+        _err(trainer.finished)
+        return 0
     try:
         best = trainer.fit()
     except TrainingInterrupted as e:  # rank 0 saved the weights; the others have nothing to add
@@ -327,10 +333,29 @@ def _decoding_args(parser) -> None:
                         help="forbid repeating n-grams of this size, 0 = off (default: the model's, else 0)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Sub-command parsers: help shows defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpWithDefaults)
+        super().__init__(*args, **kwargs)
+
+
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Each flag's help ends with its default, unless it has none or the text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="captioner", description="Describe images in English; train captioning models.")
+    p = argparse.ArgumentParser(prog="captioner", description="Describe images in English; train captioning models.",
+                                formatter_class=_HelpWithDefaults)
     p.add_argument("--version", action="version", version=f"captioner {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("caption", help="caption images, folders or glob patterns")
     c.add_argument("inputs", nargs="*",
@@ -344,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", help="checkpoint (default: the bundled model)")
     _decoding_args(c)
     c.add_argument("--n-best", type=int, default=1, help="how many captions per image or sequence (with --json)")
-    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--batch-size", type=int, default=32, help="images encoded and beam-searched together")
     c.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="refuse images declaring more pixels than this, before decoding them (decompression bombs)")
     c.add_argument("--json", action="store_true", help="one JSON object per line, with the n-best list")
@@ -354,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_caption)
 
     d = TrainOptions()
-    t = sub.add_parser("train", help="train a captioning model on a COCO-style or Karpathy-split dataset")
+    t = sub.add_parser("train", help="train a captioning model on a COCO-style or Karpathy-split dataset",
+                       allow_abbrev=False)  # (flags are matched whole: --resume checks which ones were given)
     g = t.add_argument_group("data")
     g.add_argument("--train-annotations", help="COCO caption JSON for training")
     g.add_argument("--train-images", help="folder of the training images")
@@ -369,17 +395,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-missing", action="store_true", help="leave out missing image files instead of failing")
     g.add_argument("--skip-bad", action="store_true",
                    help="leave out malformed entries and unreadable images (see validate-data) instead of refusing")
-    g.add_argument("--min-word-count", type=int, default=d.min_word_count)
+    g.add_argument("--min-word-count", type=int, default=d.min_word_count,
+                   help="words seen fewer times in the training captions become <unk>")
     g.add_argument("--max-caption-len", type=int, default=d.max_caption_len, help="longer captions are cut")
     m = t.add_argument_group("model")
     m.add_argument("--encoder", default=d.encoder, help="efficientnet_lite0 | resnet50|101|152 | timm/<name>")
     m.add_argument("--decoder", default=d.decoder, choices=["attention", "lstm"],
                    help="attention (default): Show-Attend-Tell on the 7x7 grid; lstm: Show-and-Tell on the "
                         "pooled vector (faster, weaker)")
-    m.add_argument("--embed-size", type=int, default=d.embed_size)
-    m.add_argument("--hidden-size", type=int, default=d.hidden_size)
-    m.add_argument("--num-layers", type=int, default=d.num_layers)
-    m.add_argument("--dropout", type=float, default=d.dropout)
+    m.add_argument("--embed-size", type=int, default=d.embed_size, help="word embedding size")
+    m.add_argument("--hidden-size", type=int, default=d.hidden_size, help="LSTM hidden size")
+    m.add_argument("--num-layers", type=int, default=d.num_layers, help="stacked LSTM layers")
+    m.add_argument("--dropout", type=float, default=d.dropout, help="dropout probability, in [0, 1)")
     m.add_argument("--attention-size", type=int, default=d.attention_size, help="attention decoder: hidden size")
     m.add_argument("--alpha-c", type=float, default=d.alpha_c,
                    help="attention decoder: doubly stochastic attention regularisation weight")
@@ -393,15 +420,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="truncated BPTT: back-propagate through at most K frames (0: all frames)")
     m.add_argument("--fine-tune-encoder", type=int, default=d.fine_tune_encoder, metavar="N",
                    help="train the last N encoder blocks too (0: frozen encoder)")
-    m.add_argument("--encoder-lr", type=float, default=d.encoder_lr)
+    m.add_argument("--encoder-lr", type=float, default=d.encoder_lr,
+                   help="learning rate of the fine-tuned encoder blocks")
     o = t.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=d.epochs)
+    o.add_argument("--epochs", type=int, default=d.epochs,
+                   help="passes over the training set (on --resume: the total, which may grow)")
     o.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="per process: under torchrun the global batch is this x the number of processes")
-    o.add_argument("--lr", type=float, default=d.lr)
-    o.add_argument("--optimizer", default=d.optimizer, choices=["adam", "sgd", "momentum"])
-    o.add_argument("--momentum", type=float, default=d.momentum)
-    o.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    o.add_argument("--lr", type=float, default=d.lr, help="learning rate of the decoder")
+    o.add_argument("--optimizer", default=d.optimizer, choices=["adam", "sgd", "momentum"],
+                   help="momentum: SGD with --momentum")
+    o.add_argument("--momentum", type=float, default=d.momentum, help="with --optimizer momentum")
+    o.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 penalty on the weights")
     o.add_argument("--lr-schedule", default=d.lr_schedule, choices=["plateau", "constant", "step", "cosine"],
                    help="plateau: decay when the selection metric stalls")
     o.add_argument("--lr-patience", type=int, default=d.lr_patience, help="plateau: epochs without improvement")
@@ -414,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="self-critical sequence training: sampled captions rewarded by their CIDEr-D")
     o.add_argument("--scst-samples", type=int, default=d.scst_samples, help="self-critical: captions sampled per image")
     o.add_argument("--scst-max-len", type=int, default=d.scst_max_len, help="self-critical: most words per sample")
-    o.add_argument("--seed", type=int, default=d.seed)
+    o.add_argument("--seed", type=int, default=d.seed,
+                   help="initial weights, data order and dropout; the same seed trains the same model")
     o.add_argument("--num-workers", type=int, default=d.num_workers, help="image-decoding worker processes")
     o.add_argument("--amp", default=d.amp, choices=["auto", "off", "bf16", "fp16"],
                    help="mixed precision; auto: bf16 on CUDA, off on CPU (bf16 also pays on CPUs with AVX512-BF16/AMX)")
@@ -449,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--skip-missing", action="store_true", help="leave out missing image files instead of failing")
     e.add_argument("--skip-bad", action="store_true", help="leave out malformed entries instead of refusing the file")
     _decoding_args(e)
-    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--batch-size", type=int, default=32, help="images encoded and beam-searched together")
     e.add_argument("--results", help="also write the captions here, in the COCO results format")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -464,12 +495,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--karpathy-json", help="Karpathy split file: the images of --split")
     x.add_argument("--images-root", help="with --karpathy-json: folder the filepaths are relative to")
     x.add_argument("--split", default="train,restval,val,test", help="with --karpathy-json: which split(s)")
-    x.add_argument("--skip-missing", action="store_true")
-    x.add_argument("--encoder", default=TrainOptions().encoder)
-    x.add_argument("--batch-size", type=int, default=32)
+    x.add_argument("--skip-missing", action="store_true", help="leave out missing image files instead of failing")
+    x.add_argument("--encoder", default=TrainOptions().encoder,
+                   help="the encoder the features are for (as train --encoder)")
+    x.add_argument("--batch-size", type=int, default=32, help="images encoded together")
     x.add_argument("--num-workers", type=int, default=1, help="image-decoding worker processes")
     x.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    x.add_argument("--quiet", action="store_true")
+    x.add_argument("--quiet", action="store_true", help="no progress bar")
     x.add_argument("--cache-dir", help="feature cache folder (default: $CAPTIONER_CACHE_DIR or ~/.cache/captioner)")
     x.set_defaults(func=cmd_extract_features)
 
@@ -479,13 +511,21 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--sequences", dest="file", help="sequence caption JSON")
     vd.add_argument("--images", required=True, help="folder its file_names are in")
     vd.add_argument("--show", type=int, default=5, help="offenders shown per kind of problem")
-    vd.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    vd.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                    help="report images declaring more pixels than this (decompression bombs), as caption refuses them")
     vd.add_argument("--quiet", action="store_true", help="no progress bar")
     vd.set_defaults(func=cmd_validate_data)
 
     s = sub.add_parser("score", help="score an existing COCO results file against reference captions")
-    s.add_argument("--results", required=True, help='[{"image_id": ..., "caption": ...}, ...]')
-    s.add_argument("--annotations", required=True, help="COCO caption JSON with the references")
+    s.add_argument("--results", required=True,
+                   help='captions: a COCO results file [{"image_id": ..., "caption": ...}, ...], or JSON Lines '
+                        '(`captioner caption --json` output: each "path" is matched to a reference file name)')
+    refs = s.add_mutually_exclusive_group(required=True)
+    refs.add_argument("--annotations", help="COCO caption (or sequence) JSON with the references")
+    refs.add_argument("--karpathy-json", help="Karpathy split file with the references (of --split)")
+    s.add_argument("--split", default="val", help="with --karpathy-json: which split(s)")
+    s.add_argument("--allow-partial", action="store_true",
+                   help="score results that cover only some of the reference images (refused otherwise)")
     s.set_defaults(func=cmd_score)
 
     pl = sub.add_parser("plot", help="draw a run's training curves (loss, val metrics) as a PNG")
@@ -501,8 +541,22 @@ def _rank() -> str:
     return f"rank {rank} of {world}: " if world > 1 else ""
 
 
+def _given(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> set[str]:
+    """The options the command line set (not left at their defaults): --resume and --init-from
+    refuse those that contradict the run, instead of silently dropping them."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    given = set()
+    for action in sub._actions:
+        if any(tok == o or tok.startswith(o + "=") for o in action.option_strings for tok in argv):
+            given.add(action.dest)
+    return given
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.given = _given(parser, args, argv)
     try:
         return args.func(args)
     except CaptionerError as e:  # the user's to fix: one line

@@ -6,6 +6,7 @@ pair per caption, so an epoch visits every caption once.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -40,6 +41,11 @@ class CaptionCorpus:
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the data (not where its files live): a run resumes only on the same."""
+        content = json.dumps([[str(i) for i in self.image_ids], self.captions, self.frames], ensure_ascii=False)
+        return {"source": self.source, "items": len(self), "sha1": hashlib.sha1(content.encode()).hexdigest()}
 
     def items(self) -> list[tuple[int, str]]:
         """One (item index, caption) pair per caption."""
@@ -207,10 +213,11 @@ def load_coco(annotations: str | os.PathLike, images_dir: str | os.PathLike,
 
 
 def load_karpathy(path: str | os.PathLike, images_root: str | os.PathLike, split: str,
-                  skip_missing: bool = False) -> CaptionCorpus:
+                  skip_missing: bool = False, check_images: bool = True) -> CaptionCorpus:
     """Karpathy split JSON (`images[{filename, filepath?, split, sentences[{raw, tokens}]}]`).
 
     `split` may list several, comma-separated (e.g. "train,restval" as usual for COCO).
+    check_images=False: the references alone (scoring needs no image files).
     """
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
@@ -240,7 +247,8 @@ def load_karpathy(path: str | os.PathLike, images_root: str | os.PathLike, split
         caps.append(texts)
     if not paths:
         raise DataError(f"{path}: no images in split {split!r}")
-    return _check_missing(CaptionCorpus(paths, ids, caps, source=str(path)), skip_missing)
+    corpus = CaptionCorpus(paths, ids, caps, source=str(path))
+    return _check_missing(corpus, skip_missing) if check_images else corpus
 
 
 def load_sequences(path: str | os.PathLike, images_dir: str | os.PathLike,

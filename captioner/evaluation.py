@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,7 +11,7 @@ from tqdm import tqdm
 
 from .api import Captioner
 from .checkpoint import atomic_write
-from .data import CaptionCorpus, DataError, read_json
+from .data import CaptionCorpus, DataError, check_file, load_karpathy
 from .features import FeatureCache, ItemFeatures, corpus_features
 from .images import ImageError
 from .metrics import diversity, evaluate
@@ -53,6 +54,20 @@ def references(corpus: CaptionCorpus) -> dict[Any, list[str]]:
     return dict(zip(corpus.image_ids, corpus.captions))
 
 
+def load_references(annotations: str | os.PathLike | None = None, karpathy_json: str | os.PathLike | None = None,
+                    split: str = "val") -> tuple[dict[Any, list[str]], dict[Any, str]]:
+    """A set's reference captions and its images' file names ({id: [captions]}, {id: file_name}),
+    from a COCO caption (or sequence) file or a Karpathy split file's split; no image files needed."""
+    if karpathy_json:
+        corpus = load_karpathy(karpathy_json, "", split, check_images=False)
+        return references(corpus), {i: str(p) for i, p in zip(corpus.image_ids, corpus.paths)}
+    if not annotations:
+        raise DataError("give --annotations (COCO caption or sequence file) or --karpathy-json with --split")
+    files, groups, by_key, problems = check_file(annotations)
+    problems.refuse()
+    return by_key, (files if groups is None else {})
+
+
 def score(refs: Mapping[Any, list[str]], results: Mapping[Any, str], use_meteor: bool = True) -> dict[str, Any]:
     """Metrics of `results` against `refs`; every result must have references."""
     unknown = [k for k in results if k not in refs]
@@ -67,16 +82,87 @@ def write_results(path: str | os.PathLike, results: Mapping[Any, str]) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(rows, indent=1, ensure_ascii=False).encode("utf-8")))
 
 
-def read_results(path: str | os.PathLike) -> dict[Any, str]:
-    """Read a COCO results file; refuses malformed rows and images captioned twice."""
-    rows = read_json(path)
+def read_results(path: str | os.PathLike, files: Mapping[Any, str] | None = None) -> dict[Any, str]:
+    """Read captions to score: a COCO results file (a JSON list of {"image_id", "caption"}) or
+    JSON Lines, one object per line, with an "image_id" or, as `captioner caption --json` writes
+    them, a "path" that ends with one of the references' file names (`files`: {image_id:
+    file_name}). Refuses malformed rows and images captioned twice."""
+    text = _read_text(path)
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as first:
+        rows = _json_lines(path, text, first)
+    if isinstance(rows, dict) and "caption" in rows:  # a JSON Lines file of one line
+        rows = [rows]
     if not isinstance(rows, list):
-        raise DataError(f"{path}: a COCO results file is a JSON list of {{\"image_id\", \"caption\"}} objects")
+        raise DataError(f"{path}: results are a JSON list of {{\"image_id\", \"caption\"}} objects, or JSON Lines")
+    by_name = _file_index(files or {})
     out: dict[Any, str] = {}
     for i, row in enumerate(rows):
-        if not isinstance(row, dict) or "image_id" not in row or not isinstance(row.get("caption"), str):
-            raise DataError(f"{path}: entry {i} is not an {{\"image_id\", \"caption\"}} object with a string caption")
-        if row["image_id"] in out:
-            raise DataError(f"{path}: image_id {row['image_id']!r} has more than one caption")
-        out[row["image_id"]] = row["caption"]
+        if not isinstance(row, dict) or not isinstance(row.get("caption"), str) or \
+                ("image_id" not in row and not isinstance(row.get("path"), str)):
+            raise DataError(f"{path}: entry {i + 1} is not an {{\"image_id\" (or \"path\"), \"caption\"}} object "
+                            "with a string caption")
+        key = row["image_id"] if "image_id" in row else _image_of(row["path"], by_name)
+        if key is None:
+            raise DataError(f"{path}: entry {i + 1}: {row['path']} is none of the references' images "
+                            "(its path must end with one of their file names)")
+        if key in out:
+            raise DataError(f"{path}: image_id {key!r} has more than one caption")
+        out[key] = row["caption"]
+    if not out:
+        raise DataError(f"{path}: holds no captions to score")
     return out
+
+
+def _read_text(path: str | os.PathLike) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{path}: unreadable ({e.strerror or type(e).__name__})") from None
+
+
+def _json_lines(path: str | os.PathLike, text: str, first: json.JSONDecodeError) -> list:
+    """Rows of a JSON Lines file; the error names the line that is not JSON."""
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines or first.msg != "Extra data":  # one JSON document, broken
+        raise DataError(f"{path}: malformed JSON at line {first.lineno} column {first.colno}: {first.msg}")
+    rows = []
+    for n, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {n} is not JSON ({e.msg}); results are a JSON list or JSON Lines") from None
+    return rows
+
+
+def _file_index(files: Mapping[Any, str]) -> dict[tuple[str, ...], Any]:
+    return {Path(name).parts: image_id for image_id, name in files.items()}
+
+
+def _image_of(path: str, by_name: dict[tuple[str, ...], Any]) -> Any:
+    """The image whose file name (a relative path) is the tail of `path`, longest match first."""
+    parts = Path(path).parts
+    for k in range(len(parts)):
+        if parts[k:] in by_name:
+            return by_name[parts[k:]]
+    return None
+
+
+def check_coverage(refs: Mapping[Any, list[str]], results: Mapping[Any, str], source: str,
+                   allow_partial: bool = False) -> None:
+    """Scores over part of a set are not comparable with scores over all of it: refuse them unless asked."""
+    unknown = [k for k in results if k not in refs]
+    if unknown:
+        raise DataError(f"{source}: {len(unknown)} result(s) name images without references, e.g. image_id "
+                        f"{unknown[0]!r}")
+    missing = len([k for k in refs if k not in results])
+    if missing and not allow_partial:
+        raise DataError(f"{source}: captions for {len(refs) - missing} of the {len(refs)} reference images; "
+                        "scores over a part of the set are not comparable with scores over all of it "
+                        "(caption them all, or pass --allow-partial)")

@@ -7,6 +7,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -243,9 +244,33 @@ class TrainingInterrupted(Exception):
     """Training stopped by Ctrl-C / SIGTERM after saving RUN/interrupted.pt; the message says where."""
 
 
+#: what --resume may change: how far to go, when to stop early, how many processes read images
+RESUMABLE = ("epochs", "patience", "num_workers")
+
+
+def _set_fields(opts: TrainOptions | None) -> set[str]:
+    """The options a caller chose: those that differ from the defaults (the CLI passes the flags given)."""
+    if opts is None:
+        return set()
+    default = TrainOptions()
+    return {k for k in asdict(opts) if getattr(opts, k) != getattr(default, k)}
+
+
+def _refuse_clashes(saved: TrainOptions, opts: TrainOptions, names: set[str], what: str, alternative: str) -> None:
+    """UsageError listing the chosen options that differ from `saved`: never silently dropped."""
+    clashes = [f"{_flag(k)} {getattr(opts, k)} (it has {getattr(saved, k)})" for k in sorted(names)
+               if getattr(opts, k) != getattr(saved, k) and not (k == "temporal" and opts.temporal == "auto")]
+    if clashes:
+        raise UsageError(f"{what}, and these differ: {'; '.join(clashes)}. Drop them, {alternative}")
+
+
 class Trainer:
     """Owns one run directory: RUN/last.pt every epoch, RUN/best.pt on the best `select_metric`
     (with no val set: the latest epoch), RUN/metrics.jsonl one line per epoch.
+
+    resume=True continues RUN/last.pt with the run's own settings: options in `given` (the CLI's
+    flags; by default, those of `opts` that differ from the defaults) other than RESUMABLE ones
+    must agree with the run, and the training and val data must be the same.
 
     Under torchrun (a `Dist` of several processes) every process trains on its shard of each
     epoch with DistributedDataParallel; rank 0 alone validates, logs and writes checkpoints, and
@@ -256,7 +281,7 @@ class Trainer:
                  opts: TrainOptions | None = None, device: str = "auto", resume: bool = False,
                  quiet: bool = False, use_cache: bool = True, cache_dir: str | Path | None = None,
                  skip_bad: bool = False, dist: Dist | None = None, compile: bool = False,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, given: Collection[str] | None = None) -> None:
         self.out = Path(out_dir)
         self.skip_bad = skip_bad  # leave out images that cannot be read instead of refusing to train
         self.use_cache, self.cache_dir = use_cache, cache_dir
@@ -270,19 +295,27 @@ class Trainer:
         # when training starts (fit), not before every option and file has been checked
         self._stale = [] if resume else self.dist.on_main(lambda: self._claim_folder(overwrite))
         ckpt = None
+        given = set(given) & set(TrainOptions.__dataclass_fields__) if given is not None else _set_fields(opts)
         if resume:  # rank 0 reads it and hands it to every rank: all resume from the same bytes
             ckpt = self.dist.on_main(lambda: load_checkpoint(self.out / "last.pt", map_location="cpu"))
             saved = TrainOptions(**ckpt["config"]["train"])
             if opts is not None:
-                saved.epochs = opts.epochs  # the one thing a resume may change: how far to go
+                _refuse_clashes(saved, opts, given - set(RESUMABLE), f"{self.out}: --resume continues the run with its "
+                                f"own settings", f"or start a new run from its weights with --init-from "
+                                f"{self.out / 'last.pt'}")
+                saved = replace(saved, **{k: getattr(opts, k) for k in RESUMABLE if k in given})
+            self._check_same_data(ckpt.get("data") or {}, train, val)
             opts = self._keep_global_batch(saved)
         self.opts = opts = replace(opts or TrainOptions(), world_size=self.dist.world_size)
         init = None
         if opts.init_from and not ckpt:
             init = self.dist.on_main(lambda: load_checkpoint(opts.init_from, map_location="cpu"))
-            saved = init["config"]["train"]
-            self.opts = opts = replace(opts, **{k: saved[k] for k in ARCHITECTURE if k in saved})
+            saved = TrainOptions(**init["config"]["train"])
+            _refuse_clashes(saved, opts, given & set(ARCHITECTURE), f"--init-from {opts.init_from} takes its "
+                            "architecture and vocabulary from that checkpoint", "or train a new model without it")
+            self.opts = opts = replace(opts, **{k: getattr(saved, k) for k in ARCHITECTURE})
         opts.check()
+        self.data = {"train": train.fingerprint(), "val": val.fingerprint() if val is not None else None}
         for corpus in (train, val):
             if corpus is not None and len(corpus) == 0:
                 raise DataError(f"{corpus.source}: no captioned images to {'train' if corpus is train else 'validate'} on")
@@ -320,6 +353,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.sched = _scheduler(opts, self.optim, "max" if self.higher_is_better else "min")
         self.start_epoch = self.epochs_done = 0
+        self.finished: str | None = None  # why a resumed run has nothing left to do
         self.best_score = -math.inf if self.higher_is_better else math.inf
         self.bad_epochs = 0  # epochs since the selection metric last improved
         if init:
@@ -339,8 +373,11 @@ class Trainer:
             self.scaler.load_state_dict(ckpt.get("scaler") or {})
             self.start_epoch = self.epochs_done = ckpt["epoch"]
             self.best_score, self.bad_epochs = ckpt["best_score"], ckpt["bad_epochs"]
+            self.finished = self._nothing_left(ckpt["epoch"])
         if self.dist.is_main and resume:
             self._trim_metrics(self.start_epoch)  # lines a crash wrote past the checkpoint
+        if self.finished:
+            return  # no features to extract: fit() has nothing to do
         # features: each process fills the cache; the first to take its lock extracts, the others
         # wait on the lock (not on a collective, so a long extraction cannot time out) and read
         self.train_data = self._dataset(train, "train features")
@@ -353,6 +390,35 @@ class Trainer:
         if self.dist.enabled:
             self.wrapped = DistributedDataParallel(
                 self.core, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _check_same_data(self, saved: dict, train: CaptionCorpus, val: CaptionCorpus | None) -> None:
+        """A resumed run trains on the data it started with: its vocabulary, data order and best
+        score belong to that data (checkpoints from before this check carry no fingerprint)."""
+        for name, corpus in (("training", train), ("val", val)):
+            was = saved.get("train" if name == "training" else "val", "unknown")
+            now = corpus.fingerprint() if corpus is not None else None
+            if was == "unknown" or (was or {}).get("sha1") == (now or {}).get("sha1"):
+                continue
+            had = f"{was['source']} ({was['items']} items)" if was else "none"
+            got = f"{now['source']} ({now['items']} items)" if now else "none"
+            raise UsageError(f"{self.out}: --resume needs the run's own {name} data, {had}, but got {got}: its "
+                             f"vocabulary and {'data order' if name == 'training' else 'best score'} belong to "
+                             f"that data. To train on other data, start a new run from its weights with "
+                             f"--init-from {self.out / 'last.pt'}")
+
+    def _nothing_left(self, done: int) -> str | None:
+        """Why a resumed run has nothing to train (None: it goes on); asking for fewer epochs than
+        were trained is a mistake, not a no-op."""
+        opts = self.opts
+        if opts.epochs < done:
+            raise UsageError(f"{self.out}: has trained {done} epochs already, more than --epochs {opts.epochs}: "
+                             f"give --epochs above {done} to train further")
+        if opts.epochs == done:
+            return f"nothing left to do: {self.out} has trained all {done} epochs (give --epochs above {done} to go on)"
+        if opts.patience and self.bad_epochs >= opts.patience:
+            return (f"nothing left to do: {self.out} stopped early after epoch {done} ({self.select} had not "
+                    f"improved for {self.bad_epochs} epochs; a larger --patience goes on)")
+        return None
 
     def _keep_global_batch(self, saved: TrainOptions) -> TrainOptions:
         """A run resumed on another number of processes keeps its global batch, and with it the
@@ -556,6 +622,8 @@ class Trainer:
         weights of the moment (usable for captioning), and raises TrainingInterrupted; last.pt
         stays the end of the last whole epoch, which is where --resume continues.
         """
+        if self.finished:
+            return self.out / "best.pt"
         if self._stale and self.dist.is_main:
             for name in self._stale:
                 (self.out / name).unlink(missing_ok=True)
@@ -627,7 +695,8 @@ class Trainer:
         payload = self.model.checkpoint_payload() | {
             "optimizer": self.optim.state_dict(), "scheduler": self.sched.state_dict(), "epoch": epoch,
             "scaler": self.scaler.state_dict(),
-            "best_score": self.best_score, "bad_epochs": self.bad_epochs, "select_metric": self.select}
+            "best_score": self.best_score, "bad_epochs": self.bad_epochs, "select_metric": self.select,
+            "data": self.data}
         save_checkpoint(self.out / "last.pt", payload)
         if best:
             save_checkpoint(self.out / "best.pt", payload)

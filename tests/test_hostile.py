@@ -192,3 +192,101 @@ def test_in_memory_pictures_are_checked_not_clamped(bundled):
             assert e.value.path.startswith("<") and "array(" not in e.value.path and "tensor([" not in e.value.path
     got = bundled.caption([rgb, torch.zeros(3, 0, 0), EXAMPLES / "cat.jpg"], errors="skip", beam_size=1)
     assert got == [want, None, want]  # a bad item never costs the good ones
+
+
+def test_resume_refuses_flags_and_data_that_contradict_the_run(shapes, tmp_path, capsys):
+    import json
+
+    from captioner.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    base = ["train", "--train-annotations", str(shapes["train_json"]), "--train-images", str(shapes["train_images"]),
+            "--out", str(run), "--decoder", "lstm", "--hidden-size", "64", "--embed-size", "32", "--min-word-count", "1",
+            "--device", "cpu", "--quiet"]
+    assert main([*base, "--epochs", "2"]) == 0
+    capsys.readouterr()
+
+    def log():
+        return [json.loads(l)["epoch"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+    resume = ["train", "--train-images", str(shapes["train_images"]), "--out", str(run), "--resume", "--device", "cpu",
+              "--quiet"]
+    train = ["--train-annotations", str(shapes["train_json"])]
+    assert main([*resume, *train, "--epochs", "3", "--lr", "0.1", "--decoder", "attention"]) == 2
+    err = _one_line_error(capsys)
+    assert "--lr 0.1 (it has 0.0004)" in err and "--decoder attention (it has lstm)" in err
+    other = json.loads(Path(shapes["train_json"]).read_text())
+    other["annotations"] = other["annotations"][::2]  # the same images, fewer captions
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main([*resume, "--train-annotations", str(tmp_path / "other.json"), "--epochs", "3"]) == 2
+    assert "needs the run's own training data" in _one_line_error(capsys)
+    assert main([*resume, *train, "--epochs", "1"]) == 2
+    assert "has trained 2 epochs already" in _one_line_error(capsys)
+    assert main([*resume, *train]) == 0  # the run's own --epochs 2: said, not silently done
+    assert "nothing left to do" in _one_line_error(capsys)
+    assert log() == [1, 2]
+    assert main([*resume, *train, "--epochs", "3", "--num-workers", "0", "--decoder", "lstm"]) == 0  # agrees: fine
+    assert log() == [1, 2, 3] and load_checkpoint(run / "last.pt")["config"]["train"]["lr"] == 4e-4
+    assert main([*base[:-9], "--out", str(tmp_path / "new"), "--init-from", str(run / "last.pt"),
+                 "--decoder", "attention", "--device", "cpu", "--quiet"]) == 2
+    assert "--init-from" in _one_line_error(capsys)
+
+
+def test_score_says_what_it_scored_and_reads_what_caption_writes(shapes, tmp_path, capsys):
+    import json
+
+    data = json.loads(Path(shapes["test_json"]).read_text())
+    refs = {}
+    for a in data["annotations"]:
+        refs.setdefault(a["image_id"], a["caption"])
+    names = {i["id"]: i["file_name"] for i in data["images"]}
+    score = ["score", "--annotations", str(shapes["test_json"])]
+
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    assert main([*score, "--results", str(empty)]) == 2
+    assert "holds no captions" in _one_line_error(capsys)
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps([{"image_id": k, "caption": c} for k, c in list(refs.items())[:3]]))
+    assert main([*score, "--results", str(part)]) == 2
+    assert f"captions for 3 of the {len(refs)} reference images" in _one_line_error(capsys)
+    assert main([*score, "--results", str(part), "--allow-partial"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["reference_images"] == len(refs) and report["images"] == 3
+    # `captioner caption --json` output: JSON Lines with paths under wherever the images are
+    lines = tmp_path / "captions.jsonl"
+    lines.write_text("".join(json.dumps({"path": f"/elsewhere/{names[k]}", "caption": c, "nbest": []}) + "\n"
+                             for k, c in refs.items()))
+    assert main([*score, "--results", str(lines)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == len(refs) and report["BLEU-4"] == pytest.approx(1.0)  # each caption is a reference
+    lines.write_text(lines.read_text() + "{broken\n")
+    assert main([*score, "--results", str(lines)]) == 2
+    assert f"line {len(refs) + 1} is not JSON" in _one_line_error(capsys)
+    # references from a Karpathy split file, as `evaluate --karpathy-json` uses them
+    karpathy = tmp_path / "dataset.json"
+    karpathy.write_text(json.dumps({"images": [
+        {"filepath": "test", "filename": names[k], "cocoid": k, "split": "test",
+         "sentences": [{"raw": c}]} for k, c in refs.items()]}))
+    assert main(["score", "--karpathy-json", str(karpathy), "--split", "test", "--results", str(part),
+                 "--allow-partial"]) == 0
+    assert json.loads(capsys.readouterr().out)["BLEU-4"] == pytest.approx(1.0)
+
+
+def test_every_flag_has_help_that_shows_its_default():
+    import argparse
+
+    from captioner.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in commands.items():
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"captioner {name} {action.option_strings or action.dest}: no help text"
+            shown = formatter._expand_help(action)
+            if action.option_strings and action.default not in (None, False):
+                assert "default" in shown, f"captioner {name} {action.option_strings[0]}: default not shown"
+        sub.format_help()  # renders without error
