@@ -19,7 +19,9 @@ as in coco-caption, whose punctuation list is upper-case); characters outside th
 Multilingual Plane (emoji) and control characters are dropped. Known difference, on purpose: a
 line break inside a caption other than "\\n" (e.g. "\\r", U+2028) is a space here, while
 coco-caption's tokenizer takes it as the end of the caption and shifts every later caption of
-the run onto the wrong image.
+the run onto the wrong image. One addition: Chinese and Japanese characters are tokens of their
+own (captioner/cjk.py: those scripts put no spaces between words); the parity fixture hands the
+official tokenizer text segmented the same way.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import re
 from functools import cache
 
 from ._ptb_chars import RUNS
+from .cjk import segment
 
 #: tokens coco-caption removes after tokenising (its PUNCTUATIONS list; it lower-cases first, so
 #: the upper-case bracket names never match and -lrb- etc. are kept)
@@ -189,10 +192,10 @@ def ptb_tokenize(text: str, following: str = "") -> list[str]:
     "... by Plan B." keeps "B." as an initial unless the next line starts a sentence ("The ...").
     """
     space, rules = _scanner()
-    text = _clean(text)
+    text = segment(_clean(text))
     n = len(text)
     if following:
-        text += "\n" + _clean(following)
+        text += "\n" + segment(_clean(following))
     tokens: list[str] = []
     i = 0
     while i < n:

@@ -1,28 +1,32 @@
 """Tokenizer and vocabulary.
 
 Captions are tokenised exactly as the COCO caption evaluation tokenises them (captioner/ptb.py),
-so the words a model learns are the words the metrics count. Tokens without a letter or digit
-(punctuation, brackets) are dropped.
+so the words a model learns are the words the metrics count. Tokens without a letter or digit of
+any script (punctuation, symbols, brackets) are dropped; Chinese and Japanese characters are
+tokens of their own (captioner/cjk.py).
 """
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from .cjk import join_words
 from .ptb import coco_tokens
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 
-_has_alnum = re.compile(r"[0-9a-z]")
 _BRACKETS = {"-lrb-", "-rrb-", "-lsb-", "-rsb-", "-lcb-", "-rcb-"}  # what the tokenizer makes of ( ) [ ] { }
 
 
+def _is_word(token: str) -> bool:
+    return any(ch.isalnum() for ch in token) and token not in _BRACKETS
+
+
 def tokenize(text: str) -> list[str]:
-    """Lower-cased word tokens of a caption, punctuation dropped."""
-    return [t for t in coco_tokens(text) if _has_alnum.search(t) and t not in _BRACKETS]
+    """Lower-cased word tokens of a caption in any script, punctuation and symbols dropped."""
+    return [t for t in coco_tokens(text) if _is_word(t)]
 
 
 def word_counts(captions: Iterable[str]) -> Counter:
@@ -71,7 +75,7 @@ class Vocabulary:
             if i in (self.pad_id, self.start_id):
                 continue
             words.append(self.itos[i])
-        return " ".join(words)
+        return join_words(words)
 
     def to_dict(self) -> dict[str, Any]:
         return {"words": self.itos[len(SPECIALS):], "min_count": self.min_count}

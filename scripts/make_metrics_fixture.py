@@ -10,6 +10,11 @@ Two parts, both messy on purpose (tests/helpers/messy_captions.py says how):
   the repository, so only the official scores and a hash of each caption's official tokens are
   kept; the test rebuilds the sets from ../shared/data and skips where it is absent.
 
+Chinese and Japanese characters are tokens of their own in captioner (captioner/cjk.py), so the
+text handed to the official tokenizer is segmented the same way first: the parity tested is
+"captioner on raw text = coco-caption on CJK-segmented text" (which is how Chinese caption sets
+are scored with coco-caption: segmented beforehand); other text is handed over untouched.
+
 Needs pycocoevalcap and Java (its PTB tokenizer and METEOR are Java), e.g.
     pip install pycocoevalcap && python scripts/make_metrics_fixture.py
 It does not import captioner (no torch needed).
@@ -25,6 +30,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests.helpers.messy_captions import builtin_sets, shared_sets  # noqa: E402
+
+
+def _load_cjk():
+    """captioner/cjk.py on its own (importing the package would import torch)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("captioner_cjk", ROOT / "captioner" / "cjk.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+segment = _load_cjk().segment
 
 OUT = ROOT / "tests" / "fixtures" / "coco_metrics_parity.json"
 SHARED = ROOT.parent / "shared" / "data"
@@ -42,8 +60,8 @@ def score(sets: list[dict]) -> dict:
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    gts = {s["id"]: [{"caption": r} for r in s["references"]] for s in sets}
-    res = {s["id"]: [{"caption": s["candidate"]}] for s in sets}
+    gts = {s["id"]: [{"caption": segment(r)} for r in s["references"]] for s in sets}
+    res = {s["id"]: [{"caption": segment(s["candidate"])}] for s in sets}
     tok = PTBTokenizer()
     gts_t, res_t = tok.tokenize(gts), tok.tokenize(res)
     bleu, _ = Bleu(4).compute_score(gts_t, res_t, verbose=0)
@@ -65,8 +83,8 @@ def score(sets: list[dict]) -> dict:
 def main() -> None:
     builtin = builtin_sets()
     fixture = {
-        "about": "Scores by pycocoevalcap (coco-caption) for the sets below; regenerate with "
-                 "scripts/make_metrics_fixture.py",
+        "about": "Scores by pycocoevalcap (coco-caption) for the sets below, Chinese/Japanese characters "
+                 "segmented first as captioner/cjk.py does; regenerate with scripts/make_metrics_fixture.py",
         "pycocoevalcap_version": version("pycocoevalcap"),
         "builtin": {"sets": builtin, **score(builtin)},
     }

@@ -8,6 +8,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from captioner.cjk import join_words
 from captioner.data import DataError, load_coco, load_coco_references, load_karpathy, load_sequences, read_json
 from captioner.vocab import Vocabulary, tokenize
 
@@ -46,7 +47,7 @@ def test_tokens_are_lower_case_words_without_spaces(text):
 def test_vocabulary_round_trips_text_and_json(captions):
     vocab = Vocabulary.build(captions, min_count=1)
     for c in captions:
-        assert vocab.decode(vocab.encode(c)) == " ".join(tokenize(c))  # every word known: nothing lost
+        assert vocab.decode(vocab.encode(c)) == join_words(tokenize(c))  # every word known: nothing lost
     assert Vocabulary.from_dict(json.loads(json.dumps(vocab.to_dict()))) == vocab
 
 
