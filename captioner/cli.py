@@ -85,6 +85,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         return _caption_sequences(model, args, decode_opts)
     paths, failed = expand_inputs(args.inputs)
     maps_written: set[str] = set()
+    inputs = {Path(p).resolve() for p in paths} if args.attention_map else set()  # never overwritten by a map
     for e in failed:
         _err(str(e))
     n_failed = len(failed)
@@ -95,7 +96,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
             continue
         if args.attention_map:
             try:
-                _write_attention_map(model, path, r[0], Path(args.attention_map), maps_written)
+                _write_attention_map(model, path, r[0], Path(args.attention_map), maps_written, inputs)
             except (OSError, ValueError) as e:  # the caption still gets printed below
                 _err(f"{path}: attention map not written ({e})")
                 n_failed += 1
@@ -140,7 +141,7 @@ def _caption_sequences(model, args: argparse.Namespace, decode_opts: dict) -> in
     return 1 if n_failed else 0
 
 
-def _write_attention_map(model, path: str, caption, out_dir: Path, taken: set[str]) -> None:
+def _write_attention_map(model, path: str, caption, out_dir: Path, taken: set[str], model_inputs: set[Path]) -> None:
     from .images import load_image
     from .viz import attention_map
 
@@ -148,9 +149,12 @@ def _write_attention_map(model, path: str, caption, out_dir: Path, taken: set[st
     while name in taken:  # two inputs with the same file name: keep both maps
         name += "_"
     taken.add(name)
+    target = out_dir / f"{name}.png"
+    if target.exists() and target.resolve() in model_inputs:
+        raise ValueError(f"{target} is one of the images being captioned; it is not overwritten")
     words = caption.text.split()
     attention_map(load_image(path, model.max_pixels), words, caption.attention_grid().numpy(), model.preprocess,
-                  out_dir / f"{name}.png")
+                  target)
 
 
 def _load_corpus(annotations: str | None, images: str | None, karpathy_json: str | None, images_root: str | None,
@@ -186,6 +190,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.results:
         check_output_file(args.results)  # before captioning everything, not after
+        for given in (args.annotations, args.sequences, args.karpathy_json):
+            if given and Path(given).exists() and Path(args.results).exists() and Path(given).samefile(args.results):
+                raise UsageError(f"{args.results}: is the reference file itself; --results would overwrite it")
     corpus = _load_corpus(args.annotations, args.images, args.karpathy_json, args.images_root, args.split,
                           args.skip_missing, args.sequences, args.skip_bad)
     if corpus is None:

@@ -28,9 +28,9 @@ from tqdm import tqdm
 from .checkpoint import atomic_write
 from .data import CaptionCorpus
 from .encoders import Encoder
-from .errors import DataError
+from .errors import DataError, OutputError
 from .images import ImageError, Preprocess, load_image
-from .paths import cache_dir
+from .paths import cache_dir, check_output_dir
 
 
 class LoadImage:
@@ -187,6 +187,10 @@ class FeatureCache:
             raise ValueError("a fine-tuned encoder's features change while training: they cannot be cached")
         self.encoder, self.device = encoder, device
         self.dir = Path(root or cache_dir()) / "features" / encoder_key(encoder, compute_dtype(device))
+        try:
+            check_output_dir(self.dir)
+        except OutputError as e:
+            raise OutputError(f"feature cache: {e} (choose another --cache-dir, or --no-cache)") from None
         self.dir.mkdir(parents=True, exist_ok=True)
         self.index: dict[str, int] = {}
         self.shape: tuple[int, int] | None = None  # (R, D)

@@ -290,3 +290,25 @@ def test_every_flag_has_help_that_shows_its_default():
             if action.option_strings and action.default not in (None, False):
                 assert "default" in shown, f"captioner {name} {action.option_strings[0]}: default not shown"
         sub.format_help()  # renders without error
+
+
+def test_nothing_the_user_gave_is_overwritten(shapes, tmp_path, capsys):
+    import shutil
+
+    photo = tmp_path / "cat.png"
+    shutil.copy(EXAMPLES / "dog.png", photo)
+    before = photo.read_bytes()
+    # the attention map of cat.png would be cat.png in the same folder: the photo is kept
+    assert main(["caption", str(photo), "--attention-map", str(tmp_path), "--beam-size", "1", "--device", "cpu"]) == 1
+    err = _one_line_error(capsys)
+    assert "attention map not written" in err and photo.read_bytes() == before
+    refs = tmp_path / "refs.json"
+    shutil.copy(shapes["test_json"], refs)
+    before = refs.read_bytes()
+    assert main(["evaluate", "--annotations", str(refs), "--images", str(shapes["test_images"]), "--results",
+                 str(refs), "--quiet"]) == 2
+    assert "would overwrite it" in _one_line_error(capsys) and refs.read_bytes() == before
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["extract-features", str(photo), "--cache-dir", str(afile), "--quiet", "--device", "cpu"]) == 2
+    assert "--cache-dir" in _one_line_error(capsys) and afile.read_text() == "x"
