@@ -28,6 +28,7 @@ class Caption(NamedTuple):
     text: str
     score: float  # summed log-prob (divided by the length penalty when one is set)
     attention: Tensor | None = None  # (words, R) attention weights, for attention decoders
+    words: tuple[str, ...] = ()  # the caption's tokens, one per attention row (Chinese text has no spaces to split on)
 
     def attention_grid(self) -> Tensor:
         """The attention as (words, h, w) over the encoder's square grid."""
@@ -173,7 +174,8 @@ class Captioner:
                                suppress=[self.vocab.unk_id])  # "<unk>" is never a useful word to print
         finally:
             self.decoder.train(was_training)
-        return [[Caption(self.vocab.decode(h.tokens), h.score, h.attention) for h in hs] for hs in hyps]
+        return [[Caption(self.vocab.decode(h.tokens), h.score, h.attention, self.vocab.words(h.tokens)) for h in hs]
+                for hs in hyps]
 
     def generate(self, inputs: Sequence[ImageInput], batch_size: int = 32, num_workers: int | None = None,
                  **decode_opts: Any) -> Iterator[list[Caption] | ImageError]:
@@ -199,7 +201,8 @@ class Captioner:
 
         errors="raise" raises the first ImageError; errors="skip" puts None for failed items.
         return_attention=True (attention decoders) gives (caption, weights (words, h, w)) instead,
-        the weights of each word over the encoder's h x w grid.
+        the weights of each word over the encoder's h x w grid (one row per token: a word, or a
+        character of Chinese/Japanese; `generate` gives the tokens as `Caption.words`).
         decode_opts: min_len, length_alpha, no_repeat_ngram, batch_size, num_workers.
         """
         if return_attention and self.decoder.attends_over != "regions":

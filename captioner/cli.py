@@ -69,8 +69,6 @@ def cmd_caption(args: argparse.Namespace) -> int:
                          "(one of them)")
     if args.attention_map:
         check_output_dir(args.attention_map)
-    whole_number(args.batch_size, 1, "batch size (--batch-size, batch_size=)")
-    whole_number(args.max_pixels, 1, "--max-pixels")
     model = Captioner.load(args.model, device=args.device)
     model.max_pixels = args.max_pixels
     _decoding(model, args)  # nonsense refused before any image is read
@@ -152,7 +150,7 @@ def _write_attention_map(model, path: str, caption, out_dir: Path, taken: set[st
     target = out_dir / f"{name}.png"
     if target.exists() and target.resolve() in model_inputs:
         raise ValueError(f"{target} is one of the images being captioned; it is not overwritten")
-    words = caption.text.split()
+    words = list(caption.words)
     attention_map(load_image(path, model.max_pixels), words, caption.attention_grid().numpy(), model.preprocess,
                   target)
 
@@ -548,6 +546,10 @@ def _rank() -> str:
     return f"rank {rank} of {world}: " if world > 1 else ""
 
 
+#: whole-number flags shared by several commands, and their least sensible value
+_CLI_COUNTS = {"batch_size": 1, "num_workers": 0, "max_pixels": 1, "show": 0, "n_best": 1}
+
+
 def _given(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> set[str]:
     """The options the command line set (not left at their defaults): --resume and --init-from
     refuse those that contradict the run, instead of silently dropping them."""
@@ -565,6 +567,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.given = _given(parser, args, argv)
     try:
+        for dest, low in _CLI_COUNTS.items():  # sizes and counts of every command, checked at the door
+            if getattr(args, dest, None) is not None:
+                whole_number(getattr(args, dest), low, "--" + dest.replace("_", "-"))
         return args.func(args)
     except CaptionerError as e:  # the user's to fix: one line
         _err(_rank() + str(e))

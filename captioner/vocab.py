@@ -65,8 +65,8 @@ class Vocabulary:
         ids = [self.stoi.get(t, self.unk_id) for t in tokens]
         return [self.start_id, *ids, self.end_id] if add_specials else ids
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Caption text of token ids; stops at <end>, skips <pad>/<start>."""
+    def words(self, ids: Iterable[int]) -> tuple[str, ...]:
+        """The words of token ids; stops at <end>, skips <pad>/<start>."""
         words = []
         for i in ids:
             i = int(i)
@@ -75,7 +75,11 @@ class Vocabulary:
             if i in (self.pad_id, self.start_id):
                 continue
             words.append(self.itos[i])
-        return join_words(words)
+        return tuple(words)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Caption text of token ids (see `words`), Chinese/Japanese characters joined without spaces."""
+        return join_words(list(self.words(ids)))
 
     def to_dict(self) -> dict[str, Any]:
         return {"words": self.itos[len(SPECIALS):], "min_count": self.min_count}

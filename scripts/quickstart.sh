@@ -12,6 +12,6 @@ captioner train \
   --train-annotations "$work/data/train.json" --train-images "$work/data/train" \
   --val-annotations "$work/data/test.json" --val-images "$work/data/test" \
   --out "$work/run" --epochs 15 --batch-size 32 --embed-size 128 --hidden-size 256 \
-  --min-word-count 1 --lr 2e-3 --dropout 0.2 --seed 0 $quiet
+  --min-word-count 1 --lr 2e-3 --dropout 0.2 --seed 0 --overwrite $quiet  # a demo: run again, start again
 echo "--- captions of the held-back shapes (model: $work/run/best.pt)"
 captioner caption "$work/data/test" --model "$work/run/best.pt"

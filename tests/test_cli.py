@@ -2,6 +2,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from nltk.translate.bleu_score import corpus_bleu
 
@@ -78,7 +79,8 @@ def test_bad_model_path_is_one_line_and_exit_2(tmp_path, capsys):
 
 def test_console_script_and_module_entry_point(trained_run, shapes):
     one = str(sorted(shapes["test_images"].glob("*.png"))[0])
-    exe = shutil.which("captioner")
+    beside = Path(sys.executable).with_name("captioner")  # this environment's script, not another one's on PATH
+    exe = str(beside) if beside.is_file() else shutil.which("captioner")
     assert exe, "console script `captioner` is not installed (pip install -e .)"
     assert "caption" in subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
     r = subprocess.run([sys.executable, "-m", "captioner", "caption", one, "--model", str(trained_run / "best.pt")],

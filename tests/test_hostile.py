@@ -108,6 +108,16 @@ def test_caption_refuses_nonsense_decoding_options(flags, capsys):
     _one_line_error(capsys, out="")
 
 
+@pytest.mark.parametrize("argv", [
+    ["evaluate", "--batch-size", "0"], ["extract-features", "--num-workers", "-1"], ["validate-data", "--show", "-1"],
+    ["validate-data", "--max-pixels", "0"], ["caption", "--n-best", "0"]])
+def test_counts_of_every_command_are_checked_first(argv, capsys, tmp_path):
+    # checked before anything else: these would otherwise fail later, deep inside
+    assert main([*argv, "--annotations", str(tmp_path / "a.json"), "--images", str(tmp_path)]
+                if argv[0] != "caption" else [*argv, str(EXAMPLES / "cat.jpg")]) == 2
+    assert argv[1] in _one_line_error(capsys, out="")
+
+
 @pytest.mark.parametrize("flags, named", [
     (["--patience", "-1"], "--patience"), (["--grad-clip", "-1"], "--grad-clip"), (["--grad-clip", "0"], "--grad-clip"),
     (["--max-caption-len", "0"], "--max-caption-len"), (["--select-metric", "FOO"], "FOO"), (["--epochs", "0"], "--epochs"),

@@ -115,13 +115,16 @@ def test_self_critical_training_raises_cider_of_a_weak_model(shapes, tmp_path, c
 
     assert _train(shapes, tmp_path / "xe", "--epochs", "1", "--hidden-size", "128", "--embed-size", "64",
                   "--lr", "2e-3", "--dropout", "0.2") == 0
-    assert _train(shapes, tmp_path / "sc", "--init-from", str(tmp_path / "xe" / "best.pt"), "--self-critical",
-                  "--epochs", "4", "--batch-size", "16", "--lr", "5e-4", "--lr-schedule", "constant") == 0
+    # no architecture flags: they come from the starting checkpoint (contradicting ones are refused)
+    assert main(["train", "--train-annotations", str(shapes["train_json"]), "--train-images",
+                 str(shapes["train_images"]), "--out", str(tmp_path / "sc"), "--init-from",
+                 str(tmp_path / "xe" / "best.pt"), "--self-critical", "--epochs", "4", "--batch-size", "16",
+                 "--lr", "5e-4", "--lr-schedule", "constant", "--device", "cpu", "--quiet"]) == 0
     test = load_coco(shapes["test_json"], shapes["test_images"])
     cider = {}
     for run in ("xe", "sc"):
         model = Captioner.load(tmp_path / run / "best.pt", device="cpu")
-        assert model.config["decoder_hparams"]["hidden_size"] == 128  # not QUICK's 64: taken from the start
+        assert model.config["decoder_hparams"]["hidden_size"] == 128  # taken from the start
         results, _ = caption_corpus(model, test, quiet=True, beam_size=1)
         cider[run] = score(references(test), results, use_meteor=False)["CIDEr-D"]
     log = [json.loads(l) for l in (tmp_path / "sc" / "metrics.jsonl").read_text().splitlines()]
