@@ -206,8 +206,13 @@ def test_ctrl_c_during_a_checkpoint_save_waits_for_it_then_stops_cleanly(shapes,
             time.sleep(0.05)  # (a handler that raises would cut the write here)
         return real_save(obj, f, *args, **kwargs)
 
+    # Ctrl-C as a terminal delivers it (a shell starts background jobs with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     monkeypatch.setattr(ckpt_module.torch, "save", save_interrupted_midway)
-    rc = _train(shapes, tmp_path, "--epochs", "3")
+    try:
+        rc = _train(shapes, tmp_path, "--epochs", "3")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     assert len(calls) >= 2 and rc == 130, err
     assert err.count("\n") == 1 and "Traceback" not in err and "interrupted after epoch 1" in err
