@@ -30,7 +30,7 @@ def images(shapes, tmp_path):
 
 
 def _count_encodes(monkeypatch):
-    import captioner.features as F
+    import captioner.features.cache as F  # where the cache calls the encoder
 
     calls = []
     real = F.encode_pixels
@@ -89,7 +89,7 @@ def test_encoder_weights_and_preprocessing_are_part_of_the_key(lite0):
 
 
 def test_interrupted_extraction_resumes_where_it_stopped(lite0, images, tmp_path, monkeypatch):
-    import captioner.features as F
+    import captioner.features.cache as F  # where the cache calls the encoder
 
     class Crash(Exception):
         pass

@@ -1,4 +1,6 @@
-"""Encoder features, computed once: in memory for one run, or in a shared on-disk cache.
+"""The on-disk feature cache.
+
+Encoder features, computed once: in memory for one run, or in a shared on-disk cache.
 
 With a frozen encoder the features of an image never change, so running the CNN on every image
 at every epoch (as the classic tutorials do) wastes almost all of the training time. The cache
@@ -15,129 +17,24 @@ import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .checkpoint import atomic_write
-from .data import CaptionCorpus
-from .encoders import Encoder
-from .errors import DataError, OutputError
-from .images import ImageError, Preprocess, load_image
-from .paths import cache_dir, check_output_dir
+from ..checkpoint import atomic_write
+from ..encoders import Encoder
+from ..errors import OutputError
+from ..images import ImageError
+from ..paths import cache_dir, check_output_dir
+from .encoding import compute_dtype, encode_pixels
+from .loading import LoadImage, prepared_batches, split_batch
 
 
-class LoadImage:
-    """Path -> preprocessed pixels (3, S, S); a picklable callable for DataLoader workers."""
-
-    def __init__(self, preprocess: Preprocess, max_pixels: int | None = None) -> None:
-        self.preprocess, self.max_pixels = preprocess, max_pixels
-
-    def __call__(self, path: str | os.PathLike) -> Tensor:
-        return self.preprocess(load_image(path, self.max_pixels))
-
-
-class _Prepared(Dataset):
-    """Each item prepared, or the ImageError it raised, so one bad file never stops a batch."""
-
-    def __init__(self, items: Sequence, prepare: Callable[[object], Tensor]) -> None:
-        self.items, self.prepare = items, prepare
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> Tensor | ImageError:
-        try:
-            return self.prepare(self.items[i])
-        except ImageError as e:
-            return e
-
-
-def _as_list(batch: list) -> list:
-    return batch
-
-
-def default_workers(n_items: int, batch_size: int) -> int:
-    """Decode in a worker process only when there is a next batch to overlap with the CNN."""
-    return 0 if n_items <= batch_size else max(1, min(4, (os.cpu_count() or 2) // 2))
-
-
-def prepared_batches(items: Sequence, prepare: Callable[[object], Tensor], batch_size: int = 32,
-                     num_workers: int = 0) -> Iterator[list[Tensor | ImageError]]:
-    """Items prepared in batches, in order; with workers, decoding overlaps the caller's compute."""
-    if num_workers == 0:
-        data = _Prepared(items, prepare)
-        for start in range(0, len(items), batch_size):
-            yield [data[i] for i in range(start, min(start + batch_size, len(items)))]
-        return
-    yield from DataLoader(_Prepared(items, prepare), batch_size=batch_size, num_workers=num_workers,
-                          collate_fn=_as_list)
-
-
-def split_batch(batch: list[Tensor | ImageError]) -> tuple[list[int], Tensor | None, list[ImageError]]:
-    """(positions of the good items, their pixels stacked (b, 3, S, S), the errors)."""
-    idx = [i for i, x in enumerate(batch) if isinstance(x, Tensor)]
-    pixels = torch.stack([batch[i] for i in idx]) if idx else None
-    return idx, pixels, [x for x in batch if isinstance(x, ImageError)]
-
-
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """What the encoder computes in on this device: bf16 autocast on CUDA, fp32 elsewhere."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-@torch.no_grad()
-def encode_pixels(encoder: Encoder, pixels: Tensor, device: torch.device) -> Tensor:
-    """(B, 3, S, S) -> grid (B, R, D) fp32; channels_last, computed in `compute_dtype(device)`."""
-    if device.type == "cuda":
-        pixels = pixels.pin_memory()  # so the copy to the GPU is asynchronous
-    x = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    dtype = compute_dtype(device)
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        return encoder(x).float()
-
-
-def pool(grid: Tensor, kind: str) -> Tensor:
-    """What a decoder consumes from the encoder grid (B, R, D): pooled (B, D) or the grid itself."""
-    return grid.mean(dim=1) if kind == "pooled" else grid
-
-
-@torch.no_grad()
-def extract_features(encoder: Encoder, paths: Sequence[Path], kind: str = "pooled", batch_size: int = 32,
-                     device: torch.device = torch.device("cpu"), num_workers: int = 1,
-                     quiet: bool = False, desc: str = "features") -> tuple[Tensor, list[ImageError]]:
-    """In-memory features of every image, in order (no cache): (N, D) pooled fp32 or (N, R, D) grid fp16.
-
-    Rows of images that failed are zero; the errors come back alongside.
-    """
-    encoder = encoder.to(device, memory_format=torch.channels_last).eval()
-    out: Tensor | None = None
-    failed: list[ImageError] = []
-    start = 0
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=quiet, leave=False) as bar:
-        for batch in prepared_batches(paths, LoadImage(encoder.spec.preprocess), batch_size, num_workers):
-            idx, pixels, errors = split_batch(batch)
-            failed += errors
-            if pixels is not None:
-                f = pool(encode_pixels(encoder, pixels, device), kind)
-                f = (f if kind == "pooled" else f.half()).cpu()
-                if out is None:
-                    out = torch.zeros((len(paths), *f.shape[1:]), dtype=f.dtype)
-                out[[start + i for i in idx]] = f
-            start += len(batch)
-            bar.update(len(batch))
-    if out is None:
-        raise DataError("no image could be read")
-    return out, failed
-
-
-# ---- the on-disk cache ------------------------------------------------------------------------------
 def image_identity(path: str | os.PathLike) -> str:
     """What makes cached features valid for a file: absolute path, size and modification time."""
     p = Path(path).resolve()
@@ -304,51 +201,3 @@ class FeatureCache:
         if kind == "pooled":
             return torch.from_numpy(np.ascontiguousarray(pooled[rows]))  # (N, D) fp16
         return GridFeatures(grid, rows)
-
-
-# ---- per-item inputs: images and image sequences ------------------------------------------------------
-class ItemFeatures:
-    """A corpus' decoder inputs, gathered a batch at a time from per-image features.
-
-    An item is an image or an image sequence: its frames' rows in `store`. The decoder's
-    `from_frames` turns the gathered frames into what it takes: a single-image decoder the mean
-    frame (exactly the image when there is one frame), a sequence model a padded `Frames` batch.
-    """
-
-    def __init__(self, store: Tensor | GridFeatures, frames: list[list[int]],
-                 from_frames: Callable[[list[Tensor]], object]) -> None:
-        self.store, self.frames, self.from_frames = store, frames, from_frames
-
-    def __len__(self) -> int:
-        return len(self.frames)
-
-    def __getitem__(self, idx: slice | Tensor | Sequence[int]) -> object:
-        items = range(len(self))[idx] if isinstance(idx, slice) else \
-            (idx.tolist() if isinstance(idx, Tensor) else list(idx))
-        sizes = [len(self.frames[i]) for i in items]
-        flat = self.store[[r for i in items for r in self.frames[i]]]  # (sum of frames, ...) one read
-        return self.from_frames(list(flat.float().split(sizes)))
-
-
-def corpus_features(encoder: Encoder, decoder, corpus: CaptionCorpus, cache: FeatureCache | None,
-                    batch_size: int = 32, device: torch.device = torch.device("cpu"), num_workers: int = 1,
-                    quiet: bool = False, desc: str = "features") -> tuple[ItemFeatures, list[int], list[ImageError]]:
-    """Features for every item of the corpus, from the cache (filled first) or computed in memory.
-
-    Returns the inputs of the items whose images could all be read, those items' indices, and
-    the images that failed.
-    """
-    kind = decoder.feature_kind
-    common = dict(batch_size=batch_size, device=device, num_workers=num_workers, quiet=quiet, desc=desc)
-    if cache is not None:
-        failed = cache.fill(corpus.paths, batch_size=batch_size, num_workers=num_workers, quiet=quiet, desc=desc)
-    else:
-        store, failed = extract_features(encoder, corpus.paths, kind, **common)
-    bad = {e.path for e in failed}
-    ok = [i for i, p in enumerate(corpus.paths) if str(p) not in bad]
-    if cache is not None:
-        store = cache.load([corpus.paths[i] for i in ok], kind)
-    row = {i: r for r, i in enumerate(ok)} if cache is not None else {i: i for i in ok}
-    frames = corpus.item_frames()
-    kept = [k for k, fr in enumerate(frames) if all(f in row for f in fr)]
-    return ItemFeatures(store, [[row[f] for f in frames[k]] for k in kept], decoder.from_frames), kept, failed

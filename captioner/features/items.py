@@ -1,0 +1,60 @@
+"""Per-item decoder inputs (an image, or an image sequence) gathered from per-image features."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..data import CaptionCorpus
+from ..encoders import Encoder
+from ..images import ImageError
+from .cache import FeatureCache, GridFeatures
+from .encoding import extract_features
+
+
+class ItemFeatures:
+    """A corpus' decoder inputs, gathered a batch at a time from per-image features.
+
+    An item is an image or an image sequence: its frames' rows in `store`. The decoder's
+    `from_frames` turns the gathered frames into what it takes: a single-image decoder the mean
+    frame (exactly the image when there is one frame), a sequence model a padded `Frames` batch.
+    """
+
+    def __init__(self, store: Tensor | GridFeatures, frames: list[list[int]],
+                 from_frames: Callable[[list[Tensor]], object]) -> None:
+        self.store, self.frames, self.from_frames = store, frames, from_frames
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, idx: slice | Tensor | Sequence[int]) -> object:
+        items = range(len(self))[idx] if isinstance(idx, slice) else \
+            (idx.tolist() if isinstance(idx, Tensor) else list(idx))
+        sizes = [len(self.frames[i]) for i in items]
+        flat = self.store[[r for i in items for r in self.frames[i]]]  # (sum of frames, ...) one read
+        return self.from_frames(list(flat.float().split(sizes)))
+
+
+def corpus_features(encoder: Encoder, decoder, corpus: CaptionCorpus, cache: FeatureCache | None,
+                    batch_size: int = 32, device: torch.device = torch.device("cpu"), num_workers: int = 1,
+                    quiet: bool = False, desc: str = "features") -> tuple[ItemFeatures, list[int], list[ImageError]]:
+    """Features for every item of the corpus, from the cache (filled first) or computed in memory.
+
+    Returns the inputs of the items whose images could all be read, those items' indices, and
+    the images that failed.
+    """
+    kind = decoder.feature_kind
+    common = dict(batch_size=batch_size, device=device, num_workers=num_workers, quiet=quiet, desc=desc)
+    if cache is not None:
+        failed = cache.fill(corpus.paths, batch_size=batch_size, num_workers=num_workers, quiet=quiet, desc=desc)
+    else:
+        store, failed = extract_features(encoder, corpus.paths, kind, **common)
+    bad = {e.path for e in failed}
+    ok = [i for i, p in enumerate(corpus.paths) if str(p) not in bad]
+    if cache is not None:
+        store = cache.load([corpus.paths[i] for i in ok], kind)
+    row = {i: r for r, i in enumerate(ok)} if cache is not None else {i: i for i in ok}
+    frames = corpus.item_frames()
+    kept = [k for k, fr in enumerate(frames) if all(f in row for f in fr)]
+    return ItemFeatures(store, [[row[f] for f in frames[k]] for k in kept], decoder.from_frames), kept, failed
