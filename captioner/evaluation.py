@@ -9,7 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .api import Captioner
+from .bundle import ModelBundle
 from .checkpoint import atomic_write
 from .data import CaptionCorpus, DataError, check_file, load_karpathy
 from .features import FeatureCache, ItemFeatures, corpus_features
@@ -17,7 +17,7 @@ from .images import ImageError
 from .metrics import diversity, evaluate
 
 
-def caption_corpus(model: Captioner, corpus: CaptionCorpus, batch_size: int = 32, quiet: bool = False,
+def caption_corpus(model: ModelBundle, corpus: CaptionCorpus, batch_size: int = 32, quiet: bool = False,
                    cache: FeatureCache | None = None, **decode_opts: Any) -> tuple[dict[Any, str], list[ImageError]]:
     """Caption every item (image or sequence) of the corpus once: {id: caption}, and the images that failed.
 
@@ -40,7 +40,7 @@ def caption_corpus(model: Captioner, corpus: CaptionCorpus, batch_size: int = 32
     return results, failed
 
 
-def caption_features(model: Captioner, image_ids: list, feats: ItemFeatures, quiet: bool = True, step: int = 256,
+def caption_features(model: ModelBundle, image_ids: list, feats: ItemFeatures, quiet: bool = True, step: int = 256,
                      **decode_opts: Any) -> dict[Any, str]:
     """Caption items from their features in chunks: {id: best caption}."""
     results: dict[Any, str] = {}

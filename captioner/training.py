@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from .api import Captioner
+from .bundle import ModelBundle
 from .checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint, signals_held
 from .data import Batch, CaptionCorpus, CaptionDataset, DataError, collate
 from .decoding import sample
@@ -344,7 +344,7 @@ class Trainer:
                   "fine_tune_encoder": opts.fine_tune_encoder, "train": asdict(opts)}
         decoder = build_model(config, len(vocab), encoder.feature_dim)
         encoder_params = encoder.unfreeze_last(opts.fine_tune_encoder)
-        self.model = Captioner(encoder, decoder, vocab, config, self.device)
+        self.model = ModelBundle(encoder, decoder, vocab, config, self.device)
         groups = [{"params": list(decoder.parameters())}]
         if encoder_params:
             groups.append({"params": encoder_params, "lr": opts.encoder_lr})
