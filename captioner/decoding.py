@@ -1,4 +1,4 @@
-"""Greedy and beam-search decoding, written once over the per-step interface (models/base.py).
+"""Beam search (beam 1 is greedy) and sampling, written once over the per-step interface (models/base.py).
 
 Beam search is batched: all images x beams advance as one (B*K, ...) tensor program, so a batch
 of 32 images costs about one model step per word, not 32. Captions that end are set aside with
@@ -18,8 +18,9 @@ from torch import Tensor
 
 from .errors import UsageError
 from .models.base import CaptionModel, DecoderState
+from .vocab import Vocabulary
 
-PAD_ID, START_ID, END_ID = 0, 1, 2  # fixed by Vocabulary
+PAD_ID, START_ID, END_ID = Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.end_id
 DEAD_END_LOGP = -1e4  # log-prob charged for ending a caption that the constraints left no other way out of
 
 
@@ -77,32 +78,6 @@ def _constrain(logp: Tensor, history: Tensor, t: int, min_len: int, no_repeat_ng
     dead = torch.isinf(logp).all(dim=-1)  # (N,) nothing allowed: end the caption here, at a heavy cost
     logp[dead, END_ID] = DEAD_END_LOGP
     return logp
-
-
-@torch.no_grad()
-def greedy(model: CaptionModel, features: Any, max_len: int = 20, min_len: int = 1,
-           no_repeat_ngram: int = 0, suppress: Sequence[int] = ()) -> list[Hypothesis]:
-    """Most likely next word at each step; one hypothesis per image (or sequence).
-
-    features: what `model.init_state` takes, e.g. (B, ...) image features or a `Frames` batch.
-    """
-    state = model.init_state(features)
-    B, dev = state.batch_size, state.device
-    tokens = torch.full((B,), START_ID, dtype=torch.long, device=dev)
-    history = torch.empty((B, 0), dtype=torch.long, device=dev)
-    logprob = torch.zeros(B, device=dev)
-    finished = torch.zeros(B, dtype=torch.bool, device=dev)
-    for t in range(max_len):
-        logp, state = _step_live(model, tokens, state, ~finished)  # (B, V)
-        logp = _constrain(logp, history, t, min_len, no_repeat_ngram, suppress)
-        best, tokens = logp.max(dim=-1)  # (B,), (B,)
-        logprob += torch.where(finished, torch.zeros_like(best), best)
-        tokens = torch.where(finished, torch.full_like(tokens, PAD_ID), tokens)
-        history = torch.cat([history, tokens[:, None]], dim=1)  # (B, t+1)
-        finished |= tokens == END_ID
-        if finished.all():
-            break
-    return [_hypothesis(seq, lp, fin, 0.0) for seq, lp, fin in zip(history.tolist(), logprob.tolist(), finished.tolist())]
 
 
 def _step_live(model: CaptionModel, tokens: Tensor, state: DecoderState, live: Tensor) -> tuple[Tensor, DecoderState]:

@@ -11,6 +11,7 @@ from captioner.data import load_coco
 from captioner.decoding import beam_search
 from captioner.models import AttentionDecoder
 from captioner.synthetic import make_relation_split, relation_is_right
+from captioner import Captioner
 from captioner.training import Trainer, TrainOptions
 from captioner.viz import attention_map_size
 
@@ -97,8 +98,7 @@ def relation_models(relations):
         opts = TrainOptions(decoder=decoder, epochs=10, batch_size=32, hidden_size=128, embed_size=64,
                             attention_size=128, min_word_count=1, lr=2e-3, dropout=0.2, lr_schedule="constant")
         trainer = Trainer(train, None, out / decoder, opts, device="cpu", quiet=True)
-        trainer.fit()
-        models[decoder] = trainer.model
+        models[decoder] = Captioner.load(trainer.fit(), device="cpu")  # no val set: best.pt is the last epoch
     return models
 
 

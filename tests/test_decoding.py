@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from captioner.decoding import DEAD_END_LOGP, beam_search, greedy, sample
+from captioner.decoding import DEAD_END_LOGP, beam_search, sample
 from captioner.models import ShowTellDecoder
 from captioner.models.base import CaptionModel, DecoderState
 
@@ -71,18 +71,36 @@ def test_exact_beams_size_three():
 
 
 def test_beam_beats_greedy_where_greedy_is_short_sighted():
-    [g] = greedy(FakeModel(), images(1))
+    [[g]] = beam_search(FakeModel(), images(1), beam_size=1)
     assert g.tokens == [A, C] and g.logprob == pytest.approx(math.log(0.36), abs=1e-6)
     [[best]] = beam_search(FakeModel(), images(1), beam_size=2)
     assert best.tokens == [B] and best.logprob == pytest.approx(math.log(0.38), abs=1e-6)
 
 
+def greedy_reference(model, features, max_len):
+    """The most likely next word at each step, one image at a time: what beam 1 must give."""
+    out = []
+    for i in range(len(features)):
+        state = model.init_state(features[i:i + 1])
+        token, words, logprob = torch.tensor([START]), [], 0.0
+        for _ in range(max_len):
+            logp, state = model.step(token, state)  # (1, V)
+            logp[0, [PAD, START]] = float("-inf")
+            best, token = logp[0].max(dim=-1, keepdim=True)
+            logprob += best.item()
+            if token.item() == END:
+                break
+            words.append(token.item())
+        out.append((words, logprob))
+    return out
+
+
 def test_beam_size_one_equals_greedy():
     feats = images(0, 1, 2, 3)
-    gs = greedy(FakeModel(), feats, max_len=6)
+    gs = greedy_reference(FakeModel(), feats, max_len=6)
     bs = beam_search(FakeModel(), feats, beam_size=1, max_len=6)
-    assert [g.tokens for g in gs] == [b[0].tokens for b in bs]
-    assert [g.logprob for g in gs] == pytest.approx([b[0].logprob for b in bs])
+    assert [g[0] for g in gs] == [b[0].tokens for b in bs]
+    assert [g[1] for g in gs] == pytest.approx([b[0].logprob for b in bs])
 
 
 def test_batched_equals_one_image_at_a_time():
@@ -110,7 +128,7 @@ def test_never_ending_beam_still_returns_its_best_hypothesis():
     assert len(hyps) == 2 and all(len(h.tokens) == 4 and not h.finished for h in hyps)
     assert hyps[0].tokens == [A, A, A, A] and hyps[0].logprob == pytest.approx(3 * math.log(0.6), abs=1e-6)
     assert hyps[1].tokens == [A, B, B, B] and hyps[1].logprob == pytest.approx(math.log(0.4 * 0.7 * 0.7), abs=1e-6)
-    [g] = greedy(FakeModel(), images(2), max_len=4)
+    [[g]] = beam_search(FakeModel(), images(2), beam_size=1, max_len=4)
     assert g.tokens == [A, A, A, A] and not g.finished
 
 
@@ -119,7 +137,7 @@ def test_dead_end_from_constraints_ends_instead_of_crashing():
     [hyps] = beam_search(FakeModel(), images(2), beam_size=2, n_best=1, max_len=6, no_repeat_ngram=1)
     assert hyps[0].tokens == [A, B] and hyps[0].finished
     assert hyps[0].logprob == pytest.approx(math.log(0.4) + DEAD_END_LOGP, abs=1e-3)
-    [g] = greedy(FakeModel(), images(2), max_len=6, no_repeat_ngram=1)
+    [[g]] = beam_search(FakeModel(), images(2), beam_size=1, max_len=6, no_repeat_ngram=1)
     assert g.tokens == [A, B] and g.finished
 
 
@@ -136,7 +154,7 @@ def test_no_repeat_ngram_blocks_repeated_bigrams():
 def test_min_len_forbids_early_end():
     [[h]] = beam_search(FakeModel(), images(0), beam_size=2, min_len=2)
     assert len(h.tokens) >= 2 and h.tokens == [B, C]
-    [g] = greedy(FakeModel(), images(0), min_len=3)
+    [[g]] = beam_search(FakeModel(), images(0), beam_size=1, min_len=3)
     assert len(g.tokens) >= 3
 
 
@@ -178,7 +196,7 @@ def test_sampling_draws_from_the_model_and_keeps_each_tokens_logprob():
 
 
 def test_suppressed_tokens_are_never_emitted():
-    [g] = greedy(FakeModel(), images(0), suppress=[A])
+    [[g]] = beam_search(FakeModel(), images(0), beam_size=1, suppress=[A])
     assert g.tokens == [B, C]  # a (.5) is gone: b (.3), then c (.9)
     for hyps in beam_search(FakeModel(), images(0, 3), beam_size=3, n_best=3, suppress=[A]):
         assert all(A not in h.tokens for h in hyps)

@@ -150,8 +150,7 @@ def motion_models(motion, tmp_path_factory):
                             embed_size=64, attention_size=64, temporal_size=128, min_word_count=1, lr=2e-3,
                             dropout=0.2, lr_schedule="constant")
         trainer = Trainer(motion["train"], None, tmp_path_factory.mktemp(temporal), opts, device="cpu", quiet=True)
-        trainer.fit()
-        models[temporal] = trainer.model
+        models[temporal] = Captioner.load(trainer.fit(), device="cpu")  # no val set: best.pt is the last epoch
     return models
 
 

@@ -7,7 +7,7 @@ import torch
 from captioner.checkpoint import load_checkpoint
 from captioner.cli import main
 from captioner.data import load_coco
-from captioner.training import Trainer, TrainOptions, _optimizer
+from captioner.training import Trainer, TrainOptions, build_optimizer
 
 from .conftest import FLICKR8K
 
@@ -53,9 +53,9 @@ def test_checkpoint_holds_everything_to_resume(shapes, tmp_path):
 
 def test_optimizers():
     p = [torch.nn.Parameter(torch.zeros(2))]
-    assert isinstance(_optimizer(TrainOptions(optimizer="adam"), [{"params": p}]), torch.optim.Adam)
-    sgd = _optimizer(TrainOptions(optimizer="sgd"), [{"params": p}])
-    mom = _optimizer(TrainOptions(optimizer="momentum", momentum=0.9), [{"params": p}])
+    assert isinstance(build_optimizer(TrainOptions(optimizer="adam"), [{"params": p}]), torch.optim.Adam)
+    sgd = build_optimizer(TrainOptions(optimizer="sgd"), [{"params": p}])
+    mom = build_optimizer(TrainOptions(optimizer="momentum", momentum=0.9), [{"params": p}])
     assert sgd.param_groups[0]["momentum"] == 0 and mom.param_groups[0]["momentum"] == 0.9
 
 

@@ -6,10 +6,10 @@ import os
 import sys
 
 from captioner.cli import main
-from captioner.training import Trainer
+from captioner.training.objectives import Update
 
 fail_rank, fail_at = int(sys.argv[1]), int(sys.argv[2])
-real_step, steps = Trainer._step, 0
+real_step, steps = Update.__call__, 0
 
 
 def step(self, loss):
@@ -20,5 +20,5 @@ def step(self, loss):
     real_step(self, loss)
 
 
-Trainer._step = step
+Update.__call__ = step  # every optimizer step goes through here
 sys.exit(main(["train", *sys.argv[3:]]))

@@ -1,0 +1,95 @@
+"""What several commands share: messages, input expansion, datasets, decoding and cache flags."""
+from __future__ import annotations
+
+import argparse
+import glob
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import DataError, UsageError
+from ..images import ImageError, list_images
+
+GLOB_CHARS = set("*?[")
+
+
+def err(msg: str) -> None:
+    print(f"captioner: {msg}", file=sys.stderr, flush=True)
+
+
+def _stdin_paths() -> list[str]:
+    """`-`: paths read from standard input, one per line (as `find ... | captioner caption -`)."""
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError("`-` reads image paths from standard input, one per line, but nothing is piped in")
+    return [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+
+
+def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[ImageError]]:
+    """Files, folders (their images, sorted), globs and `-` (paths on standard input) -> image
+    paths, plus what matched nothing."""
+    paths: list[str] = []
+    problems: list[ImageError] = []
+    if list(args).count("-") > 1:
+        raise UsageError("`-` (paths from standard input) can be given once")
+    args = [x for a in args for x in (_stdin_paths() if a == "-" else [a])]
+    for a in args:
+        p = Path(a)
+        if p.is_dir():
+            found = list_images(p)
+            paths += [str(f) for f in found]
+            if not found:
+                problems.append(ImageError(a, "folder holds no image files"))
+        elif not p.exists() and GLOB_CHARS & set(a):
+            matches = sorted(m for m in glob.glob(a, recursive=True) if Path(m).is_file())
+            paths += matches
+            if not matches:
+                problems.append(ImageError(a, "no files match this pattern"))
+        else:
+            paths.append(a)
+    return paths, problems
+
+
+def load_corpus(annotations: str | None, images: str | None, karpathy_json: str | None, images_root: str | None,
+                 split: str, skip_missing: bool, sequences: str | None = None, skip_bad: bool = False):
+    """A COCO caption file + image folder, a sequence file + image folder, or a Karpathy split file's
+    split(s); None if none is given."""
+    from ..data import load_coco, load_karpathy, load_sequences
+
+    if karpathy_json:
+        return load_karpathy(karpathy_json, images_root or Path(karpathy_json).parent, split, skip_missing)
+    for path, loader in ((annotations, load_coco), (sequences, load_sequences)):
+        if path:
+            if not images:
+                raise DataError(f"{path}: give the folder of its images too")
+            return loader(path, images, skip_missing, skip_bad)
+    return None
+
+
+def decoding(model, args: argparse.Namespace) -> dict:
+    """The model's decoding defaults, with what the command line set; checked before any work."""
+    return model.resolve_decoding(n_best=getattr(args, "n_best", 1), beam_size=args.beam_size, max_len=args.max_len,
+                                  min_len=args.min_len, length_alpha=args.length_penalty,
+                                  no_repeat_ngram=args.no_repeat_ngram)
+
+
+def cache_args(group) -> None:
+    group.add_argument("--cache-dir", help="feature cache folder (default: $CAPTIONER_CACHE_DIR or ~/.cache/captioner)")
+    group.add_argument("--no-cache", action="store_true", help="compute encoder features in memory, cache nothing")
+
+
+def decoding_args(parser) -> None:
+    """Decoding options; left unset, each comes from the model (its measured best, or the defaults)."""
+    parser.add_argument("--beam-size", type=int, help="beam width, 1 = greedy (default: the model's, else 5)")
+    parser.add_argument("--max-len", type=int, help="most words per caption (default: the model's, else 20)")
+    parser.add_argument("--min-len", type=int, help="fewest words per caption (default: the model's, else 1)")
+    parser.add_argument("--length-penalty", type=float, help="GNMT alpha, 0 = off (default: the model's, else 0)")
+    parser.add_argument("--no-repeat-ngram", type=int,
+                        help="forbid repeating n-grams of this size, 0 = off (default: the model's, else 0)")
+
+
+def rank_prefix() -> str:
+    """'rank R of W: ' inside a multi-process job (torchrun), so every line says who failed."""
+    from ..distributed import from_env
+
+    rank, world, _ = from_env()
+    return f"rank {rank} of {world}: " if world > 1 else ""

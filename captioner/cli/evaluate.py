@@ -1,0 +1,58 @@
+"""`captioner evaluate`: caption a dataset once per image and score it."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import DataError, UsageError
+from ..paths import check_output_file
+from .common import cache_args, decoding, decoding_args, err, load_corpus
+
+
+
+def add(sub) -> None:
+    e = sub.add_parser("evaluate", help="caption a dataset's images and score them (BLEU, METEOR, ROUGE-L, CIDEr-D)")
+    e.add_argument("--model", help="checkpoint (default: the bundled model)")
+    e.add_argument("--annotations", help="COCO caption JSON with the references")
+    e.add_argument("--sequences", help="sequence caption JSON instead of --annotations (one caption per sequence)")
+    e.add_argument("--images", help="folder of its images")
+    e.add_argument("--karpathy-json", help="Karpathy split file instead of --annotations/--images")
+    e.add_argument("--images-root", help="with --karpathy-json: folder the filepaths are relative to")
+    e.add_argument("--split", default="val", help="with --karpathy-json: which split(s)")
+    e.add_argument("--skip-missing", action="store_true", help="leave out missing image files instead of failing")
+    e.add_argument("--skip-bad", action="store_true", help="leave out malformed entries instead of refusing the file")
+    decoding_args(e)
+    e.add_argument("--batch-size", type=int, default=32, help="images encoded and beam-searched together")
+    e.add_argument("--results", help="also write the captions here, in the COCO results format")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    cache_args(e)
+    e.set_defaults(func=run)
+
+def run(args: argparse.Namespace) -> int:
+    from ..api import Captioner
+    from ..evaluation import caption_corpus, references, score, write_results
+    from ..features import FeatureCache
+
+    if args.results:
+        check_output_file(args.results)  # before captioning everything, not after
+        for given in (args.annotations, args.sequences, args.karpathy_json):
+            if given and Path(given).exists() and Path(args.results).exists() and Path(given).samefile(args.results):
+                raise UsageError(f"{args.results}: is the reference file itself; --results would overwrite it")
+    corpus = load_corpus(args.annotations, args.images, args.karpathy_json, args.images_root, args.split,
+                          args.skip_missing, args.sequences, args.skip_bad)
+    if corpus is None:
+        raise DataError("give --annotations (or --sequences) and --images, or --karpathy-json and --split")
+    model = Captioner.load(args.model, device=args.device)
+    cache = None if args.no_cache else FeatureCache(model.encoder, args.cache_dir, model.device)
+    results, failed = caption_corpus(model, corpus, batch_size=args.batch_size, quiet=args.quiet, cache=cache,
+                                     **decoding(model, args))
+    for e in failed:
+        err(str(e))
+    if args.results:
+        write_results(args.results, results)
+    report = {"model": str(args.model or "bundled"), "decoding": decoding(model, args), "failed": len(failed),
+              "skipped_missing": corpus.skipped_missing, **score(references(corpus), results)}
+    print(json.dumps(report))
+    return 1 if failed else 0

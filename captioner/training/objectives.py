@@ -1,0 +1,133 @@
+"""What one epoch optimises: cross-entropy with teacher forcing (BPTT through the caption), or
+self-critical sequence training on sampled captions rewarded by their CIDEr-D."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from ..data import Batch
+from ..decoding import sample
+from ..distributed import Dist
+from ..encoders import Encoder
+from ..errors import TrainingDiverged
+from ..features import ItemFeatures, pool
+from ..metrics import CiderD, normalize
+from ..models import CaptionModel, Frames, LossTerms
+from ..vocab import Vocabulary
+
+
+class TrainStep(nn.Module):
+    """The trainable modules and the one forward that uses them. This is what DistributedDataParallel
+    wraps: DDP averages the gradients of whatever ran through its forward, so teacher forcing and
+    self-critical sampling both go through here."""
+
+    def __init__(self, encoder: Encoder | None, decoder: CaptionModel) -> None:
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder  # encoder: only when it is being fine-tuned
+
+    def forward(self, inputs: Tensor | Frames, captions: Tensor | None = None, lengths: Tensor | None = None,
+                samples: int = 0, max_len: int = 0) -> LossTerms | tuple[Tensor, Tensor, Tensor]:
+        """inputs: features (B, ...) or, when fine-tuning, pixels (B, 3, S, S). Teacher forcing on
+        captions (B, T) -> LossTerms; samples > 0 -> `decoding.sample` (tokens, log-probs, mask),
+        never drawing <unk> (inference never prints it either)."""
+        features = inputs if self.encoder is None else pool(self.encoder(inputs), self.decoder.feature_kind)
+        if samples:
+            return sample(self.decoder, features, n=samples, max_len=max_len, suppress=[Vocabulary.unk_id])
+        return self.decoder(features, captions, lengths)
+
+
+@dataclass
+class Update:
+    """One optimizer step on a loss: refuses a non-finite loss (the last good checkpoint is kept),
+    scales it for fp16, clips the global gradient norm."""
+
+    optim: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    grad_clip: float
+    last_good: Path
+
+    def __call__(self, loss: Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"non-finite training loss ({loss.item()}); stopping "
+                                   f"(last good checkpoint: {self.last_good})")
+        self.optim.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()  # the scaler is a no-op unless --amp fp16; DDP all-reduces here
+        self.scaler.unscale_(self.optim)
+        params = [p for g in self.optim.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        self.scaler.step(self.optim)
+        self.scaler.update()
+
+
+def cross_entropy_epoch(step: nn.Module, batches: Iterable[Batch], to_inputs: Callable[[Batch], Tensor | Frames],
+                        device: torch.device, dist: Dist, update: Update | None,
+                        autocast: Callable[[], AbstractContextManager], desc: str, quiet: bool) -> float:
+    """Teacher forcing over the batches, a step per batch when `update` is given (else evaluation).
+
+    Returns the loss over the whole set (all ranks' shards when training): per-token NLL + the
+    mean regulariser, each averaged over everything, so it is the same for any number of ranks."""
+    train = update is not None
+    nll, tokens, reg, items = 0.0, 0, 0.0, 0
+    bar = tqdm(batches, desc=desc, unit="batch", disable=quiet, leave=False)
+    for batch in bar:
+        with torch.set_grad_enabled(train), autocast():
+            terms = step(to_inputs(batch), batch.captions.to(device), batch.lengths)
+        if train:  # normalised by the global batch's tokens; DDP's gradient average undoes the x world
+            global_tokens = dist.sum([terms.tokens])[0]
+            update(terms.nll_sum * (dist.world_size / global_tokens) + terms.reg)
+        nll, tokens = nll + terms.nll_sum.item(), tokens + terms.tokens
+        reg, items = reg + terms.reg.item() * len(batch.lengths), items + len(batch.lengths)
+        bar.set_postfix(loss=f"{nll / max(tokens, 1) + reg / max(items, 1):.3f}")
+    if train:
+        nll, tokens, reg, items = dist.sum([nll, tokens, reg, items])
+    return nll / max(tokens, 1) + reg / max(items, 1)
+
+
+def scst_rewards(cider: CiderD, images: list[int], tokens: Tensor, vocab: Vocabulary) -> Tensor:
+    """Self-critical reward of each sampled caption (N, T) of images[i]: its CIDEr-D against that
+    image's references, or 0 when it was cut at the length limit without <end> (an unfinished
+    sentence is not a caption: rewarding it like one teaches the model to run on)."""
+    ended = (tokens == Vocabulary.end_id).any(dim=1).tolist()  # (N,)
+    return torch.tensor([cider.score(i, normalize(vocab.decode(t))) if done else 0.0
+                         for i, t, done in zip(images, tokens.tolist(), ended)])  # (N,)
+
+
+def self_critical_epoch(step: nn.Module, feats: ItemFeatures, cider: CiderD, vocab: Vocabulary, samples: int,
+                        max_len: int, batch_size: int, seed: int, epoch: int, device: torch.device, dist: Dist,
+                        update: Update, autocast: Callable[[], AbstractContextManager], desc: str,
+                        quiet: bool) -> tuple[float, float]:
+    """One pass over the training images: sample `samples` captions per image, reward each with
+    its CIDEr-D against the image's references, baseline = the mean reward of the image's other
+    samples, and raise the log-probability of the captions that beat it (Rennie et al. 2017, with
+    the leave-one-out baseline of Luo 2020 instead of a greedy decode).
+    Returns (mean loss, mean sampled-caption CIDEr-D)."""
+    n, world = samples, dist.world_size
+    shard = DistributedSampler(range(len(feats)), num_replicas=world, rank=dist.rank, shuffle=True, seed=seed)
+    shard.set_epoch(epoch)
+    order = torch.tensor(list(shard), dtype=torch.long)
+    total_loss, total_reward, batches = 0.0, 0.0, 0
+    bar = tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=quiet, leave=False)
+    for s in bar:
+        idx = order[s:s + batch_size]  # (B,) images
+        with autocast():
+            features = feats[idx].to(device).float()
+            tokens, logp, mask = step(features, samples=n, max_len=max_len)  # (B*n, T)
+        reward = scst_rewards(cider, idx.repeat_interleave(n).tolist(), tokens, vocab).view(-1, n)  # (B, n)
+        baseline = (reward.sum(1, keepdim=True) - reward) / (n - 1)  # (B, n) mean of the other samples
+        advantage = (reward - baseline).view(-1, 1).to(device)  # (B*n, 1)
+        global_tokens = dist.sum([mask.sum().item()])[0]
+        loss = -(advantage * logp * mask).sum() * (world / global_tokens)
+        update(loss)
+        total_loss, total_reward = total_loss + loss.item(), total_reward + reward.mean().item()
+        batches += 1
+        bar.set_postfix(cider=f"{total_reward / batches:.3f}")
+    # summed over ranks, each step's losses add up to world x that step's loss: the mean comes out right
+    total_loss, total_reward, batches = dist.sum([total_loss, total_reward, batches])
+    return total_loss / max(batches, 1), total_reward / max(batches, 1)

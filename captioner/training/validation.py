@@ -1,0 +1,24 @@
+"""Validation after every epoch: the val images captioned once, scored with the COCO metrics."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..bundle import ModelBundle
+from ..data import CaptionCorpus
+from ..evaluation import caption_corpus, caption_features, references
+from ..features import ItemFeatures
+from ..metrics import METRICS, diversity, evaluate
+
+
+def val_captions(model: ModelBundle, corpus: CaptionCorpus, feats: ItemFeatures | None, beam_size: int) -> dict:
+    """Decode every val item once (greedy, or beam with beam_size > 1): {image_id: caption}."""
+    if feats is None:  # fine-tuning: no cached features, encode the images
+        return caption_corpus(model, corpus, beam_size=beam_size, quiet=True)[0]
+    return caption_features(model, corpus.image_ids, feats, beam_size=beam_size)
+
+
+def val_scores(model: ModelBundle, corpus: CaptionCorpus, feats: ItemFeatures | None, beam_size: int) -> dict[str, Any]:
+    """BLEU-1..4, METEOR (and its backend), ROUGE-L, CIDEr-D and diversity of the val captions."""
+    captions = val_captions(model, corpus, feats, beam_size)
+    scores = evaluate(references(corpus), captions)
+    return {k: scores[k] for k in METRICS} | {"METEOR_backend": scores["METEOR_backend"]} | diversity(captions)
