@@ -10,14 +10,15 @@ decoder is a trained one and the inputs are Flickr8k val images' features (when 
 frame each for a sequence model) in the form that decoder takes; otherwise random weights and
 features, where captions run to --max-len (the worst case).
 """
+
 from __future__ import annotations
 
 import argparse
 
 import torch
+from common import FLICKR8K, Timer, machine, random_decoder
 
 from captioner.decoding import END_ID, START_ID, beam_search
-from common import FLICKR8K, Timer, machine, random_decoder
 
 
 @torch.no_grad()
@@ -107,8 +108,10 @@ def main() -> None:
     agree = sum(h[0].tokens == s for h, s in zip(hyps, theirs)) / len(theirs)
     tb, ob = min(tutorial_s), min(ours_s)
     print(f"machine: {machine()}")
-    print(f"decoder: {'trained ' + a.model if a.model else 'random weights'}; {source}; "
-          f"{a.images} images, beam {a.beam}, max_len {a.max_len}; best of {a.repeats}")
+    print(
+        f"decoder: {'trained ' + a.model if a.model else 'random weights'}; {source}; "
+        f"{a.images} images, beam {a.beam}, max_len {a.max_len}; best of {a.repeats}"
+    )
     print(f"| beam search, {a.images} images | seconds | images/s |")
     print("|---|---|---|")
     print(f"| per-image loop (classic tutorials) | {tb:.2f} | {a.images / tb:.1f} |")

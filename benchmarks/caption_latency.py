@@ -7,6 +7,7 @@ RSS of that process. Warm: in one process with the model loaded, seconds per ima
 images go through as one batch vs one at a time. Without --model a checkpoint with random decoder
 weights is used: its captions always run to max_len, the slowest case.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,9 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import Timer, machine, random_decoder
+
 from captioner import Captioner
 from captioner.synthetic import draw_shape
-from common import Timer, machine, random_decoder
 
 
 def _random_checkpoint(path: Path) -> None:
@@ -28,9 +30,13 @@ def _random_checkpoint(path: Path) -> None:
 
     decoder, vocab = random_decoder()
     enc = build_encoder()
-    config = {"encoder": "efficientnet_lite0", "decoder": "lstm",
-              "decoder_hparams": {"embed_size": 256, "hidden_size": 512, "num_layers": 1, "dropout": 0.5},
-              "preprocess": enc.spec.preprocess.to_dict(), "fine_tune_encoder": 0}
+    config = {
+        "encoder": "efficientnet_lite0",
+        "decoder": "lstm",
+        "decoder_hparams": {"embed_size": 256, "hidden_size": 512, "num_layers": 1, "dropout": 0.5},
+        "preprocess": enc.spec.preprocess.to_dict(),
+        "fine_tune_encoder": 0,
+    }
     Captioner(enc, decoder, vocab, config, device="cpu").save(path)
 
 
@@ -61,8 +67,11 @@ def main() -> None:
         cold = []
         for _ in range(a.runs if a.cold_runs is None else a.cold_runs):
             with Timer() as t:
-                subprocess.run([exe, "caption", str(imgs[0]), "--model", str(model_path), "--device", "cpu"],
-                               check=True, capture_output=True)
+                subprocess.run(
+                    [exe, "caption", str(imgs[0]), "--model", str(model_path), "--device", "cpu"],
+                    check=True,
+                    capture_output=True,
+                )
             cold.append(t.s)
         peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
@@ -80,9 +89,11 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"machine: {machine()}")
-    print(f"model: {a.model or 'random decoder weights (captions run to max_len 20)'}; "
-          f"{model.config['decoder']} decoder{' on frames' if model.is_sequence_model else ''}; "
-          f"beam {model.decoding['beam_size']}; 640x640 JPEG inputs; median of {a.runs}")
+    print(
+        f"model: {a.model or 'random decoder weights (captions run to max_len 20)'}; "
+        f"{model.config['decoder']} decoder{' on frames' if model.is_sequence_model else ''}; "
+        f"beam {model.decoding['beam_size']}; 640x640 JPEG inputs; median of {a.runs}"
+    )
     print("| captioner caption | value |")
     print("|---|---|")
     if cold:

@@ -1,4 +1,5 @@
 """Shared set-up for the benchmark scripts: a decoder and features that both sides use."""
+
 from __future__ import annotations
 
 import platform
@@ -15,11 +16,15 @@ FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
 
 
 def machine() -> str:
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}, Python {platform.python_version()}")
+    return (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )
 
 
-def random_decoder(vocab_size: int = 2500, feature_dim: int = 1280, seed: int = 0) -> tuple[ShowTellDecoder, Vocabulary]:
+def random_decoder(
+    vocab_size: int = 2500, feature_dim: int = 1280, seed: int = 0
+) -> tuple[ShowTellDecoder, Vocabulary]:
     """A Show-and-Tell decoder of the default size with random weights, and a matching vocabulary."""
     torch.manual_seed(seed)
     vocab = Vocabulary([f"w{i}" for i in range(vocab_size - 4)], min_count=1)

@@ -7,14 +7,15 @@ be off on the CPU by default; on this project's CPU it measures faster, so the e
 on every device. Both sides run the same Lite0 weights on the same random pixels (decoding and
 resizing JPEGs are left out: they cost the same either way), alternating round by round.
 """
+
 from __future__ import annotations
 
 import argparse
 
 import torch
+from common import Timer, machine
 
 from captioner.encoders import build_encoder
-from common import Timer, machine
 
 
 def main() -> None:

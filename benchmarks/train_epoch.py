@@ -11,6 +11,7 @@ baseline is already the fast encoder). Ours reads cached fp16 features. The one-
 filling the cache is reported separately. --baseline-batches N times only the first N baseline
 batches and scales to the epoch (the per-batch cost is flat), for a quicker run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,12 +22,12 @@ import tempfile
 import time
 
 import torch
+from common import FLICKR8K, Timer, machine
 from torch.utils.data import DataLoader
 
 from captioner.data import CaptionDataset, collate, load_coco
 from captioner.features import LoadImage, encode_pixels, pool
 from captioner.training import Trainer, TrainOptions
-from common import FLICKR8K, Timer, machine
 
 
 def _warm_epoch_seconds(trainer: Trainer) -> float:
@@ -50,8 +51,9 @@ def main() -> None:
             trainer = Trainer(corpus, None, tempfile.mkdtemp(), opts, device="cpu", quiet=True, cache_dir=cache_dir)
         cached = _warm_epoch_seconds(trainer)
         bf16_opts = TrainOptions(**{**opts.__dict__, "amp": "bf16"})
-        cached_bf16 = _warm_epoch_seconds(Trainer(corpus, None, tempfile.mkdtemp(), bf16_opts, device="cpu",
-                                                  quiet=True, cache_dir=cache_dir))  # warm cache: no extraction
+        cached_bf16 = _warm_epoch_seconds(
+            Trainer(corpus, None, tempfile.mkdtemp(), bf16_opts, device="cpu", quiet=True, cache_dir=cache_dir)
+        )  # warm cache: no extraction
 
         # baseline: same decoder recipe, images decoded and encoded at every step
         dataset = CaptionDataset(corpus, trainer.model.vocab, opts.max_caption_len, LoadImage(trainer.model.preprocess))
@@ -73,8 +75,10 @@ def main() -> None:
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     print(f"machine: {machine()}")
-    print(f"{len(corpus)} images, {len(dataset)} captions, batch 64, {len(loader)} steps per epoch"
-          + ("" if n_batches == len(loader) else f"; baseline timed on {n_batches} steps and scaled"))
+    print(
+        f"{len(corpus)} images, {len(dataset)} captions, batch 64, {len(loader)} steps per epoch"
+        + ("" if n_batches == len(loader) else f"; baseline timed on {n_batches} steps and scaled")
+    )
     print("| one epoch | seconds | captions/s |")
     print("|---|---|---|")
     print(f"| re-encoding images every step (classic tutorials) | {baseline:.1f} | {len(dataset) / baseline:.0f} |")

@@ -1,4 +1,5 @@
 """captioner: image captioning with a pretrained CNN encoder and an LSTM decoder."""
+
 from __future__ import annotations
 
 __version__ = "0.1.0"

@@ -2,6 +2,7 @@
 
 Loading, saving, encoding and beam search belong to the model bundle (bundle.py), which training
 and evaluation use too; this class adds the conveniences people call."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -22,8 +23,15 @@ class Captioner(ModelBundle):
     """A trained captioning model, ready to describe images: `Captioner.load()` (the bundled model)
     or `Captioner.load(path)`, then `caption`, `caption_nbest`, `caption_sequence`, `generate`."""
 
-    def caption(self, x: ImageInput | Sequence[ImageInput], beam_size: int | None = None, max_len: int | None = None,
-                errors: str = "raise", return_attention: bool = False, **decode_opts: Any) -> Any:
+    def caption(
+        self,
+        x: ImageInput | Sequence[ImageInput],
+        beam_size: int | None = None,
+        max_len: int | None = None,
+        errors: str = "raise",
+        return_attention: bool = False,
+        **decode_opts: Any,
+    ) -> Any:
         """Caption one image (-> str) or a list (-> list[str]).
 
         errors="raise" raises the first ImageError; errors="skip" puts None for failed items.
@@ -33,8 +41,10 @@ class Captioner(ModelBundle):
         decode_opts: min_len, length_alpha, no_repeat_ngram, batch_size, num_workers.
         """
         if return_attention and self.decoder.attends_over != "regions":
-            raise UsageError("this model has no attention over image regions to return "
-                             f"(decoder {self.config['decoder']}{', sequence model' if self.is_sequence_model else ''})")
+            raise UsageError(
+                "this model has no attention over image regions to return "
+                f"(decoder {self.config['decoder']}{', sequence model' if self.is_sequence_model else ''})"
+            )
         if errors not in ("raise", "skip"):
             raise UsageError(f"errors must be 'raise' or 'skip', not {errors!r}")
         single = not isinstance(x, (list, tuple))
@@ -50,8 +60,13 @@ class Captioner(ModelBundle):
                 results.append(r[0].text)
         return results[0] if single else results
 
-    def generate_sequences(self, sequences: Sequence[Sequence[ImageInput]], batch_size: int = 32,
-                           num_workers: int | None = None, **decode_opts: Any) -> Iterator[list[Caption] | ImageError]:
+    def generate_sequences(
+        self,
+        sequences: Sequence[Sequence[ImageInput]],
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        **decode_opts: Any,
+    ) -> Iterator[list[Caption] | ImageError]:
         """For each sequence of images (frames in temporal order): its n-best Captions, or the
         ImageError of its first bad frame (a sequence with a bad frame is not captioned; the
         others still are). decode_opts as for `generate`."""
@@ -71,8 +86,14 @@ class Captioner(ModelBundle):
                 continue
             yield self.decode(self.encode_sequences([torch.cat(pixels)], batch_size), **decode_opts)[0]
 
-    def caption_sequence(self, frames: Sequence[ImageInput], beam_size: int | None = None, max_len: int | None = None,
-                         return_attention: bool = False, **decode_opts: Any) -> Any:
+    def caption_sequence(
+        self,
+        frames: Sequence[ImageInput],
+        beam_size: int | None = None,
+        max_len: int | None = None,
+        return_attention: bool = False,
+        **decode_opts: Any,
+    ) -> Any:
         """One caption for an ordered sequence of images (an album, a burst, video frames).
 
         A sequence model reads the frames in order; a single-image model describes their mean
@@ -81,24 +102,28 @@ class Captioner(ModelBundle):
         decode_opts: n_best, min_len, length_alpha, no_repeat_ngram, batch_size, num_workers.
         """
         if return_attention and self.decoder.attends_over != "frames":
-            raise UsageError("this model has no attention over frames to return (train on sequences "
-                             "with --decoder attention)")
+            raise UsageError(
+                "this model has no attention over frames to return (train on sequences with --decoder attention)"
+            )
         r = next(self.generate_sequences([frames], beam_size=beam_size, max_len=max_len, **decode_opts))
         if isinstance(r, ImageError):
             raise r
         return (r[0].text, r[0].attention) if return_attention else r[0].text
 
-    def caption_nbest(self, x: ImageInput | Sequence[ImageInput], n: int = 5, beam_size: int | None = None,
-                      max_len: int | None = None,
-                      **decode_opts: Any) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
+    def caption_nbest(
+        self,
+        x: ImageInput | Sequence[ImageInput],
+        n: int = 5,
+        beam_size: int | None = None,
+        max_len: int | None = None,
+        **decode_opts: Any,
+    ) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
         """The n best (caption, score) pairs, best first; score = summed log-prob (length-penalised if asked)."""
         whole_number(n, 1, "n-best (--n-best, n_best= / n=)")
         single = not isinstance(x, (list, tuple))
         out = []
         beam = max(n, self.decoding["beam_size"]) if beam_size is None else beam_size
-        for r in self.generate([x] if single else list(x), beam_size=beam,
-                               n_best=n,
-                               max_len=max_len, **decode_opts):
+        for r in self.generate([x] if single else list(x), beam_size=beam, n_best=n, max_len=max_len, **decode_opts):
             if isinstance(r, ImageError):
                 raise r
             out.append([(c.text, c.score) for c in r])

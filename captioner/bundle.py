@@ -1,11 +1,12 @@
 """The model bundle: encoder + decoder + vocabulary + config + decoding defaults, and what every
 user of a model needs from it — build, load and save a checkpoint; turn images into the decoder's
 input; beam-search captions. Training, evaluation and the Python API (`Captioner`) all use it."""
+
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple, Self, Union
+from typing import Any, NamedTuple, Self
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from .models import CaptionModel, SequenceModel, build_model
 from .paths import bundled_model_path
 from .vocab import Vocabulary
 
-ImageInput = Union[str, os.PathLike, Image.Image, Tensor, np.ndarray]
+ImageInput = str | os.PathLike | Image.Image | Tensor | np.ndarray
 
 
 class Caption(NamedTuple):
@@ -48,8 +49,14 @@ class ModelBundle:
     checkpoint records them (config["decoding"]), else DEFAULT_DECODING; any call may override them.
     """
 
-    def __init__(self, encoder: Encoder, decoder: CaptionModel, vocab: Vocabulary, config: dict[str, Any],
-                 device: str | torch.device = "auto") -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        decoder: CaptionModel,
+        vocab: Vocabulary,
+        config: dict[str, Any],
+        device: str | torch.device = "auto",
+    ) -> None:
         self.device = resolve_device(device)
         self.encoder = encoder.to(self.device, memory_format=torch.channels_last).eval()
         self.decoder = decoder.to(self.device).eval()
@@ -61,16 +68,19 @@ class ModelBundle:
 
     # ---- persistence -------------------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, ckpt: dict[str, Any], device: str | torch.device = "auto",
-                        source: str = "checkpoint") -> Self:
+    def from_checkpoint(
+        cls, ckpt: dict[str, Any], device: str | torch.device = "auto", source: str = "checkpoint"
+    ) -> Self:
         config, vocab = ckpt["config"], Vocabulary.from_dict(ckpt["vocab"])
         encoder = build_encoder(config["encoder"])
         if ckpt.get("encoder") is not None:  # fine-tuned encoder weights travel in the checkpoint
             encoder.load_state_dict(ckpt["encoder"])
         embed = next((v for k, v in ckpt["decoder"].items() if k.endswith("embed.weight")), None)
         if embed is not None and embed.size(0) != len(vocab):
-            raise CheckpointError(f"{source}: the vocabulary has {len(vocab)} tokens but the decoder weights "
-                                  f"were trained for {embed.size(0)}: they do not belong together")
+            raise CheckpointError(
+                f"{source}: the vocabulary has {len(vocab)} tokens but the decoder weights "
+                f"were trained for {embed.size(0)}: they do not belong together"
+            )
         try:
             decoder = build_model(config, len(vocab), encoder.feature_dim)
         except (KeyError, TypeError, ValueError) as e:
@@ -88,8 +98,10 @@ class ModelBundle:
         if path is None:
             path = bundled_model_path()
             if not path.is_file():
-                raise CheckpointError(f"{path}: no bundled model is installed yet; pass a checkpoint "
-                                      "(train one with `captioner train`, then use RUN_DIR/best.pt)")
+                raise CheckpointError(
+                    f"{path}: no bundled model is installed yet; pass a checkpoint "
+                    "(train one with `captioner train`, then use RUN_DIR/best.pt)"
+                )
         ckpt = load_checkpoint(path, map_location="cpu")
         return cls.from_checkpoint(ckpt, device, source=str(path))
 
@@ -122,8 +134,10 @@ class ModelBundle:
             return self.preprocess(to_rgb(check_size(item, f"<PIL image {item.width}x{item.height} {item.mode}>")))
         if isinstance(item, (Tensor, np.ndarray)):
             return self.preprocess(from_array(item))
-        raise ImageError(f"<{type(item).__name__}>", "unsupported input: give a file path, a PIL image, an RGB "
-                                                    "tensor (3, H, W) or an array (H, W, 3)")
+        raise ImageError(
+            f"<{type(item).__name__}>",
+            "unsupported input: give a file path, a PIL image, an RGB tensor (3, H, W) or an array (H, W, 3)",
+        )
 
     @property
     def is_sequence_model(self) -> bool:
@@ -148,8 +162,9 @@ class ModelBundle:
         """
         frames = []
         for pixels in sequences:
-            frames.append(torch.cat([self._frame_features(pixels[s:s + batch_size])
-                                     for s in range(0, len(pixels), batch_size)]))  # (F_i, ...)
+            frames.append(
+                torch.cat([self._frame_features(pixels[s : s + batch_size]) for s in range(0, len(pixels), batch_size)])
+            )  # (F_i, ...)
         return self.decoder.from_frames(frames)
 
     def resolve_decoding(self, n_best: int = 1, **given: Any) -> dict[str, Any]:
@@ -159,27 +174,50 @@ class ModelBundle:
         check_options(n_best=n_best, **o)
         return o
 
-    def decode(self, features: Any, beam_size: int | None = None, n_best: int = 1, max_len: int | None = None,
-               min_len: int | None = None, length_alpha: float | None = None,
-               no_repeat_ngram: int | None = None) -> list[list[Caption]]:
+    def decode(
+        self,
+        features: Any,
+        beam_size: int | None = None,
+        n_best: int = 1,
+        max_len: int | None = None,
+        min_len: int | None = None,
+        length_alpha: float | None = None,
+        no_repeat_ngram: int | None = None,
+    ) -> list[list[Caption]]:
         """The decoder's input for B images or sequences (see `encode`) -> for each its n-best Captions,
         best first. Settings left None come from `self.decoding`."""
-        o = self.resolve_decoding(n_best=n_best, beam_size=beam_size, max_len=max_len, min_len=min_len,
-                                  length_alpha=length_alpha, no_repeat_ngram=no_repeat_ngram)
+        o = self.resolve_decoding(
+            n_best=n_best,
+            beam_size=beam_size,
+            max_len=max_len,
+            min_len=min_len,
+            length_alpha=length_alpha,
+            no_repeat_ngram=no_repeat_ngram,
+        )
         was_training = self.decoder.training
         self.decoder.eval()
         try:
-            hyps = beam_search(self.decoder, features.to(self.device).float(), beam_size=max(o["beam_size"], n_best),
-                               max_len=o["max_len"], min_len=o["min_len"], length_alpha=o["length_alpha"],
-                               no_repeat_ngram=o["no_repeat_ngram"], n_best=n_best,
-                               suppress=[self.vocab.unk_id])  # "<unk>" is never a useful word to print
+            hyps = beam_search(
+                self.decoder,
+                features.to(self.device).float(),
+                beam_size=max(o["beam_size"], n_best),
+                max_len=o["max_len"],
+                min_len=o["min_len"],
+                length_alpha=o["length_alpha"],
+                no_repeat_ngram=o["no_repeat_ngram"],
+                n_best=n_best,
+                suppress=[self.vocab.unk_id],
+            )  # "<unk>" is never a useful word to print
         finally:
             self.decoder.train(was_training)
-        return [[Caption(self.vocab.decode(h.tokens), h.score, h.attention, self.vocab.words(h.tokens)) for h in hs]
-                for hs in hyps]
+        return [
+            [Caption(self.vocab.decode(h.tokens), h.score, h.attention, self.vocab.words(h.tokens)) for h in hs]
+            for hs in hyps
+        ]
 
-    def generate(self, inputs: Sequence[ImageInput], batch_size: int = 32, num_workers: int | None = None,
-                 **decode_opts: Any) -> Iterator[list[Caption] | ImageError]:
+    def generate(
+        self, inputs: Sequence[ImageInput], batch_size: int = 32, num_workers: int | None = None, **decode_opts: Any
+    ) -> Iterator[list[Caption] | ImageError]:
         """For each input, in order: its n-best Captions, or the ImageError it raised.
 
         A bad input never stops the others. Images are decoded in worker processes (when there is

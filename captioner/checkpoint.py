@@ -3,18 +3,19 @@
 Files are written atomically (temp file in the same folder, fsync, rename), so an interrupted
 save leaves the previous file intact. Loading uses `weights_only=True`.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import signal
+import tempfile
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pickle import UnpicklingError  # the error torch's safe loader raises; nothing is pickled here
-import tempfile
-import warnings
 from pathlib import Path
+from pickle import UnpicklingError  # the error torch's safe loader raises; nothing is pickled here
 from typing import Any
 
 import torch
@@ -70,8 +71,9 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         with signals_held():
             _atomic_write(path, write)
     except OSError as e:  # e.g. the disk filled up: name the user's file, not the temp file
-        raise OutputError(f"{path}: not written ({e.strerror or type(e).__name__}); "
-                          "any earlier version of it is untouched") from None
+        raise OutputError(
+            f"{path}: not written ({e.strerror or type(e).__name__}); any earlier version of it is untouched"
+        ) from None
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -105,16 +107,21 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except UnpicklingError as e:
         m = re.search(r"WeightsUnpickler error:\s*(.+?)\n", str(e))
         detail = m.group(1).strip() if m else type(e).__name__
-        raise CheckpointError(f"{path}: refused: not a plain tensors-and-JSON checkpoint; it may hold pickled "
-                              f"code, which is never run ({detail})") from None
+        raise CheckpointError(
+            f"{path}: refused: not a plain tensors-and-JSON checkpoint; it may hold pickled "
+            f"code, which is never run ({detail})"
+        ) from None
     except Exception as e:  # truncated or not a torch file at all
-        raise CheckpointError(f"{path}: not a readable checkpoint: truncated or corrupt "
-                              f"({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint: truncated or corrupt ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a captioner checkpoint")
     if ckpt.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {ckpt.get('format_version')} "
-                              f"is not supported by this captioner (expects {FORMAT_VERSION})")
+        raise CheckpointError(
+            f"{path}: checkpoint format version {ckpt.get('format_version')} "
+            f"is not supported by this captioner (expects {FORMAT_VERSION})"
+        )
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")

@@ -10,6 +10,7 @@ joined back without spaces (`join_words`).
 No imports beyond `re`: scripts/make_metrics_fixture.py loads this file on its own, to segment
 the text it hands to the official scorer exactly as captioner does.
 """
+
 from __future__ import annotations
 
 import re

@@ -4,6 +4,7 @@
 A `CaptionCorpus` is the items and their reference captions; training flattens it into one
 pair per caption, so an epoch visits every caption once.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,18 +56,28 @@ class CaptionCorpus:
         """Each item's images as indices into `paths`: its frames, or the image alone."""
         return self.frames if self.frames is not None else [[i] for i in range(len(self.paths))]
 
-    def keep(self, items: list[int], skipped: int = 0) -> "CaptionCorpus":
+    def keep(self, items: list[int], skipped: int = 0) -> CaptionCorpus:
         """Only these items (and only the images they use)."""
         if self.frames is None:
-            return CaptionCorpus([self.paths[i] for i in items], [self.image_ids[i] for i in items],
-                                 [self.captions[i] for i in items], self.skipped_missing + skipped, self.source)
+            return CaptionCorpus(
+                [self.paths[i] for i in items],
+                [self.image_ids[i] for i in items],
+                [self.captions[i] for i in items],
+                self.skipped_missing + skipped,
+                self.source,
+            )
         used = sorted({f for i in items for f in self.frames[i]})
         new = {old: n for n, old in enumerate(used)}
-        return CaptionCorpus([self.paths[i] for i in used], [self.image_ids[i] for i in items],
-                             [self.captions[i] for i in items], self.skipped_missing + skipped, self.source,
-                             [[new[f] for f in self.frames[i]] for i in items])
+        return CaptionCorpus(
+            [self.paths[i] for i in used],
+            [self.image_ids[i] for i in items],
+            [self.captions[i] for i in items],
+            self.skipped_missing + skipped,
+            self.source,
+            [[new[f] for f in self.frames[i]] for i in items],
+        )
 
-    def subset(self, n: int) -> "CaptionCorpus":
+    def subset(self, n: int) -> CaptionCorpus:
         return self.keep(list(range(min(n, len(self)))))
 
 
@@ -91,8 +102,10 @@ def _check_missing(corpus: CaptionCorpus, skip_missing: bool) -> CaptionCorpus:
     if not skip_missing:
         shown = ", ".join(str(corpus.paths[i]) for i in sorted(missing)[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise DataError(f"{corpus.source}: {len(missing)} image file(s) missing: {shown}{more} "
-                        "(use --skip-missing to leave them out)")
+        raise DataError(
+            f"{corpus.source}: {len(missing)} image file(s) missing: {shown}{more} "
+            "(use --skip-missing to leave them out)"
+        )
     keep = [k for k, fr in enumerate(corpus.item_frames()) if not missing.intersection(fr)]
     return corpus.keep(keep, skipped=len(corpus) - len(keep))
 
@@ -111,12 +124,17 @@ class DataProblems:
 
     def lines(self, shown: int = 3) -> list[str]:
         """One line per kind: the count and the first few offenders."""
-        return [f"{len(v)} {k}: {', '.join(v[:shown])}{' ...' if len(v) > shown else ''}" for k, v in self.found.items()]
+        return [
+            f"{len(v)} {k}: {', '.join(v[:shown])}{' ...' if len(v) > shown else ''}" for k, v in self.found.items()
+        ]
 
     def refuse(self) -> None:
         if self:
-            raise DataError(f"{self.source}: " + "; ".join(self.lines()) +
-                            " (fix the file, or --skip-bad to leave those entries out)")
+            raise DataError(
+                f"{self.source}: "
+                + "; ".join(self.lines())
+                + " (fix the file, or --skip-bad to leave those entries out)"
+            )
 
 
 def _is_id(x: Any) -> bool:
@@ -196,8 +214,9 @@ def load_coco_references(annotations: str | os.PathLike) -> dict[Any, list[str]]
     return by_key
 
 
-def load_coco(annotations: str | os.PathLike, images_dir: str | os.PathLike,
-              skip_missing: bool = False, skip_bad: bool = False) -> CaptionCorpus:
+def load_coco(
+    annotations: str | os.PathLike, images_dir: str | os.PathLike, skip_missing: bool = False, skip_bad: bool = False
+) -> CaptionCorpus:
     """COCO caption JSON (`images[{id, file_name}]`, `annotations[{image_id, caption}]`, any order).
 
     Images without a caption are left out (nothing to learn or score against). A file with
@@ -212,8 +231,13 @@ def load_coco(annotations: str | os.PathLike, images_dir: str | os.PathLike,
     return _check_missing(corpus, skip_missing)
 
 
-def load_karpathy(path: str | os.PathLike, images_root: str | os.PathLike, split: str,
-                  skip_missing: bool = False, check_images: bool = True) -> CaptionCorpus:
+def load_karpathy(
+    path: str | os.PathLike,
+    images_root: str | os.PathLike,
+    split: str,
+    skip_missing: bool = False,
+    check_images: bool = True,
+) -> CaptionCorpus:
     """Karpathy split JSON (`images[{filename, filepath?, split, sentences[{raw, tokens}]}]`).
 
     `split` may list several, comma-separated (e.g. "train,restval" as usual for COCO).
@@ -251,8 +275,9 @@ def load_karpathy(path: str | os.PathLike, images_root: str | os.PathLike, split
     return _check_missing(corpus, skip_missing) if check_images else corpus
 
 
-def load_sequences(path: str | os.PathLike, images_dir: str | os.PathLike,
-                   skip_missing: bool = False, skip_bad: bool = False) -> CaptionCorpus:
+def load_sequences(
+    path: str | os.PathLike, images_dir: str | os.PathLike, skip_missing: bool = False, skip_bad: bool = False
+) -> CaptionCorpus:
     """COCO-style sequence JSON: `images[{id, file_name}]`, `sequences[{id, image_ids}]` (frames in
     temporal order, any length >= 1, images may be shared) and `annotations[{sequence_id, caption}]`.
 
@@ -292,8 +317,13 @@ def _clip(ids: list[int], max_len: int, end_id: int) -> list[int]:
 class CaptionDataset(Dataset):
     """One item per caption: (image index or pixels, token ids)."""
 
-    def __init__(self, corpus: CaptionCorpus, vocab: Vocabulary, max_len: int = 50,
-                 load_pixels: Callable[[Path], Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        corpus: CaptionCorpus,
+        vocab: Vocabulary,
+        max_len: int = 50,
+        load_pixels: Callable[[Path], Tensor] | None = None,
+    ) -> None:
         self.corpus = corpus
         self.items = corpus.items()
         self.encoded = [_clip(vocab.encode(c), max_len, vocab.end_id) for _, c in self.items]

@@ -6,11 +6,12 @@ their length-penalised score and K live beams go on, as in GNMT and fairseq; an 
 soon as no live beam can beat its n-best finished captions (exact), and only the live rows of
 unfinished images are run through the model.
 """
+
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,8 +32,9 @@ def whole_number(value: Any, low: int, name: str) -> int:
     return value
 
 
-def check_options(beam_size: Any, n_best: Any, max_len: Any, min_len: Any, length_alpha: Any,
-                  no_repeat_ngram: Any) -> None:
+def check_options(
+    beam_size: Any, n_best: Any, max_len: Any, min_len: Any, length_alpha: Any, no_repeat_ngram: Any
+) -> None:
     """Refuse decoding settings that make no sense (UsageError), rather than quietly decoding
     some other way (a beam of 0 is not greedy search, a max length of 0 is not a caption)."""
     whole_number(beam_size, 1, "beam size (--beam-size, beam_size=)")
@@ -42,10 +44,15 @@ def check_options(beam_size: Any, n_best: Any, max_len: Any, min_len: Any, lengt
     whole_number(no_repeat_ngram, 0, "no-repeat n-gram size (--no-repeat-ngram, no_repeat_ngram=)")
     if min_len > max_len:
         raise UsageError(f"min length {min_len} is more than max length {max_len}")
-    if not isinstance(length_alpha, (int, float)) or isinstance(length_alpha, bool) or \
-            not math.isfinite(length_alpha) or length_alpha < 0:
-        raise UsageError(f"length penalty (--length-penalty, length_alpha=) must be a number >= 0, "
-                         f"not {length_alpha!r}")
+    if (
+        not isinstance(length_alpha, (int, float))
+        or isinstance(length_alpha, bool)
+        or not math.isfinite(length_alpha)
+        or length_alpha < 0
+    ):
+        raise UsageError(
+            f"length penalty (--length-penalty, length_alpha=) must be a number >= 0, not {length_alpha!r}"
+        )
 
 
 @dataclass
@@ -57,8 +64,9 @@ class Hypothesis:
     attention: Tensor | None = None  # (len(tokens), R) attention weights per word, for attention decoders
 
 
-def _constrain(logp: Tensor, history: Tensor, t: int, min_len: int, no_repeat_ngram: int,
-               suppress: Sequence[int] = ()) -> Tensor:
+def _constrain(
+    logp: Tensor, history: Tensor, t: int, min_len: int, no_repeat_ngram: int, suppress: Sequence[int] = ()
+) -> Tensor:
     """Mask what may not come next. logp (N, V); history (N, t) word ids generated so far;
     `suppress`: ids never to emit (e.g. <unk>)."""
     logp = logp.clone()
@@ -71,7 +79,7 @@ def _constrain(logp: Tensor, history: Tensor, t: int, min_len: int, no_repeat_ng
     n = no_repeat_ngram
     if n > 0 and t >= n:
         windows = history.unfold(1, n, 1)  # (N, W, n): every n-gram so far
-        prefix = history[:, t - n + 1:]  # (N, n-1): what the next n-gram would start with
+        prefix = history[:, t - n + 1 :]  # (N, n-1): what the next n-gram would start with
         match = (windows[:, :, :-1] == prefix[:, None, :]).all(-1)  # (N, W)
         banned = torch.zeros_like(logp).scatter_add_(1, windows[:, :, -1], match.to(logp.dtype)) > 0  # (N, V)
         logp = logp.masked_fill(banned, float("-inf"))
@@ -91,8 +99,9 @@ def _step_live(model: CaptionModel, tokens: Tensor, state: DecoderState, live: T
     return logp, state.put(idx, state_live)
 
 
-def _hypothesis(seq: list[int], logprob: float, finished: bool, alpha: float,
-                attention: Tensor | None = None) -> Hypothesis:
+def _hypothesis(
+    seq: list[int], logprob: float, finished: bool, alpha: float, attention: Tensor | None = None
+) -> Hypothesis:
     words = [w for w in seq if w not in (PAD_ID, END_ID)]
     lp = _length_penalty(len(words) + int(finished), alpha)
     attn = attention[: len(words)].cpu() if attention is not None else None  # words are a prefix of seq
@@ -105,9 +114,18 @@ def _length_penalty(words_and_end: int, alpha: float) -> float:
 
 
 @torch.no_grad()
-def beam_search(model: CaptionModel, features: Any, beam_size: int = 5, max_len: int = 20, min_len: int = 1,
-                length_alpha: float = 0.0, no_repeat_ngram: int = 0, n_best: int = 1,
-                suppress: Sequence[int] = (), early_stop: bool = True) -> list[list[Hypothesis]]:
+def beam_search(
+    model: CaptionModel,
+    features: Any,
+    beam_size: int = 5,
+    max_len: int = 20,
+    min_len: int = 1,
+    length_alpha: float = 0.0,
+    no_repeat_ngram: int = 0,
+    n_best: int = 1,
+    suppress: Sequence[int] = (),
+    early_stop: bool = True,
+) -> list[list[Hypothesis]]:
     """Batched beam search; for each image (or sequence) the `n_best` hypotheses, best first, ranked
     by log-probability / GNMT length penalty (`length_alpha`; 0 = raw log-probability).
     `suppress`: token ids never to emit (the Captioner passes <unk>).
@@ -157,8 +175,9 @@ def beam_search(model: CaptionModel, features: Any, beam_size: int = 5, max_len:
                 step = step_attn[rows][:, None, :]  # (E, 1, R)
                 ended_attn = step if attention is None else torch.cat([attention[rows], step], dim=1)  # (E, t+1, R)
             for k, (b, seq, lp) in enumerate(zip(eb.tolist(), history[rows].tolist(), top_logp[eb, ej].tolist())):
-                finished[b].append(_hypothesis(seq + [END_ID], lp, True, length_alpha,
-                                               None if ended_attn is None else ended_attn[k]))
+                finished[b].append(
+                    _hypothesis(seq + [END_ID], lp, True, length_alpha, None if ended_attn is None else ended_attn[k])
+                )
         # the first K continuations that do not end stay live
         keep_logp, keep = torch.where(ends, float("-inf"), top_logp).topk(K, dim=1)  # (B, K)
         idx = top_idx.gather(1, keep)  # (B, K)
@@ -182,16 +201,24 @@ def beam_search(model: CaptionModel, features: Any, beam_size: int = 5, max_len:
     seqs, scores = history.tolist(), beam_logp.view(-1).tolist()
     results = []
     for b in range(B):
-        hyps = finished[b] + [_hypothesis(seqs[i], scores[i], False, length_alpha,
-                                          None if attention is None else attention[i])
-                              for i in range(b * K, (b + 1) * K) if math.isfinite(scores[i])]
+        hyps = finished[b] + [
+            _hypothesis(seqs[i], scores[i], False, length_alpha, None if attention is None else attention[i])
+            for i in range(b * K, (b + 1) * K)
+            if math.isfinite(scores[i])
+        ]
         hyps.sort(key=lambda h: h.score, reverse=True)
         results.append(hyps[:n_best])
     return results
 
 
-def sample(model: CaptionModel, features: Any, n: int = 1, max_len: int = 16,
-           temperature: float = 1.0, suppress: Sequence[int] = ()) -> tuple[Tensor, Tensor, Tensor]:
+def sample(
+    model: CaptionModel,
+    features: Any,
+    n: int = 1,
+    max_len: int = 16,
+    temperature: float = 1.0,
+    suppress: Sequence[int] = (),
+) -> tuple[Tensor, Tensor, Tensor]:
     """n captions per input drawn from the model, keeping the graph (for self-critical training).
     `suppress`: token ids never to draw (<unk>, as at inference: a sample should be a caption the
     model could print).

@@ -1,4 +1,5 @@
 """Device selection: --device auto|cpu|cuda[:N]."""
+
 from __future__ import annotations
 
 import torch

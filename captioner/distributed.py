@@ -12,6 +12,7 @@ when one exits non-zero. Work that only rank 0 does (loading the checkpoint, val
 writing files) goes through `on_main`, which hands rank 0's result *or its exception* to every
 rank, so a bad checkpoint path, say, stops all ranks with the same one-line message.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -91,8 +92,10 @@ class Dist:
         try:
             op()
         except RuntimeError as e:  # gloo: "Connection closed by peer", nccl: watchdog / abort
-            raise PeerFailure(f"{self}: lost contact with the other processes during {what} "
-                              f"({first_line(e)}); another rank probably failed: see its message") from e
+            raise PeerFailure(
+                f"{self}: lost contact with the other processes during {what} "
+                f"({first_line(e)}); another rank probably failed: see its message"
+            ) from e
 
 
 #: how the backends word a peer that went away (gloo raises plain RuntimeErrors from DDP's hooks)
@@ -101,8 +104,7 @@ _PEER_GONE = ("closed by peer", "reset by peer", "broken pipe", "connection refu
 
 def lost_peer(e: BaseException) -> bool:
     """Did this error come from another process of the job going away (rather than from here)?"""
-    return isinstance(e, PeerFailure) or (isinstance(e, RuntimeError)
-                                          and any(m in str(e).lower() for m in _PEER_GONE))
+    return isinstance(e, PeerFailure) or (isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _PEER_GONE))
 
 
 def first_line(e: BaseException) -> str:
@@ -125,9 +127,13 @@ def init(device: str | torch.device = "auto", timeout_min: float = DEFAULT_TIMEO
         torch.cuda.set_device(dev)
     if world > 1 and not torch_dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        torch_dist.init_process_group(backend, rank=rank, world_size=world,
-                                      timeout=datetime.timedelta(minutes=timeout_min),
-                                      device_id=dev if dev.type == "cuda" else None)
+        torch_dist.init_process_group(
+            backend,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(minutes=timeout_min),
+            device_id=dev if dev.type == "cuda" else None,
+        )
     return Dist(rank, world, local_rank, dev)
 
 

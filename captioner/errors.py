@@ -5,6 +5,7 @@ derives from `CaptionerError` and carries a one-line message naming the thing an
 the CLI prints that line and exits 2. Anything else that escapes is a bug, and the CLI shows its
 traceback and says so (a bare ValueError from inside torch is never dressed up as bad input).
 """
+
 from __future__ import annotations
 
 

@@ -1,10 +1,11 @@
 """Scoring a model (or a results file) on a captioned image set with the COCO caption metrics."""
+
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -17,16 +18,23 @@ from .images import ImageError
 from .metrics import diversity, evaluate
 
 
-def caption_corpus(model: ModelBundle, corpus: CaptionCorpus, batch_size: int = 32, quiet: bool = False,
-                   cache: FeatureCache | None = None, **decode_opts: Any) -> tuple[dict[Any, str], list[ImageError]]:
+def caption_corpus(
+    model: ModelBundle,
+    corpus: CaptionCorpus,
+    batch_size: int = 32,
+    quiet: bool = False,
+    cache: FeatureCache | None = None,
+    **decode_opts: Any,
+) -> tuple[dict[Any, str], list[ImageError]]:
     """Caption every item (image or sequence) of the corpus once: {id: caption}, and the images that failed.
 
     With a feature cache the images are encoded only if they are not cached yet. A sequence with
     a failed frame gets no caption.
     """
     if cache is not None or corpus.frames is not None:
-        feats, kept, failed = corpus_features(model.encoder, model.decoder, corpus, cache, batch_size=batch_size,
-                                              device=model.device, quiet=quiet)
+        feats, kept, failed = corpus_features(
+            model.encoder, model.decoder, corpus, cache, batch_size=batch_size, device=model.device, quiet=quiet
+        )
         return caption_features(model, [corpus.image_ids[k] for k in kept], feats, quiet, **decode_opts), failed
     results: dict[Any, str] = {}
     failed: list[ImageError] = []
@@ -40,12 +48,13 @@ def caption_corpus(model: ModelBundle, corpus: CaptionCorpus, batch_size: int = 
     return results, failed
 
 
-def caption_features(model: ModelBundle, image_ids: list, feats: ItemFeatures, quiet: bool = True, step: int = 256,
-                     **decode_opts: Any) -> dict[Any, str]:
+def caption_features(
+    model: ModelBundle, image_ids: list, feats: ItemFeatures, quiet: bool = True, step: int = 256, **decode_opts: Any
+) -> dict[Any, str]:
     """Caption items from their features in chunks: {id: best caption}."""
     results: dict[Any, str] = {}
     for s in tqdm(range(0, len(image_ids), step), desc="captioning", unit="batch", disable=quiet, leave=False):
-        for image_id, hyps in zip(image_ids[s:s + step], model.decode(feats[s:s + step], **decode_opts)):
+        for image_id, hyps in zip(image_ids[s : s + step], model.decode(feats[s : s + step], **decode_opts)):
             results[image_id] = hyps[0].text
     return results
 
@@ -54,8 +63,9 @@ def references(corpus: CaptionCorpus) -> dict[Any, list[str]]:
     return dict(zip(corpus.image_ids, corpus.captions))
 
 
-def load_references(annotations: str | os.PathLike | None = None, karpathy_json: str | os.PathLike | None = None,
-                    split: str = "val") -> tuple[dict[Any, list[str]], dict[Any, str]]:
+def load_references(
+    annotations: str | os.PathLike | None = None, karpathy_json: str | os.PathLike | None = None, split: str = "val"
+) -> tuple[dict[Any, list[str]], dict[Any, str]]:
     """A set's reference captions and its images' file names ({id: [captions]}, {id: file_name}),
     from a COCO caption (or sequence) file or a Karpathy split file's split; no image files needed."""
     if karpathy_json:
@@ -95,18 +105,24 @@ def read_results(path: str | os.PathLike, files: Mapping[Any, str] | None = None
     if isinstance(rows, dict) and "caption" in rows:  # a JSON Lines file of one line
         rows = [rows]
     if not isinstance(rows, list):
-        raise DataError(f"{path}: results are a JSON list of {{\"image_id\", \"caption\"}} objects, or JSON Lines")
+        raise DataError(f'{path}: results are a JSON list of {{"image_id", "caption"}} objects, or JSON Lines')
     by_name = _file_index(files or {})
     out: dict[Any, str] = {}
     for i, row in enumerate(rows):
-        if not isinstance(row, dict) or not isinstance(row.get("caption"), str) or \
-                ("image_id" not in row and not isinstance(row.get("path"), str)):
-            raise DataError(f"{path}: entry {i + 1} is not an {{\"image_id\" (or \"path\"), \"caption\"}} object "
-                            "with a string caption")
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("caption"), str)
+            or ("image_id" not in row and not isinstance(row.get("path"), str))
+        ):
+            raise DataError(
+                f'{path}: entry {i + 1} is not an {{"image_id" (or "path"), "caption"}} object with a string caption'
+            )
         key = row["image_id"] if "image_id" in row else _image_of(row["path"], by_name)
         if key is None:
-            raise DataError(f"{path}: entry {i + 1}: {row['path']} is none of the references' images "
-                            "(its path must end with one of their file names)")
+            raise DataError(
+                f"{path}: entry {i + 1}: {row['path']} is none of the references' images "
+                "(its path must end with one of their file names)"
+            )
         if key in out:
             raise DataError(f"{path}: image_id {key!r} has more than one caption")
         out[key] = row["caption"]
@@ -154,15 +170,19 @@ def _image_of(path: str, by_name: dict[tuple[str, ...], Any]) -> Any:
     return None
 
 
-def check_coverage(refs: Mapping[Any, list[str]], results: Mapping[Any, str], source: str,
-                   allow_partial: bool = False) -> None:
+def check_coverage(
+    refs: Mapping[Any, list[str]], results: Mapping[Any, str], source: str, allow_partial: bool = False
+) -> None:
     """Scores over part of a set are not comparable with scores over all of it: refuse them unless asked."""
     unknown = [k for k in results if k not in refs]
     if unknown:
-        raise DataError(f"{source}: {len(unknown)} result(s) name images without references, e.g. image_id "
-                        f"{unknown[0]!r}")
+        raise DataError(
+            f"{source}: {len(unknown)} result(s) name images without references, e.g. image_id {unknown[0]!r}"
+        )
     missing = len([k for k in refs if k not in results])
     if missing and not allow_partial:
-        raise DataError(f"{source}: captions for {len(refs) - missing} of the {len(refs)} reference images; "
-                        "scores over a part of the set are not comparable with scores over all of it "
-                        "(caption them all, or pass --allow-partial)")
+        raise DataError(
+            f"{source}: captions for {len(refs) - missing} of the {len(refs)} reference images; "
+            "scores over a part of the set are not comparable with scores over all of it "
+            "(caption them all, or pass --allow-partial)"
+        )

@@ -3,6 +3,7 @@
 Training and inference both go through `load_image` + `Preprocess`, so a model never sees
 pixels prepared differently from the ones it was trained on.
 """
+
 from __future__ import annotations
 
 import os
@@ -99,8 +100,11 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
             if w == 0 or h == 0:
                 raise ImageError(p, f"has no pixels ({w}x{h})")
             if w * h > limit:
-                raise ImageError(p, f"declares {w}x{h} = {w * h:,} pixels, over the limit of {limit:,} "
-                                    "(a decompression bomb? raise the limit with --max-pixels)")
+                raise ImageError(
+                    p,
+                    f"declares {w}x{h} = {w * h:,} pixels, over the limit of {limit:,} "
+                    "(a decompression bomb? raise the limit with --max-pixels)",
+                )
             img.seek(0)  # first frame of animations
             img = ImageOps.exif_transpose(img)
             img.load()
@@ -174,13 +178,15 @@ class Preprocess:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     def __post_init__(self) -> None:
-        transform = T.Compose([
-            T.ToImage(),
-            T.Resize(self.resize, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-            T.CenterCrop(self.crop),
-            T.ToDtype(torch.float32, scale=True),
-            T.Normalize(list(self.mean), list(self.std)),
-        ])
+        transform = T.Compose(
+            [
+                T.ToImage(),
+                T.Resize(self.resize, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                T.CenterCrop(self.crop),
+                T.ToDtype(torch.float32, scale=True),
+                T.Normalize(list(self.mean), list(self.std)),
+            ]
+        )
         object.__setattr__(self, "_transform", transform)
 
     def __call__(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
@@ -190,7 +196,7 @@ class Preprocess:
         return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocess":
+    def from_dict(cls, d: dict) -> Preprocess:
         return cls(d["resize"], d["crop"], tuple(d["mean"]), tuple(d["std"]))
 
 
@@ -201,5 +207,7 @@ def natural_key(name: str) -> list:
 
 def list_images(directory: str | os.PathLike) -> list[Path]:
     """Image files directly in a folder, by extension, in natural order of their names."""
-    return sorted((p for p in Path(directory).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
-                  key=lambda p: (natural_key(p.name), p.name))
+    return sorted(
+        (p for p in Path(directory).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+        key=lambda p: (natural_key(p.name), p.name),
+    )

@@ -1,14 +1,15 @@
 """Caption metrics with the COCO caption evaluation's definitions (coco-caption / pycocoevalcap).
 
 BLEU-1..4, ROUGE-L and CIDEr-D are pure Python and match pycocoevalcap to 1e-6 (tested against
-a fixture it produced from over 1000 real, messy captions). METEOR needs outside help: the official METEOR 1.5 jar (through
-pycocoevalcap, with Java), else nltk's re-implementation when WordNet data is present, else it
-is reported as unavailable. Every result says which METEOR it used.
+a fixture it produced from over 1000 real, messy captions). METEOR needs outside help: the
+official METEOR 1.5 jar (through pycocoevalcap, with Java), else nltk's re-implementation when
+WordNet data is present, else it is reported as unavailable. Every result says which METEOR it used.
 
 Inputs everywhere: `refs` and `cands` are dicts keyed by image id; refs[id] is a list of raw
 reference strings, cands[id] one raw candidate string. Text is normalised as coco-caption does it
 (captioner/ptb.py): its PTB tokenizer's tokens, lower-cased, punctuation tokens removed.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,13 +46,13 @@ def normalize_corpus(refs: Mapping[Any, Sequence[str]], cands: Mapping[Any, str]
     flat = coco_tokens_in_order([r for k in keys for r in refs[k]])
     r_tok, start = {}, 0
     for k in keys:
-        r_tok[k] = flat[start:start + len(refs[k])]
+        r_tok[k] = flat[start : start + len(refs[k])]
         start += len(refs[k])
     return r_tok, dict(zip(keys, coco_tokens_in_order([cands[k] for k in keys])))
 
 
 def _ngrams(tokens: Sequence[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def bleu(refs: Mapping[Any, list[list[str]]], cands: Mapping[Any, list[str]], n: int = 4) -> list[float]:
@@ -99,7 +100,7 @@ def rouge_l(refs: Sequence[list[str]], cand: list[str], beta: float = 1.2) -> fl
     rec = max(l / len(r) if r else 0.0 for l, r in zip(lcs, refs))
     if prec == 0 or rec == 0:
         return 0.0
-    return (1 + beta ** 2) * prec * rec / (rec + beta ** 2 * prec)
+    return (1 + beta**2) * prec * rec / (rec + beta**2 * prec)
 
 
 class CiderD:
@@ -131,7 +132,7 @@ class CiderD:
         vh, nh, lh = self._vector(_all_ngrams(cand, self.n))
         total = 0.0
         for vr, nr, lr in self.refs[key]:
-            penalty = math.exp(-((lh - lr) ** 2) / (2 * self.sigma ** 2))
+            penalty = math.exp(-((lh - lr) ** 2) / (2 * self.sigma**2))
             for k in range(self.n):
                 val = sum(min(w, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0) for g, w in vh[k].items())
                 if nh[k] != 0 and nr[k] != 0:
@@ -140,8 +141,9 @@ class CiderD:
         return 10.0 * total / len(self.refs[key])
 
 
-def cider_d(refs: Mapping[Any, list[list[str]]], cands: Mapping[Any, list[str]], n: int = 4,
-            sigma: float = 6.0) -> dict[Any, float]:
+def cider_d(
+    refs: Mapping[Any, list[list[str]]], cands: Mapping[Any, list[str]], n: int = 4, sigma: float = 6.0
+) -> dict[Any, float]:
     """CIDEr-D per image: tf-idf n-gram cosine (idf from this reference set), candidate weights
     clipped by the reference's, Gaussian length penalty, averaged over n and references, x10."""
     scorer = CiderD({key: refs[key] for key in cands}, n, sigma)
@@ -153,9 +155,11 @@ def diversity(cands: Mapping[Any, str]) -> dict[str, Any]:
     distinct captions, the fraction of images whose caption no other image got, words used."""
     captions = [" ".join(normalize(c)) for c in cands.values()]
     counts = Counter(captions)
-    return {"distinct_captions": len(counts),
-            "unique_fraction": sum(1 for c in captions if counts[c] == 1) / max(len(captions), 1),
-            "words_used": len({w for c in counts for w in c.split()})}
+    return {
+        "distinct_captions": len(counts),
+        "unique_fraction": sum(1 for c in captions if counts[c] == 1) / max(len(captions), 1),
+        "words_used": len({w for c in counts for w in c.split()}),
+    }
 
 
 def _all_ngrams(tokens: Sequence[str], n: int) -> Counter:
@@ -173,19 +177,22 @@ def meteor_backend() -> str:
     if shutil.which("java"):
         try:
             import pycocoevalcap.meteor.meteor  # noqa: F401
+
             return "official-1.5"
         except ImportError:
             pass
     return "nltk" if _nltk_wordnet() is not None else "unavailable"
 
 
-_LEXNAMES = ("adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body "
-             "noun.cognition noun.communication noun.event noun.feeling noun.food noun.group noun.location "
-             "noun.motive noun.object noun.person noun.phenomenon noun.plant noun.possession noun.process "
-             "noun.quantity noun.relation noun.shape noun.state noun.substance noun.time verb.body verb.change "
-             "verb.cognition verb.communication verb.competition verb.consumption verb.contact verb.creation "
-             "verb.emotion verb.motion verb.perception verb.possession verb.social verb.stative verb.weather "
-             "adj.ppl").split()  # WordNet 3.0's lexicographer files, in file-number order
+_LEXNAMES = (
+    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body "
+    "noun.cognition noun.communication noun.event noun.feeling noun.food noun.group noun.location "
+    "noun.motive noun.object noun.person noun.phenomenon noun.plant noun.possession noun.process "
+    "noun.quantity noun.relation noun.shape noun.state noun.substance noun.time verb.body verb.change "
+    "verb.cognition verb.communication verb.competition verb.consumption verb.contact verb.creation "
+    "verb.emotion verb.motion verb.perception verb.possession verb.social verb.stative verb.weather "
+    "adj.ppl"
+).split()  # WordNet 3.0's lexicographer files, in file-number order
 _POS_NUMBER = {"noun": 1, "verb": 2, "adj": 3, "adv": 4}
 
 
@@ -203,8 +210,9 @@ def _debian_wordnet_as_nltk_data(source: Path) -> Path | None:
     for f in source.iterdir():
         if f.is_file():
             shutil.copyfile(f, tmp / f.name)
-    (tmp / "lexnames").write_text("".join(f"{i:02d}\t{n}\t{_POS_NUMBER[n.split('.')[0]]}\n"
-                                          for i, n in enumerate(_LEXNAMES)))
+    (tmp / "lexnames").write_text(
+        "".join(f"{i:02d}\t{n}\t{_POS_NUMBER[n.split('.')[0]]}\n" for i, n in enumerate(_LEXNAMES))
+    )
     try:
         os.rename(tmp, target)
     except OSError:  # another process got there first
@@ -239,8 +247,12 @@ def _nltk_wordnet():
     return wordnet
 
 
-def meteor(refs: Mapping[Any, list[str]], cands: Mapping[Any, str], backend: str | None = None,
-           tokens: tuple[dict, dict] | None = None) -> float | None:
+def meteor(
+    refs: Mapping[Any, list[str]],
+    cands: Mapping[Any, str],
+    backend: str | None = None,
+    tokens: tuple[dict, dict] | None = None,
+) -> float | None:
     """Mean METEOR over images from raw strings, or None when no backend is available.
     `tokens`: the corpus as `normalize_corpus` gives it, when the caller has it already."""
     backend = backend or meteor_backend()

@@ -1,4 +1,5 @@
 """Where captioner keeps things on disk outside a run folder."""
+
 from __future__ import annotations
 
 import os

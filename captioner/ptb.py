@@ -23,6 +23,7 @@ the run onto the wrong image. One addition: Chinese and Japanese characters are 
 own (captioner/cjk.py: those scripts put no spaces between words); the parity fixture hands the
 official tokenizer text segmented the same way.
 """
+
 from __future__ import annotations
 
 import re
@@ -33,8 +34,9 @@ from .cjk import segment
 
 #: tokens coco-caption removes after tokenising (its PUNCTUATIONS list; it lower-cases first, so
 #: the upper-case bracket names never match and -lrb- etc. are kept)
-PUNCTUATION = frozenset({"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-",
-                         "--", "...", ";"})
+PUNCTUATION = frozenset(
+    {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+)
 
 # Abbreviations that keep their period wherever they stand (read off the official tokenizer).
 # Those of the first list are the tokenizer's "followed by lower case" kind: it prefers them even to
@@ -42,24 +44,39 @@ PUNCTUATION = frozenset({"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-
 _ABBREV_LOWER_NEXT = (
     "al ala apr ariz assn aug bancorp bhd bldg blvd bros calif co colo conn corp cos ct dak dec esq est etc ext "
     "feb fla fri ga inc ind intl jan jr jul jun kan kans ky ltd mar md mich minn mo mon mont neb nev nov oct okla "
-    "penn plc rd rt sep sept seq sq sr sys tel tenn thu thurs tue tues univ va vt wed wis wisc wyo").split()
+    "penn plc rd rt sep sept seq sq sr sys tel tenn thu thurs tue tues univ va vt wed wis wisc wyo"
+).split()
 _ABBREV_UPPER_NEXT = (
     "adj adm adv alex assoc asst atty attys ave brig capt cf cie cmdr col comdr cpl dept det dr drs elec ens ft gen "
     "gov govs hon insp invt jos lieut lt maj messrs mlle mme mr mrs ms msgr mt natl pfc ph pres prof profs pvt rep "
-    "reps rev sen sens sfc sgt spc st ste supt supts treas vs wm").split()
+    "reps rev sen sens sfc sgt spc st ste supt supts treas vs wm"
+).split()
 _ABBREV_CAPITALISED = "ark az del ill la mass miss ore pa tex wash".split()  # "Mass." yes, "mass." no (first kind)
 _ABBREV_SPECIAL_LOWER_NEXT = (r"(?i:pp?t)[ye](?i:s)?", r"(?i:ph)\.(?i:d)")  # Pty Pte Ptys Ph.D
 _ABBREV_SPECIAL_UPPER_NEXT = (r"(?i:m)[ft](?i:g)",)  # Mfg Mtg
 _ABBREV_BEFORE_NUMBER = "ca fig figs no nos op pp prop art arts".split()  # "No. 5" keeps it, "no." alone not
 # A single initial keeps its period ("Plan B. Next") unless one of these capitalised words follows,
 # which the tokenizer takes as the start of a new sentence ("... a. The ...").
-_SENTENCE_STARTS = ("a about according after an as at but he her here however if in it last many more now once "
-                    "one other our she since so some such that the their then there these they this we what when "
-                    "while yet you mr. ms.").split()
+_SENTENCE_STARTS = (
+    "a about according after an as at but he her here however if in it last many more now once "
+    "one other our she since so some such that the their then there these they this we what when "
+    "while yet you mr. ms."
+).split()
 
 _BRACKETS = {"(": "-LRB-", ")": "-RRB-", "[": "-LSB-", "]": "-RSB-", "{": "-LCB-", "}": "-RCB-"}
-_SINGLE = {"£": "#", "€": "$", "\x80": "$", "¤": "$", "₠": "$", "¢": "cents", "¼": "1/4", "½": "1/2",
-           "¾": "3/4", "⅓": "1/3", "⅔": "2/3"}
+_SINGLE = {
+    "£": "#",
+    "€": "$",
+    "\x80": "$",
+    "¤": "$",
+    "₠": "$",
+    "¢": "cents",
+    "¼": "1/4",
+    "½": "1/2",
+    "¾": "3/4",
+    "⅓": "1/3",
+    "⅔": "2/3",
+}
 
 
 def _runs() -> list[tuple[int, int, str]]:
@@ -73,14 +90,18 @@ def _runs() -> list[tuple[int, int, str]]:
 
 def _ranges(kinds: str) -> str:
     """Regex class body of the non-ASCII BMP characters whose class is in `kinds`."""
-    return "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}"
-                   for a, b, kind in _runs() if kind in kinds)
+    return "".join(
+        re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}"
+        for a, b, kind in _runs()
+        if kind in kinds
+    )
 
 
 def _digits() -> str:
     """Non-ASCII characters of class L that are decimal digits (they make numbers, not words)."""
-    return "".join(re.escape(chr(c)) for a, b, kind in _runs() if kind == "L"
-                   for c in range(a, b + 1) if chr(c).isdecimal())
+    return "".join(
+        re.escape(chr(c)) for a, b, kind in _runs() if kind == "L" for c in range(a, b + 1) if chr(c).isdecimal()
+    )
 
 
 @cache
@@ -103,8 +124,9 @@ def _scanner() -> tuple[re.Pattern, list[tuple[re.Pattern, str]]]:
         return "|".join(sorted(words, key=len, reverse=True))
 
     capitalised = "|".join(f"{w[0].upper()}(?i:{w[1:]})" for w in _ABBREV_CAPITALISED)
-    abbrev_lower_next = (f"(?:{'|'.join(_ABBREV_SPECIAL_LOWER_NEXT)}|(?i:{longest_first(_ABBREV_LOWER_NEXT)})"
-                         f"|{capitalised})\\.")
+    abbrev_lower_next = (
+        f"(?:{'|'.join(_ABBREV_SPECIAL_LOWER_NEXT)}|(?i:{longest_first(_ABBREV_LOWER_NEXT)})|{capitalised})\\."
+    )
     abbrev_upper_next = f"(?:{'|'.join(_ABBREV_SPECIAL_UPPER_NEXT)}|(?i:{longest_first(_ABBREV_UPPER_NEXT)}))\\."
     starts = "|".join(f"{w[0].upper()}(?i:{re.escape(w[1:])})" if len(w) > 1 else w.upper() for w in _SENTENCE_STARTS)
     rules = [
@@ -127,8 +149,11 @@ def _scanner() -> tuple[re.Pattern, list[tuple[re.Pattern, str]]]:
         ("keep", f"{ALNUM}+(?:-{LET}+){{0,2}}(?:\\\\?/{ALNUM}+(?:-{LET}+){{0,2}}){{1,2}}"),  # and/or 24/7
         ("keep", f"[-+]?(?:{DIG}*(?:[.:,\u066b\u066c]{DIG}+)+|{DIG}+)"),  # 1,000.5 10:30 -5
         ("nbsp", f"(?:{DIG}{{1,4}}[- \u00a0])?{DIG}{{1,4}}\\\\?/{DIG}{{1,4}}"),  # fractions: 3 1/2
-        ("nbsp", "(?:\\([0-9]{2,3}\\)[ \u00a0]?|(?:\\+\\+?)?(?:[0-9]{2,4}[- \u00a0])?[0-9]{2,4}[- \u00a0])"
-                 "[0-9]{3,4}[- \u00a0]?[0-9]{3,5}|(?:(?:\\+\\+?)?[0-9]{2,4}\\.)?[0-9]{2,4}\\.[0-9]{3,4}\\.[0-9]{3,5}"),  # phone
+        (
+            "nbsp",
+            "(?:\\([0-9]{2,3}\\)[ \u00a0]?|(?:\\+\\+?)?(?:[0-9]{2,4}[- \u00a0])?[0-9]{2,4}[- \u00a0])"
+            "[0-9]{3,4}[- \u00a0]?[0-9]{3,5}|(?:(?:\\+\\+?)?[0-9]{2,4}\\.)?[0-9]{2,4}\\.[0-9]{3,4}\\.[0-9]{3,5}",
+        ),  # phone
         ("host", f"({abbrev_lower_next})(?s:..)"),  # competes as if the next two characters were its own
         ("keep", abbrev_lower_next),
         ("keep", abbrev_upper_next),
@@ -143,10 +168,16 @@ def _scanner() -> tuple[re.Pattern, list[tuple[re.Pattern, str]]]:
         ("drop", "\\.{3,5}|(?:\\.[ \u00a0]){2,4}\\.|[\x85\u2026]"),
         ("keep", r"[?!]+|<<|>>|@+|#+|_+|\*+|(?:\\\*){1,3}"),
         ("keep", f"@[A-Za-z_][A-Za-z_0-9]*|#{LET}+"),
-        ("keep", "[a-zA-Z0-9][^ \\t\\n\\f\\r\"<>|()\u00a0]*@(?:[^ \\t\\n\\f\\r\"<>|().\u00a0]+\\.)*"
-                 "[^ \\t\\n\\f\\r\"<>|().\u00a0]+"),  # e-mail
+        (
+            "keep",
+            '[a-zA-Z0-9][^ \\t\\n\\f\\r"<>|()\u00a0]*@(?:[^ \\t\\n\\f\\r"<>|().\u00a0]+\\.)*'
+            '[^ \\t\\n\\f\\r"<>|().\u00a0]+',
+        ),  # e-mail
         ("keep", r"https?://[^ \t\n\f\r\"<>|()]+[^ \t\n\f\r\"<>|.!?(){},-]"),
-        ("keep", r"www\.(?:[^ \t\n\f\r\"<>|.!?(){},]+\.)+[a-zA-Z]{2,4}(?:/[^ \t\n\f\r\"<>|()]+[^ \t\n\f\r\"<>|.!?(){},-])?"),
+        (
+            "keep",
+            r"www\.(?:[^ \t\n\f\r\"<>|.!?(){},]+\.)+[a-zA-Z]{2,4}(?:/[^ \t\n\f\r\"<>|()]+[^ \t\n\f\r\"<>|.!?(){},-])?",
+        ),
         ("smiley", r"[<>]?[:;=][\-o\*']?[\(\)DPdpO\\{@\|\[\]]" + NOT_LETTER),
         ("single", f"[$%&+<=>\\\\^|~*:;,./{re.escape(''.join(_SINGLE))}{_ranges('S')}]"),
     ]

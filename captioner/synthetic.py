@@ -5,6 +5,7 @@ captions depend on what is in the picture (colour, shape, size), so a model must
 
     python -m captioner.synthetic OUT_DIR [--per-combo 5] [--seed 0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,7 @@ def draw_shape(color: str, shape: str, size: str, rng: random.Random, px: int = 
     return img
 
 
-def _draw(d: ImageDraw.ImageDraw, color: str, shape: str, cx: float, cy: float, r: float,
-          rng: random.Random) -> None:
+def _draw(d: ImageDraw.ImageDraw, color: str, shape: str, cx: float, cy: float, r: float, rng: random.Random) -> None:
     """One shape of radius r at (cx, cy), its colour jittered a little."""
     fill = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in COLORS[color])
     if shape == "circle":
@@ -60,13 +60,26 @@ def make_split(out: Path, name: str, per_combo: int, rng: random.Random, start_i
             draw_shape(color, shape, size, rng).save(out / name / file_name)
             images.append({"id": image_id, "file_name": file_name, "width": 128, "height": 128})
             for t in TEMPLATES:
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                    "caption": t.format(color=color, shape=shape, size=size)})
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "caption": t.format(color=color, shape=shape, size=size),
+                    }
+                )
             image_id += 1
     rng.shuffle(annotations)  # like the real COCO files: annotations in no particular order
     path = out / f"{name}.json"
-    path.write_text(json.dumps({"info": {"description": "captioner synthetic shapes"}, "licenses": [],
-                                "images": images, "annotations": annotations}))
+    path.write_text(
+        json.dumps(
+            {
+                "info": {"description": "captioner synthetic shapes"},
+                "licenses": [],
+                "images": images,
+                "annotations": annotations,
+            }
+        )
+    )
     return path
 
 
@@ -104,8 +117,13 @@ def make_relation_split(out: Path, name: str, n_images: int, rng: random.Random,
         draw_pair(a, b, rng).save(out / name / file_name)
         images.append({"id": image_id, "file_name": file_name, "width": 160, "height": 160})
         for t in RELATION_TEMPLATES:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "caption": t.format(
-                x=" ".join(x), y=" ".join(y), rel="left" if x_left else "right")})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "caption": t.format(x=" ".join(x), y=" ".join(y), rel="left" if x_left else "right"),
+                }
+            )
     path = out / f"{name}.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations}))
     return path
@@ -132,8 +150,15 @@ DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
 OPPOSITE = {"right": "left", "left": "right", "down": "up", "up": "down"}
 
 
-def make_motion_split(out: Path, name: str, n_tracks: int, rng: random.Random, frames: tuple[int, int] = (3, 6),
-                      start_id: int = 1, px: int = 128) -> Path:
+def make_motion_split(
+    out: Path,
+    name: str,
+    n_tracks: int,
+    rng: random.Random,
+    frames: tuple[int, int] = (3, 6),
+    start_id: int = 1,
+    px: int = 128,
+) -> Path:
     """One shape moving in a straight line across 3-6 frames, captioned with its direction.
 
     Each track is drawn once and used twice: in order (e.g. "moves right") and reversed ("moves
@@ -166,8 +191,13 @@ def make_motion_split(out: Path, name: str, n_tracks: int, rng: random.Random, f
             seq_id = len(sequences) + start_id
             sequences.append({"id": seq_id, "image_ids": order, "direction": direction})
             for t in MOTION_TEMPLATES:
-                annotations.append({"id": len(annotations) + 1, "sequence_id": seq_id,
-                                    "caption": t.format(color=color, shape=shape, dir=direction)})
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "sequence_id": seq_id,
+                        "caption": t.format(color=color, shape=shape, dir=direction),
+                    }
+                )
     path = out / f"{name}.json"
     path.write_text(json.dumps({"images": images, "sequences": sequences, "annotations": annotations}))
     return path

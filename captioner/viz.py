@@ -1,4 +1,5 @@
 """Pictures people would rather look at than read: training curves."""
+
 from __future__ import annotations
 
 import json
@@ -19,10 +20,12 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
         try:
             row = json.loads(line) if line.strip() else None
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {n} is not JSON ({e.msg}): the log is damaged; delete that line "
-                            "(a resume rewrites the log from its checkpoint)") from None
+            raise DataError(
+                f"{path}: line {n} is not JSON ({e.msg}): the log is damaged; delete that line "
+                "(a resume rewrites the log from its checkpoint)"
+            ) from None
         if row is not None and not (isinstance(row, dict) and isinstance(row.get("epoch"), int)):
-            raise DataError(f"{path}: line {n} is not an epoch record (no \"epoch\"): the log is damaged")
+            raise DataError(f'{path}: line {n} is not an epoch record (no "epoch"): the log is damaged')
         if row is not None:
             rows.append(row)
     if not rows:
@@ -42,9 +45,11 @@ def plot_training(run_dir: str | os.PathLike, out: str | os.PathLike | None = No
     check_output_file(out)  # before drawing
     epochs = [r["epoch"] for r in rows]
     best = [r["epoch"] for r in rows if r.get("best")]
-    panels = [("loss (cross-entropy per word)", ["train_loss", "val_loss"]),
-              ("val caption metrics", ["BLEU-4", "METEOR", "ROUGE-L"]),
-              ("val CIDEr-D", ["CIDEr-D"])]
+    panels = [
+        ("loss (cross-entropy per word)", ["train_loss", "val_loss"]),
+        ("val caption metrics", ["BLEU-4", "METEOR", "ROUGE-L"]),
+        ("val CIDEr-D", ["CIDEr-D"]),
+    ]
     panels = [(t, [k for k in keys if any(r.get(k) is not None for r in rows)]) for t, keys in panels]
     panels = [(t, keys) for t, keys in panels if keys]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)

@@ -5,6 +5,7 @@ so the words a model learns are the words the metrics count. Tokens without a le
 any script (punctuation, symbols, brackets) are dropped; Chinese and Japanese characters are
 tokens of their own (captioner/cjk.py).
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -47,12 +48,12 @@ class Vocabulary:
     pad_id, start_id, end_id, unk_id = 0, 1, 2, 3
 
     @classmethod
-    def build(cls, captions: Iterable[str], min_count: int = 5) -> "Vocabulary":
+    def build(cls, captions: Iterable[str], min_count: int = 5) -> Vocabulary:
         """Words seen at least `min_count` times, most frequent first (ties alphabetical)."""
         return cls.from_counts(word_counts(captions), min_count)
 
     @classmethod
-    def from_counts(cls, counts: Counter, min_count: int = 5) -> "Vocabulary":
+    def from_counts(cls, counts: Counter, min_count: int = 5) -> Vocabulary:
         words = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
         return cls(words, min_count=min_count)
 
@@ -82,10 +83,10 @@ class Vocabulary:
         return join_words(list(self.words(ids)))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"words": self.itos[len(SPECIALS):], "min_count": self.min_count}
+        return {"words": self.itos[len(SPECIALS) :], "min_count": self.min_count}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Vocabulary":
+    def from_dict(cls, d: dict[str, Any]) -> Vocabulary:
         return cls(d["words"], min_count=d.get("min_count", 1))
 
     def __eq__(self, other: object) -> bool:

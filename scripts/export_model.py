@@ -4,6 +4,7 @@ scripts/tune_decoding.py) recorded as the model's defaults.
 
     python scripts/export_model.py RUN/best.pt assets/model/captioner-flickr8k.pt --half --decoding decoding.json
 """
+
 from __future__ import annotations
 
 import argparse

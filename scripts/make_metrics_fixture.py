@@ -19,6 +19,7 @@ Needs pycocoevalcap and Java (its PTB tokenizer and METEOR are Java), e.g.
     pip install pycocoevalcap && python scripts/make_metrics_fixture.py
 It does not import captioner (no torch needed).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -72,11 +73,21 @@ def score(sets: list[dict]) -> dict:
     return {
         "captions": sum(1 + len(s["references"]) for s in sets),
         "ptb_tokens": {"candidates": [res_t[i][0] for i in ids], "references": [gts_t[i] for i in ids]},
-        "expected": {"BLEU-1": bleu[0], "BLEU-2": bleu[1], "BLEU-3": bleu[2], "BLEU-4": bleu[3],
-                     "ROUGE-L": float(rouge), "CIDEr-D": float(cider), "METEOR-1.5": float(meteor)},
+        "expected": {
+            "BLEU-1": bleu[0],
+            "BLEU-2": bleu[1],
+            "BLEU-3": bleu[2],
+            "BLEU-4": bleu[3],
+            "ROUGE-L": float(rouge),
+            "CIDEr-D": float(cider),
+            "METEOR-1.5": float(meteor),
+        },
         # Rouge and Cider score images in the order of gts' keys
-        "per_image": {"ids": list(gts_t.keys()), "ROUGE-L": [float(x) for x in rouge_each],
-                      "CIDEr-D": [float(x) for x in cider_each]},
+        "per_image": {
+            "ids": list(gts_t.keys()),
+            "ROUGE-L": [float(x) for x in rouge_each],
+            "CIDEr-D": [float(x) for x in cider_each],
+        },
     }
 
 
@@ -84,7 +95,7 @@ def main() -> None:
     builtin = builtin_sets()
     fixture = {
         "about": "Scores by pycocoevalcap (coco-caption) for the sets below, Chinese/Japanese characters "
-                 "segmented first as captioner/cjk.py does; regenerate with scripts/make_metrics_fixture.py",
+        "segmented first as captioner/cjk.py does; regenerate with scripts/make_metrics_fixture.py",
         "pycocoevalcap_version": version("pycocoevalcap"),
         "builtin": {"sets": builtin, **score(builtin)},
     }
@@ -94,17 +105,24 @@ def main() -> None:
     else:
         part = score(shared)
         tokens = part.pop("ptb_tokens")
-        part["token_sha1"] = {"candidates": [token_hash(t) for t in tokens["candidates"]],
-                              "references": [[token_hash(t) for t in ts] for ts in tokens["references"]]}
-        fixture["shared"] = {"sets": len(shared), "sources": sorted({s["source"].split(":")[0] for s in shared}),
-                             **part}
+        part["token_sha1"] = {
+            "candidates": [token_hash(t) for t in tokens["candidates"]],
+            "references": [[token_hash(t) for t in ts] for ts in tokens["references"]],
+        }
+        fixture["shared"] = {
+            "sets": len(shared),
+            "sources": sorted({s["source"].split(":")[0] for s in shared}),
+            **part,
+        }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(fixture, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     for name in ("builtin", "shared"):
         if name in fixture:
             part = fixture[name]
-            print(f"{name}: {part['captions']} captions; "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in part["expected"].items()))
+            print(
+                f"{name}: {part['captions']} captions; "
+                + ", ".join(f"{k} {v:.4f}" for k, v in part["expected"].items())
+            )
     print(f"wrote {OUT}")
 
 

@@ -6,6 +6,7 @@ often held-back sequences get the right direction word, and how often reversing 
 Each model is TEMPORAL:DECODER (temporal gru|lstm|none; decoder attention|lstm). The settings
 match tests/test_sequences.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,20 @@ def main() -> None:
     truth = [truth[i] for i in test.image_ids]
     for spec in a.models.split(","):
         temporal, decoder = spec.split(":")
-        opts = TrainOptions(decoder=decoder, temporal=temporal, epochs=a.epochs, batch_size=32, hidden_size=128,
-                            embed_size=64, attention_size=64, temporal_size=128, min_word_count=1, lr=a.lr,
-                            dropout=0.2, lr_schedule="constant")
+        opts = TrainOptions(
+            decoder=decoder,
+            temporal=temporal,
+            epochs=a.epochs,
+            batch_size=32,
+            hidden_size=128,
+            embed_size=64,
+            attention_size=64,
+            temporal_size=128,
+            min_word_count=1,
+            lr=a.lr,
+            dropout=0.2,
+            lr_schedule="constant",
+        )
         t0 = time.time()
         model = Trainer(train, None, out / spec.replace(":", "_"), opts, device="cpu", quiet=True).fit()
         model = Captioner.load(model, device="cpu")
@@ -50,8 +62,11 @@ def main() -> None:
         bwd = [motion_direction(r[0].text) for r in model.generate_sequences([s[::-1] for s in seqs], beam_size=3)]
         right = sum(d == t for d, t in zip(fwd, truth))
         flipped = sum(d == OPPOSITE[t] for d, t in zip(bwd, truth))
-        print(f"{spec:16s} direction right {right}/{len(truth)}  reversed flips {flipped}/{len(truth)}  "
-              f"(trained in {seconds:.0f} s)", flush=True)
+        print(
+            f"{spec:16s} direction right {right}/{len(truth)}  reversed flips {flipped}/{len(truth)}  "
+            f"(trained in {seconds:.0f} s)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Prints a Markdown table (one row per setting: BLEU-4, METEOR, ROUGE-L, CIDEr-D a
 diversity) and writes the best setting as JSON, for scripts/export_model.py --decoding. Encoder
 features come from the feature cache, so each setting costs only the decoding.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,16 +33,23 @@ def main() -> None:
     a = p.parse_args()
     model = Captioner.load(a.model, device="cpu")
     corpus = load_coco(a.annotations, a.images)
-    feats, kept, failed = corpus_features(model.encoder, model.decoder, corpus, FeatureCache(model.encoder, device=model.device))
+    feats, kept, failed = corpus_features(
+        model.encoder, model.decoder, corpus, FeatureCache(model.encoder, device=model.device)
+    )
     if failed:
         sys.exit(f"{len(failed)} image(s) could not be read, e.g. {failed[0]}")
     ids, refs = [corpus.image_ids[k] for k in kept], references(corpus)
     rows = []
-    print("| beam | length penalty | no-repeat n-gram | BLEU-4 | METEOR | ROUGE-L | CIDEr-D | distinct captions "
-          "| unique | words used | s |")
+    print(
+        "| beam | length penalty | no-repeat n-gram | BLEU-4 | METEOR | ROUGE-L | CIDEr-D | distinct captions "
+        "| unique | words used | s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    grid = itertools.product([int(x) for x in a.beam_sizes.split(",")], [float(x) for x in a.length_penalties.split(",")],
-                             [int(x) for x in a.no_repeat_ngrams.split(",")])
+    grid = itertools.product(
+        [int(x) for x in a.beam_sizes.split(",")],
+        [float(x) for x in a.length_penalties.split(",")],
+        [int(x) for x in a.no_repeat_ngrams.split(",")],
+    )
     for beam, alpha, ngram in grid:
         if beam == 1 and alpha:
             continue  # greedy keeps one hypothesis: nothing to re-rank
@@ -50,9 +58,12 @@ def main() -> None:
         s = score(refs, caption_features(model, ids, feats, **setting))
         rows.append((s["CIDEr-D"], setting))
         meteor = "n/a" if s["METEOR"] is None else f"{s['METEOR']:.3f}"
-        print(f"| {beam} | {alpha:g} | {ngram or 'off'} | {s['BLEU-4']:.3f} | {meteor} | {s['ROUGE-L']:.3f} | "
-              f"{s['CIDEr-D']:.3f} | {s['distinct_captions']} | {s['unique_fraction']:.2f} | {s['words_used']} | "
-              f"{time.time() - t0:.0f} |", flush=True)
+        print(
+            f"| {beam} | {alpha:g} | {ngram or 'off'} | {s['BLEU-4']:.3f} | {meteor} | {s['ROUGE-L']:.3f} | "
+            f"{s['CIDEr-D']:.3f} | {s['distinct_captions']} | {s['unique_fraction']:.2f} | {s['words_used']} | "
+            f"{time.time() - t0:.0f} |",
+            flush=True,
+        )
     best = max(rows, key=lambda r: r[0])
     print(f"best by CIDEr-D: {json.dumps(best[1])} ({best[0]:.3f}); METEOR: {s['METEOR_backend']}", flush=True)
     if a.out:

@@ -1,4 +1,5 @@
 """Shared fixtures: a generated shapes dataset and one model trained on it through the CLI."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,27 @@ REPO = Path(__file__).resolve().parents[1]
 FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
 
 # Small but real: trains in seconds from cached Lite0 features and captions held-back images well.
-TRAIN_ARGS = ["--decoder", "lstm", "--epochs", "15", "--batch-size", "32", "--hidden-size", "256", "--embed-size", "128",
-              "--min-word-count", "1", "--lr", "2e-3", "--dropout", "0.2", "--device", "cpu", "--quiet"]
+TRAIN_ARGS = [
+    "--decoder",
+    "lstm",
+    "--epochs",
+    "15",
+    "--batch-size",
+    "32",
+    "--hidden-size",
+    "256",
+    "--embed-size",
+    "128",
+    "--min-word-count",
+    "1",
+    "--lr",
+    "2e-3",
+    "--dropout",
+    "0.2",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 
 
 # Tests that use these fixtures train a model first: the `slow` tier (`pytest -m "not slow"` skips them).
@@ -45,9 +65,22 @@ def trained_run(shapes, tmp_path_factory) -> Path:
     from captioner.cli import main
 
     out = tmp_path_factory.mktemp("run")
-    rc = main(["train", "--train-annotations", str(shapes["train_json"]), "--train-images", str(shapes["train_images"]),
-               "--val-annotations", str(shapes["test_json"]), "--val-images", str(shapes["test_images"]),
-               "--out", str(out), *TRAIN_ARGS])
+    rc = main(
+        [
+            "train",
+            "--train-annotations",
+            str(shapes["train_json"]),
+            "--train-images",
+            str(shapes["train_images"]),
+            "--val-annotations",
+            str(shapes["test_json"]),
+            "--val-images",
+            str(shapes["test_images"]),
+            "--out",
+            str(out),
+            *TRAIN_ARGS,
+        ]
+    )
     assert rc == 0
     return out
 

@@ -97,8 +97,13 @@ def test_decoding_defaults_come_from_the_checkpoint_and_calls_override_them(capt
     from captioner.cli import main
 
     path = _test_images(shapes)[0]
-    model = Captioner(captioner_model.encoder, captioner_model.decoder, captioner_model.vocab,
-                      captioner_model.config | {"decoding": {"beam_size": 1, "max_len": 2}}, device="cpu")
+    model = Captioner(
+        captioner_model.encoder,
+        captioner_model.decoder,
+        captioner_model.vocab,
+        captioner_model.config | {"decoding": {"beam_size": 1, "max_len": 2}},
+        device="cpu",
+    )
     assert model.caption(path) == captioner_model.caption(path, beam_size=1, max_len=2)  # the model's settings
     assert len(model.caption(path).split()) <= 2
     assert model.caption(path, beam_size=5, max_len=20) == captioner_model.caption(path)  # a call's win

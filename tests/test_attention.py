@@ -1,17 +1,18 @@
 """The soft-attention decoder: attention is a distribution, beams carry it, maps are drawn, and
 it learns a spatial relation that a pooled decoder cannot see."""
+
 import random
 
 import pytest
 import torch
 from PIL import Image
 
+from captioner import Captioner
 from captioner.cli import main
 from captioner.data import load_coco
 from captioner.decoding import beam_search
 from captioner.models import AttentionDecoder
 from captioner.synthetic import make_relation_split, relation_is_right
-from captioner import Captioner
 from captioner.training import Trainer, TrainOptions
 from captioner.viz import attention_map_size
 
@@ -37,7 +38,7 @@ def test_beam_attention_follows_the_beam_it_belongs_to():
     feats = torch.randn(2, 49, 16)
     for b, hyps in enumerate(beam_search(m, feats, beam_size=4, n_best=4, max_len=6)):
         for h in hyps:
-            state, tokens = m.init_state(feats[b:b + 1]), torch.tensor([1])
+            state, tokens = m.init_state(feats[b : b + 1]), torch.tensor([1])
             for t, w in enumerate(h.tokens):
                 _, state = m.step(tokens, state)
                 assert torch.allclose(state.alpha[0], h.attention[t], atol=1e-6)
@@ -67,7 +68,7 @@ def test_batched_beam_equals_alone_for_attention():
     feats = torch.randn(4, 49, 16) * 2
     batched = beam_search(m, feats, beam_size=3, n_best=2, max_len=6)
     for i in range(4):
-        alone = beam_search(m, feats[i:i + 1], beam_size=3, n_best=2, max_len=6)[0]
+        alone = beam_search(m, feats[i : i + 1], beam_size=3, n_best=2, max_len=6)[0]
         assert [h.tokens for h in batched[i]] == [h.tokens for h in alone]
         assert all(torch.allclose(x.attention, y.attention, atol=1e-5) for x, y in zip(batched[i], alone))
 
@@ -95,8 +96,18 @@ def relation_models(relations):
     train, _, out = relations
     models = {}
     for decoder in ("lstm", "attention"):
-        opts = TrainOptions(decoder=decoder, epochs=10, batch_size=32, hidden_size=128, embed_size=64,
-                            attention_size=128, min_word_count=1, lr=2e-3, dropout=0.2, lr_schedule="constant")
+        opts = TrainOptions(
+            decoder=decoder,
+            epochs=10,
+            batch_size=32,
+            hidden_size=128,
+            embed_size=64,
+            attention_size=128,
+            min_word_count=1,
+            lr=2e-3,
+            dropout=0.2,
+            lr_schedule="constant",
+        )
         trainer = Trainer(train, None, out / decoder, opts, device="cpu", quiet=True)
         models[decoder] = Captioner.load(trainer.fit(), device="cpu")  # no val set: best.pt is the last epoch
     return models

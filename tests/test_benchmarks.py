@@ -1,4 +1,5 @@
 """Every benchmark that takes --model runs on every kind of checkpoint captioner writes."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -14,18 +15,35 @@ from captioner.vocab import Vocabulary
 
 pytestmark = pytest.mark.slow
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-KINDS = {"show-and-tell": ("lstm", "none"), "attention": ("attention", "none"),
-         "sequence, attention": ("attention", "gru"), "sequence, show-and-tell": ("lstm", "lstm")}
+KINDS = {
+    "show-and-tell": ("lstm", "none"),
+    "attention": ("attention", "none"),
+    "sequence, attention": ("attention", "gru"),
+    "sequence, show-and-tell": ("lstm", "lstm"),
+}
 
 
 def _checkpoint(path: Path, decoder: str, temporal: str) -> Path:
     """A small checkpoint of one kind, random weights (the benchmarks time decoding, not quality)."""
-    opts = TrainOptions(decoder=decoder, temporal=temporal, hidden_size=32, embed_size=16, attention_size=16,
-                        temporal_size=32, keypoints=4)
+    opts = TrainOptions(
+        decoder=decoder,
+        temporal=temporal,
+        hidden_size=32,
+        embed_size=16,
+        attention_size=16,
+        temporal_size=32,
+        keypoints=4,
+    )
     enc = build_encoder()
     vocab = Vocabulary([f"w{i}" for i in range(40)])
-    config = {"encoder": opts.encoder, "decoder": decoder, "decoder_hparams": opts.decoder_hparams(),
-              "temporal": opts.temporal_config(), "preprocess": enc.spec.preprocess.to_dict(), "fine_tune_encoder": 0}
+    config = {
+        "encoder": opts.encoder,
+        "decoder": decoder,
+        "decoder_hparams": opts.decoder_hparams(),
+        "temporal": opts.temporal_config(),
+        "preprocess": enc.spec.preprocess.to_dict(),
+        "fine_tune_encoder": 0,
+    }
     Captioner(enc, build_model(config, len(vocab), enc.feature_dim), vocab, config, device="cpu").save(path)
     return path
 
@@ -38,8 +56,13 @@ def checkpoints(tmp_path_factory):
 
 
 def _run(script: str, *args) -> str:
-    r = subprocess.run([sys.executable, str(BENCH / script), *map(str, args)], capture_output=True, text=True,
-                       timeout=600, cwd=BENCH.parent)
+    r = subprocess.run(
+        [sys.executable, str(BENCH / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=BENCH.parent,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 

@@ -1,4 +1,5 @@
 """The bundled Flickr8k model: small, loads with no network, describes the example photos."""
+
 import socket
 
 import pytest
@@ -17,6 +18,7 @@ EXAMPLES = list_images(REPO / "assets" / "examples")
 @pytest.fixture
 def offline(monkeypatch):
     """Any attempt to reach the network fails the test."""
+
     def refuse(*args, **kwargs):
         raise AssertionError(f"network access attempted: {args[:2]}")
 
@@ -27,7 +29,7 @@ def offline(monkeypatch):
 
 
 def test_bundled_file_is_small_fp16_and_holds_no_copy_of_the_packaged_encoder():
-    assert BUNDLED_MODEL.is_file() and BUNDLED_MODEL.stat().st_size <= 40 * 2 ** 20
+    assert BUNDLED_MODEL.is_file() and BUNDLED_MODEL.stat().st_size <= 40 * 2**20
     ckpt = torch.load(BUNDLED_MODEL, map_location="cpu", weights_only=True)
     assert ckpt["encoder"] is None and "optimizer" not in ckpt
     assert all(t.dtype == torch.float16 for t in ckpt["decoder"].values() if t.is_floating_point())

@@ -8,8 +8,11 @@ from captioner.checkpoint import CheckpointError, atomic_write, load_checkpoint,
 
 
 def _payload():
-    return {"config": {"encoder": "efficientnet_lite0"}, "vocab": {"words": ["a"], "min_count": 1},
-            "decoder": {"w": torch.arange(3.0)}}
+    return {
+        "config": {"encoder": "efficientnet_lite0"},
+        "vocab": {"words": ["a"], "min_count": 1},
+        "decoder": {"w": torch.arange(3.0)},
+    }
 
 
 def test_round_trip(tmp_path):

@@ -19,8 +19,9 @@ def _caption(capsys, *args):
 
 def test_train_then_caption_held_back_images_reaches_bleu4(trained_run, shapes, capsys):
     """End to end through the CLI: a model trained on generated COCO-format data describes unseen images."""
-    rc, lines, err = _caption(capsys, shapes["test_images"], "--model", trained_run / "best.pt", "--json",
-                              "--device", "cpu")
+    rc, lines, err = _caption(
+        capsys, shapes["test_images"], "--model", trained_run / "best.pt", "--json", "--device", "cpu"
+    )
     assert rc == 0 and err == []
     results = [json.loads(l) for l in lines]
     test = load_coco(shapes["test_json"], shapes["test_images"])
@@ -37,8 +38,9 @@ def test_train_then_caption_held_back_images_reaches_bleu4(trained_run, shapes, 
 def test_caption_files_folders_and_globs(trained_run, shapes, capsys):
     imgs = shapes["test_images"]
     one = sorted(imgs.glob("*.png"))[0]
-    rc, lines, err = _caption(capsys, one, imgs, f"{imgs}/red_*.png", "--model", trained_run / "best.pt",
-                              "--beam-size", "3")
+    rc, lines, err = _caption(
+        capsys, one, imgs, f"{imgs}/red_*.png", "--model", trained_run / "best.pt", "--beam-size", "3"
+    )
     assert rc == 0 and err == []
     n_folder = len(list(imgs.glob("*.png")))
     n_red = len(list(imgs.glob("red_*.png")))
@@ -62,8 +64,17 @@ def test_bad_inputs_are_reported_and_the_rest_still_captioned(trained_run, shape
     broken.write_bytes(b"\xff\xd8\xff garbage")
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
-    rc, lines, err = _caption(capsys, good[0], broken, tmp_path / "missing.jpg", empty, good[1],
-                              f"{tmp_path}/*.nothing", "--model", trained_run / "best.pt")
+    rc, lines, err = _caption(
+        capsys,
+        good[0],
+        broken,
+        tmp_path / "missing.jpg",
+        empty,
+        good[1],
+        f"{tmp_path}/*.nothing",
+        "--model",
+        trained_run / "best.pt",
+    )
     assert rc == 1
     assert [l.split("\t")[0] for l in lines] == [str(good[0]), str(good[1])]
     assert len(err) == 4
@@ -83,8 +94,12 @@ def test_console_script_and_module_entry_point(trained_run, shapes):
     exe = str(beside) if beside.is_file() else shutil.which("captioner")
     assert exe, "console script `captioner` is not installed (pip install -e .)"
     assert "caption" in subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
-    r = subprocess.run([sys.executable, "-m", "captioner", "caption", one, "--model", str(trained_run / "best.pt")],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "captioner", "caption", one, "--model", str(trained_run / "best.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(one + "\t")
 
@@ -92,8 +107,11 @@ def test_console_script_and_module_entry_point(trained_run, shapes):
 def test_user_errors_are_one_line_and_bugs_show_their_traceback(trained_run, shapes, capsys, monkeypatch):
     one = sorted(shapes["test_images"].glob("*.png"))[0]
     # the user's mistakes: one line each, exit 2
-    for args in ([one, "--sequence-dir", shapes["test_images"]], ["--attention-map", shapes["test_images"], one],
-                 ["--length-penalty", "-1", one]):
+    for args in (
+        [one, "--sequence-dir", shapes["test_images"]],
+        ["--attention-map", shapes["test_images"], one],
+        ["--length-penalty", "-1", one],
+    ):
         rc, lines, err = _caption(capsys, *args, "--model", trained_run / "best.pt")
         assert rc == 2 and len(err) == 1 and err[0].startswith("captioner: ") and "Traceback" not in err[0], err
     # a ValueError from deep inside (torch, say) is a bug, not bad input: traceback, and said so

@@ -1,5 +1,6 @@
 """Training that is killed, interrupted or blows up loses nothing: checkpoints stay loadable,
 --resume finishes the run with every epoch accounted for."""
+
 import dataclasses
 import json
 import signal
@@ -17,13 +18,40 @@ from captioner.training import Trainer, TrainOptions
 
 pytestmark = pytest.mark.slow  # launches training processes
 
-ARGS = ["--decoder", "lstm", "--batch-size", "2", "--hidden-size", "64", "--embed-size", "32", "--min-word-count", "1",
-        "--device", "cpu", "--quiet", "--lr-schedule", "constant"]
+ARGS = [
+    "--decoder",
+    "lstm",
+    "--batch-size",
+    "2",
+    "--hidden-size",
+    "64",
+    "--embed-size",
+    "32",
+    "--min-word-count",
+    "1",
+    "--device",
+    "cpu",
+    "--quiet",
+    "--lr-schedule",
+    "constant",
+]
 
 
 def _train_cmd(shapes, out, *extra):
-    return [sys.executable, "-m", "captioner", "train", "--train-annotations", str(shapes["train_json"]),
-            "--train-images", str(shapes["train_images"]), "--out", str(out), *ARGS, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "captioner",
+        "train",
+        "--train-annotations",
+        str(shapes["train_json"]),
+        "--train-images",
+        str(shapes["train_images"]),
+        "--out",
+        str(out),
+        *ARGS,
+        *extra,
+    ]
 
 
 def _epochs_logged(out):
@@ -34,8 +62,12 @@ def _epochs_logged(out):
 def _start_and_wait_for_first_epoch(shapes, out, epochs):
     # SIGINT as a terminal delivers it: a shell runs background jobs with SIGINT ignored, and a child
     # that starts with it ignored never installs Python's KeyboardInterrupt handler
-    proc = subprocess.Popen(_train_cmd(shapes, out, "--epochs", str(epochs)), stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        _train_cmd(shapes, out, "--epochs", str(epochs)),
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 240
     while not _epochs_logged(out) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -81,6 +113,7 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint
     good = load_checkpoint(tmp_path / "last.pt")["decoder"]
     trainer.opts.epochs = 2
     real_forward = trainer.model.decoder.forward
+
     def blown_up(*a):
         terms = real_forward(*a)
         return dataclasses.replace(terms, nll_sum=terms.nll_sum * float("nan"))  # the loss blows up

@@ -54,13 +54,31 @@ def test_karpathy_split_selection(tmp_path):
     (tmp_path / "val2014").mkdir()
     for n in ("a.jpg", "b.jpg", "c.jpg"):
         (tmp_path / "val2014" / n).write_bytes(b"x")
-    data = {"images": [
-        {"filepath": "val2014", "filename": "a.jpg", "split": "train", "cocoid": 1,
-         "sentences": [{"tokens": ["a", "cat"], "raw": "A cat."}]},
-        {"filepath": "val2014", "filename": "b.jpg", "split": "restval", "cocoid": 2,
-         "sentences": [{"tokens": ["a", "dog"]}]},
-        {"filepath": "val2014", "filename": "c.jpg", "split": "val", "cocoid": 3,
-         "sentences": [{"tokens": ["a", "cow"], "raw": "a cow"}]}]}
+    data = {
+        "images": [
+            {
+                "filepath": "val2014",
+                "filename": "a.jpg",
+                "split": "train",
+                "cocoid": 1,
+                "sentences": [{"tokens": ["a", "cat"], "raw": "A cat."}],
+            },
+            {
+                "filepath": "val2014",
+                "filename": "b.jpg",
+                "split": "restval",
+                "cocoid": 2,
+                "sentences": [{"tokens": ["a", "dog"]}],
+            },
+            {
+                "filepath": "val2014",
+                "filename": "c.jpg",
+                "split": "val",
+                "cocoid": 3,
+                "sentences": [{"tokens": ["a", "cow"], "raw": "a cow"}],
+            },
+        ]
+    }
     path = tmp_path / "dataset_coco.json"
     path.write_text(json.dumps(data))
     train = load_karpathy(path, tmp_path, "train,restval")
@@ -95,12 +113,25 @@ def _broken_coco(tmp_path):
     for name in ("a.png", "b.png"):
         Image.new("RGB", (8, 8), (200, 0, 0)).save(imgs / name)
     (imgs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    images = [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}, {"id": 2, "file_name": "c.png"},
-              {"id": 3}, {"id": 4, "file_name": "gone.png"}, {"id": 5, "file_name": "broken.png"}]
-    anns = [{"id": 1, "image_id": 1, "caption": "a red square"}, {"id": 1, "image_id": 2, "caption": "again id 1"},
-            {"id": 2, "image_id": 2, "caption": "   "}, {"id": 3, "image_id": 2, "caption": 42},
-            {"id": 4, "image_id": 77, "caption": "who?"}, {"id": 5, "image_id": 2}, {"id": 6, "image_id": 2, "caption": "ok"},
-            {"id": 7, "image_id": 4, "caption": "its file is gone"}, {"id": 8, "image_id": 5, "caption": "unreadable"}]
+    images = [
+        {"id": 1, "file_name": "a.png"},
+        {"id": 2, "file_name": "b.png"},
+        {"id": 2, "file_name": "c.png"},
+        {"id": 3},
+        {"id": 4, "file_name": "gone.png"},
+        {"id": 5, "file_name": "broken.png"},
+    ]
+    anns = [
+        {"id": 1, "image_id": 1, "caption": "a red square"},
+        {"id": 1, "image_id": 2, "caption": "again id 1"},
+        {"id": 2, "image_id": 2, "caption": "   "},
+        {"id": 3, "image_id": 2, "caption": 42},
+        {"id": 4, "image_id": 77, "caption": "who?"},
+        {"id": 5, "image_id": 2},
+        {"id": 6, "image_id": 2, "caption": "ok"},
+        {"id": 7, "image_id": 4, "caption": "its file is gone"},
+        {"id": 8, "image_id": 5, "caption": "unreadable"},
+    ]
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"images": images, "annotations": anns}))
     return path, imgs
@@ -111,10 +142,15 @@ def test_malformed_entries_are_refused_with_a_summary_or_skipped(tmp_path):
     with pytest.raises(DataError) as e:
         load_coco(path, imgs)
     msg = str(e.value)
-    for part in ("1 duplicate image ids: 2", "1 image entries without an id or file_name: images[3]",
-                 "1 duplicate annotation ids: 1", "2 empty or non-string captions: annotations[2], annotations[3]",
-                 "1 annotations naming an unknown image_id: annotations[4] (77)",
-                 "1 annotations without image_id or caption: annotations[5]", "--skip-bad"):
+    for part in (
+        "1 duplicate image ids: 2",
+        "1 image entries without an id or file_name: images[3]",
+        "1 duplicate annotation ids: 1",
+        "2 empty or non-string captions: annotations[2], annotations[3]",
+        "1 annotations naming an unknown image_id: annotations[4] (77)",
+        "1 annotations without image_id or caption: annotations[5]",
+        "--skip-bad",
+    ):
         assert part in msg, part
     c = load_coco(path, imgs, skip_bad=True, skip_missing=True)
     assert c.image_ids == [1, 2, 5] and c.captions[:2] == [["a red square"], ["ok"]] and c.skipped_missing == 1
@@ -130,9 +166,17 @@ def test_validate_data_lists_every_problem_with_counts(tmp_path, capsys):
     assert "1 missing image files: gone.png (no such file)" in out and "1 unreadable images: broken.png" in out
     assert "1 duplicate annotation ids: 1" in out and "problems found" in out
     clean = tmp_path / "clean.json"
-    clean.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}],
-                                 "annotations": [{"id": 1, "image_id": 1, "caption": "a red square"},
-                                                 {"id": 2, "image_id": 2, "caption": "another one"}]}))
+    clean.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}],
+                "annotations": [
+                    {"id": 1, "image_id": 1, "caption": "a red square"},
+                    {"id": 2, "image_id": 2, "caption": "another one"},
+                ],
+            }
+        )
+    )
     assert main(["validate-data", "--annotations", str(clean), "--images", str(imgs), "--quiet"]) == 0
     assert capsys.readouterr().out.strip().endswith("ok")
     (tmp_path / "syntax.json").write_text('{"images": [],\n "annotations": [\n  {,}]}')
@@ -144,8 +188,20 @@ def test_training_refuses_a_broken_file_and_names_the_way_out(tmp_path, capsys):
     from captioner.cli import main
 
     path, imgs = _broken_coco(tmp_path)
-    rc = main(["train", "--train-annotations", str(path), "--train-images", str(imgs), "--out", str(tmp_path / "r"),
-               "--quiet", "--device", "cpu"])
+    rc = main(
+        [
+            "train",
+            "--train-annotations",
+            str(path),
+            "--train-images",
+            str(imgs),
+            "--out",
+            str(tmp_path / "r"),
+            "--quiet",
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "duplicate image ids" in err and "--skip-bad" in err
 
@@ -154,8 +210,24 @@ def test_unreadable_images_stop_training_or_are_left_out_with_skip_bad(tmp_path,
     from captioner.cli import main
 
     path, imgs = _broken_coco(tmp_path)
-    args = ["train", "--train-annotations", str(path), "--train-images", str(imgs), "--skip-missing",
-            "--epochs", "1", "--hidden-size", "16", "--embed-size", "8", "--min-word-count", "1", "--device", "cpu"]
+    args = [
+        "train",
+        "--train-annotations",
+        str(path),
+        "--train-images",
+        str(imgs),
+        "--skip-missing",
+        "--epochs",
+        "1",
+        "--hidden-size",
+        "16",
+        "--embed-size",
+        "8",
+        "--min-word-count",
+        "1",
+        "--device",
+        "cpu",
+    ]
     assert main([*args, "--out", str(tmp_path / "r1"), "--quiet"]) == 2  # malformed entries: refused
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "r2"), "--skip-bad"]) == 0  # broken.png left out, trained on a, b

@@ -1,4 +1,5 @@
 """Decoding against a fake model whose next-token distributions are set by hand (im2txt style)."""
+
 import math
 from dataclasses import dataclass
 
@@ -81,7 +82,7 @@ def greedy_reference(model, features, max_len):
     """The most likely next word at each step, one image at a time: what beam 1 must give."""
     out = []
     for i in range(len(features)):
-        state = model.init_state(features[i:i + 1])
+        state = model.init_state(features[i : i + 1])
         token, words, logprob = torch.tensor([START]), [], 0.0
         for _ in range(max_len):
             logp, state = model.step(token, state)  # (1, V)
@@ -106,8 +107,10 @@ def test_beam_size_one_equals_greedy():
 def test_batched_equals_one_image_at_a_time():
     feats = images(0, 1, 2, 3, 1, 0)
     batched = beam_search(FakeModel(), feats, beam_size=3, n_best=3, max_len=7, no_repeat_ngram=2)
-    alone = [beam_search(FakeModel(), feats[i:i + 1], beam_size=3, n_best=3, max_len=7, no_repeat_ngram=2)[0]
-             for i in range(len(feats))]
+    alone = [
+        beam_search(FakeModel(), feats[i : i + 1], beam_size=3, n_best=3, max_len=7, no_repeat_ngram=2)[0]
+        for i in range(len(feats))
+    ]
     assert [[h.tokens for h in hs] for hs in batched] == [[h.tokens for h in hs] for hs in alone]
     assert [h.score for hs in batched for h in hs] == pytest.approx([h.score for hs in alone for h in hs])
 
@@ -118,7 +121,7 @@ def test_batched_equals_alone_with_a_real_decoder():
     feats = torch.randn(5, 16) * 3
     batched = beam_search(model, feats, beam_size=4, n_best=4, max_len=8)
     for i in range(5):
-        alone = beam_search(model, feats[i:i + 1], beam_size=4, n_best=4, max_len=8)[0]
+        alone = beam_search(model, feats[i : i + 1], beam_size=4, n_best=4, max_len=8)[0]
         assert [h.tokens for h in batched[i]] == [h.tokens for h in alone]
         assert [h.score for h in batched[i]] == pytest.approx([h.score for h in alone], abs=1e-4)
 
@@ -170,8 +173,9 @@ def test_length_penalty_reranks_towards_longer_captions():
     # step 1 goes on with 3 live beams (b c, a b, c ...), not 2 (the old search kept "a" in a slot).
     [hyps] = beam_search(FakeModel(), images(0), beam_size=3, n_best=3, length_alpha=1.0)
     assert [h.tokens for h in hyps] == [[B, C], [A], [A, B, C]]
-    assert [h.score for h in hyps] == pytest.approx([math.log(x) / lp for x, lp in
-                                                     ((0.27, 8 / 6), (0.31, 7 / 6), (0.171, 9 / 6))], abs=1e-6)
+    assert [h.score for h in hyps] == pytest.approx(
+        [math.log(x) / lp for x, lp in ((0.27, 8 / 6), (0.31, 7 / 6), (0.171, 9 / 6))], abs=1e-6
+    )
     assert hyps[0].logprob == pytest.approx(math.log(0.27), abs=1e-6)
 
 
@@ -253,8 +257,7 @@ def exhaustive(tables: Tensor, image: int, max_len: int, alpha: float, n_best: i
 @pytest.mark.parametrize("alpha", [0.0, 0.7, 2.0])
 def test_a_beam_wide_enough_finds_the_exhaustive_best(alpha):
     tables = random_tables(0, 6)
-    hyps = beam_search(TableModel(tables), images(*range(6)), beam_size=W ** 4, n_best=5, max_len=4,
-                       length_alpha=alpha)
+    hyps = beam_search(TableModel(tables), images(*range(6)), beam_size=W**4, n_best=5, max_len=4, length_alpha=alpha)
     for image, hs in enumerate(hyps):
         want = exhaustive(tables, image, 4, alpha, 5)
         assert [h.tokens for h in hs] == [w for w, _ in want]

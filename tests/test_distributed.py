@@ -1,6 +1,7 @@
 """Data-parallel training under torchrun, on CPUs with gloo: N processes with batch B take the
 steps of one process with batch N*B, checkpoints move between process counts (and nodes), and a
 failing rank ends the whole job with its reason instead of leaving the others waiting."""
+
 import json
 import socket
 import subprocess
@@ -22,8 +23,23 @@ pytestmark = pytest.mark.slow  # launches training processes
 
 HELPERS = Path(__file__).parent / "helpers"
 # 600 training captions: a multiple of every global batch used here, so no rank gets padding
-SMALL = ["--decoder", "lstm", "--hidden-size", "64", "--embed-size", "32", "--attention-size", "32", "--min-word-count", "1",
-         "--dropout", "0", "--device", "cpu", "--quiet"]
+SMALL = [
+    "--decoder",
+    "lstm",
+    "--hidden-size",
+    "64",
+    "--embed-size",
+    "32",
+    "--attention-size",
+    "32",
+    "--min-word-count",
+    "1",
+    "--dropout",
+    "0",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 TIMEOUT = 240  # no test may hang: every launch is killed after this
 
 
@@ -48,8 +64,13 @@ def _two_nodes(args: list[str]) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    launch = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-              "--rdzv-id=captioner-test"]
+    launch = [
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=captioner-test",
+    ]
     cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "captioner", "train", *args]
     nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     try:
@@ -141,14 +162,19 @@ def test_a_failing_rank_ends_the_job_with_its_reason(shapes, tmp_path, rank, ste
     """Rank 1 mid-epoch, or rank 0 (which validates and saves) in epoch 2: the job exits non-zero
     within the timeout, the failing rank says why in one line, and the other says it stopped."""
     args = [*_data(shapes), *SMALL, "--out", str(tmp_path / "run"), "--batch-size", "10", "--epochs", "3"]
-    r = _torchrun(["--standalone", "--nproc_per_node=2"], [str(HELPERS / "failing_rank.py"), str(rank), str(step),
-                                                           *args], timeout=120)
+    r = _torchrun(
+        ["--standalone", "--nproc_per_node=2"],
+        [str(HELPERS / "failing_rank.py"), str(rank), str(step), *args],
+        timeout=120,
+    )
     assert r.returncode != 0
     assert f"captioner: rank {rank} of 2: failed: RuntimeError: injected failure at step {step}" in r.stderr
     other = 1 - rank
     # the other rank either noticed the closed connection or was stopped by torchrun (SIGTERM) first
-    assert (f"captioner: rank {other} of 2: stopped: another process of this job went away" in r.stderr
-            or f"captioner: rank {other} of 2: interrupted" in r.stderr), r.stderr[-3000:]
+    assert (
+        f"captioner: rank {other} of 2: stopped: another process of this job went away" in r.stderr
+        or f"captioner: rank {other} of 2: interrupted" in r.stderr
+    ), r.stderr[-3000:]
     if step > 30:  # failed in epoch 2: epoch 1's checkpoint is intact and resumable
         assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
 
@@ -159,13 +185,39 @@ def test_self_critical_and_encoder_fine_tuning_run_under_torchrun(shapes, tmp_pa
     coco = json.loads(Path(shapes["train_json"]).read_text())
     keep = {im["id"] for im in coco["images"][:8]}
     small = tmp_path / "small.json"  # 8 images x 5 captions: a quick epoch even on pixels
-    small.write_text(json.dumps({"images": [im for im in coco["images"] if im["id"] in keep],
-                                 "annotations": [a for a in coco["annotations"] if a["image_id"] in keep]}))
-    data = ["--train-annotations", str(small), "--train-images", str(shapes["train_images"]), *SMALL,
-            "--epochs", "1", "--batch-size", "4"]
+    small.write_text(
+        json.dumps(
+            {
+                "images": [im for im in coco["images"] if im["id"] in keep],
+                "annotations": [a for a in coco["annotations"] if a["image_id"] in keep],
+            }
+        )
+    )
+    data = [
+        "--train-annotations",
+        str(small),
+        "--train-images",
+        str(shapes["train_images"]),
+        *SMALL,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+    ]
     assert main(["train", *data, "--out", str(tmp_path / "xe")]) == 0
-    _train_n(2, [*data, "--out", str(tmp_path / "sc"), "--init-from", str(tmp_path / "xe" / "best.pt"),
-                 "--self-critical", "--scst-samples", "3"])
+    _train_n(
+        2,
+        [
+            *data,
+            "--out",
+            str(tmp_path / "sc"),
+            "--init-from",
+            str(tmp_path / "xe" / "best.pt"),
+            "--self-critical",
+            "--scst-samples",
+            "3",
+        ],
+    )
     (record,) = _epochs(tmp_path / "sc")
     assert 0 <= record["train_CIDEr-D"] and record["train_loss"] == record["train_loss"]  # logged, not NaN
     _train_n(2, [*data, "--out", str(tmp_path / "ft"), "--fine-tune-encoder", "1"])
@@ -178,9 +230,11 @@ def test_self_critical_and_encoder_fine_tuning_run_under_torchrun(shapes, tmp_pa
 def test_a_rank_0_error_reaches_every_rank(shapes, tmp_path):
     """What rank 0 alone does (here: reading the checkpoint to resume) fails on every rank with
     the same one-line message, rather than leaving the others waiting for it."""
-    r = _torchrun(["--standalone", "--nproc_per_node=2"],
-                  ["-m", "captioner", "train", *_data(shapes), *SMALL, "--out", str(tmp_path / "none"), "--resume"],
-                  timeout=120)
+    r = _torchrun(
+        ["--standalone", "--nproc_per_node=2"],
+        ["-m", "captioner", "train", *_data(shapes), *SMALL, "--out", str(tmp_path / "none"), "--resume"],
+        timeout=120,
+    )
     assert r.returncode != 0
     for rank in (0, 1):
         line = next(l for l in r.stderr.splitlines() if l.startswith(f"captioner: rank {rank} of 2: "))
@@ -201,12 +255,23 @@ def test_compile_trains_like_eager(shapes, tmp_path):
     results: the same epoch in eager and compiled mode gives the same loss and weights (SGD, for
     the reason given in the 2-process test above)."""
     train = load_coco(shapes["train_json"], shapes["train_images"])
-    opts = TrainOptions(epochs=1, batch_size=40, decoder="attention", hidden_size=32, embed_size=16,
-                        attention_size=16, dropout=0.0, min_word_count=1, optimizer="momentum", lr=0.05)
+    opts = TrainOptions(
+        epochs=1,
+        batch_size=40,
+        decoder="attention",
+        hidden_size=32,
+        embed_size=16,
+        attention_size=16,
+        dropout=0.0,
+        min_word_count=1,
+        optimizer="momentum",
+        lr=0.05,
+    )
     for name, compile in (("eager", False), ("compiled", True)):
         trainer = Trainer(train, None, tmp_path / name, opts, device="cpu", quiet=True, compile=compile)
         assert hasattr(trainer.model.decoder._advance, "_torchdynamo_orig_callable") == compile
         trainer.fit()
     assert _epochs(tmp_path / "compiled")[0]["train_loss"] == pytest.approx(
-        _epochs(tmp_path / "eager")[0]["train_loss"], rel=1e-5)
+        _epochs(tmp_path / "eager")[0]["train_loss"], rel=1e-5
+    )
     assert _max_diff(tmp_path / "compiled" / "last.pt", tmp_path / "eager" / "last.pt") < 1e-4

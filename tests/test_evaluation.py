@@ -1,4 +1,5 @@
 """`captioner evaluate` / `score` / `plot`, and validation-driven model selection in training."""
+
 import json
 
 import pytest
@@ -8,8 +9,23 @@ from captioner.checkpoint import load_checkpoint
 from captioner.cli import main
 from captioner.metrics import METRICS
 
-SHAPES_ARGS = ["--decoder", "lstm", "--batch-size", "32", "--hidden-size", "128", "--embed-size", "64", "--min-word-count", "1",
-               "--device", "cpu", "--quiet", "--dropout", "0.2"]
+SHAPES_ARGS = [
+    "--decoder",
+    "lstm",
+    "--batch-size",
+    "32",
+    "--hidden-size",
+    "128",
+    "--embed-size",
+    "64",
+    "--min-word-count",
+    "1",
+    "--device",
+    "cpu",
+    "--quiet",
+    "--dropout",
+    "0.2",
+]
 
 
 def _run(capsys, *args):
@@ -19,15 +35,41 @@ def _run(capsys, *args):
 
 
 def _train_with_val(shapes, out, *extra):
-    return main(["train", "--train-annotations", str(shapes["train_json"]), "--train-images", str(shapes["train_images"]),
-                 "--val-annotations", str(shapes["test_json"]), "--val-images", str(shapes["test_images"]),
-                 "--out", str(out), *SHAPES_ARGS, *extra])
+    return main(
+        [
+            "train",
+            "--train-annotations",
+            str(shapes["train_json"]),
+            "--train-images",
+            str(shapes["train_images"]),
+            "--val-annotations",
+            str(shapes["test_json"]),
+            "--val-images",
+            str(shapes["test_images"]),
+            "--out",
+            str(out),
+            *SHAPES_ARGS,
+            *extra,
+        ]
+    )
 
 
 def test_evaluate_prints_all_metrics_and_writes_coco_results(trained_run, shapes, tmp_path, capsys):
-    rc, out, _ = _run(capsys, "evaluate", "--model", trained_run / "best.pt", "--annotations", shapes["test_json"],
-                      "--images", shapes["test_images"], "--beam-size", "3", "--results", tmp_path / "res.json",
-                      "--quiet")
+    rc, out, _ = _run(
+        capsys,
+        "evaluate",
+        "--model",
+        trained_run / "best.pt",
+        "--annotations",
+        shapes["test_json"],
+        "--images",
+        shapes["test_images"],
+        "--beam-size",
+        "3",
+        "--results",
+        tmp_path / "res.json",
+        "--quiet",
+    )
     report = json.loads(out)
     assert rc == 0
     assert set(METRICS) <= set(report) and report["METEOR_backend"] in ("official-1.5", "nltk", "unavailable")
@@ -64,11 +106,15 @@ def test_best_follows_the_selection_metric(shapes, tmp_path):
     assert all(set(METRICS) <= set(r) for r in log)
     best_epoch = max(log, key=lambda r: (r["CIDEr-D"], -r["epoch"]))["epoch"]  # first epoch with the max
     assert load_checkpoint(tmp_path / "cider" / "best.pt")["epoch"] == best_epoch
-    assert [r["best"] for r in log] == [r["epoch"] == best_epoch or (r["CIDEr-D"] > max(
-        [x["CIDEr-D"] for x in log if x["epoch"] < r["epoch"]], default=-1)) for r in log]
+    assert [r["best"] for r in log] == [
+        r["epoch"] == best_epoch
+        or (r["CIDEr-D"] > max([x["CIDEr-D"] for x in log if x["epoch"] < r["epoch"]], default=-1))
+        for r in log
+    ]
 
-    assert _train_with_val(shapes, tmp_path / "loss", "--epochs", "3", "--lr", "1e-3", "--select-metric",
-                           "val_loss") == 0
+    assert (
+        _train_with_val(shapes, tmp_path / "loss", "--epochs", "3", "--lr", "1e-3", "--select-metric", "val_loss") == 0
+    )
     log = [json.loads(l) for l in (tmp_path / "loss" / "metrics.jsonl").read_text().splitlines()]
     best_epoch = min(log, key=lambda r: (r["val_loss"], r["epoch"]))["epoch"]
     assert load_checkpoint(tmp_path / "loss" / "best.pt")["epoch"] == best_epoch
@@ -77,8 +123,22 @@ def test_best_follows_the_selection_metric(shapes, tmp_path):
 def test_early_stopping_and_plateau_decay(shapes, tmp_path, capsys):
     """With a learning rate too small to change anything, CIDEr-D stops improving after epoch 1:
     the LR decays after lr-patience stalled epochs and the run stops after `patience` of them."""
-    rc = _train_with_val(shapes, tmp_path, "--epochs", "10", "--optimizer", "sgd", "--lr", "1e-9",
-                         "--patience", "3", "--lr-patience", "1", "--lr-gamma", "0.5")
+    rc = _train_with_val(
+        shapes,
+        tmp_path,
+        "--epochs",
+        "10",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "1e-9",
+        "--patience",
+        "3",
+        "--lr-patience",
+        "1",
+        "--lr-gamma",
+        "0.5",
+    )
     assert rc == 0
     log = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3, 4]  # epoch 1 best, then 3 epochs without improvement

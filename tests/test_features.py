@@ -1,4 +1,5 @@
 """The on-disk feature cache: extract once, invalidate on change, resume after interruption."""
+
 import json
 import os
 
@@ -142,12 +143,24 @@ def test_fine_tuned_encoders_are_not_cached():
 
 def test_cached_and_uncached_training_agree(shapes, tmp_path):
     train = load_coco(shapes["test_json"], shapes["test_images"])
-    opts = TrainOptions(decoder="lstm", epochs=2, batch_size=16, hidden_size=64, embed_size=32, min_word_count=1, num_workers=0)
+    opts = TrainOptions(
+        decoder="lstm", epochs=2, batch_size=16, hidden_size=64, embed_size=32, min_word_count=1, num_workers=0
+    )
     losses = {}
     for name, use_cache in (("cached", True), ("uncached", False)):
-        Trainer(train, None, tmp_path / name, opts, device="cpu", quiet=True, use_cache=use_cache,
-                cache_dir=tmp_path / "cache").fit()
-        losses[name] = [json.loads(l)["train_loss"] for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        Trainer(
+            train,
+            None,
+            tmp_path / name,
+            opts,
+            device="cpu",
+            quiet=True,
+            use_cache=use_cache,
+            cache_dir=tmp_path / "cache",
+        ).fit()
+        losses[name] = [
+            json.loads(l)["train_loss"] for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        ]
     assert losses["cached"] == pytest.approx(losses["uncached"], rel=2e-3)
     assert (tmp_path / "cache" / "features").is_dir() and not any((tmp_path / "uncached").glob("*.f16"))
 
@@ -155,7 +168,9 @@ def test_cached_and_uncached_training_agree(shapes, tmp_path):
 def test_a_warm_cache_does_not_change_a_run(shapes, tmp_path):
     """Same seed, cold cache vs warm cache: identical weights (extraction must not touch the training RNG)."""
     train = load_coco(shapes["test_json"], shapes["test_images"])
-    opts = TrainOptions(decoder="lstm", epochs=1, batch_size=16, hidden_size=32, embed_size=16, min_word_count=1, num_workers=1)
+    opts = TrainOptions(
+        decoder="lstm", epochs=1, batch_size=16, hidden_size=32, embed_size=16, min_word_count=1, num_workers=1
+    )
     for name in ("cold", "warm"):
         Trainer(train, None, tmp_path / name, opts, device="cpu", quiet=True, cache_dir=tmp_path / "cache").fit()
     from captioner.checkpoint import load_checkpoint
@@ -168,15 +183,42 @@ def test_extract_features_cli_then_train_extracts_nothing(shapes, tmp_path, caps
     from captioner.cli import main
 
     cache = tmp_path / "cache"
-    rc = main(["extract-features", "--annotations", str(shapes["test_json"]), "--images", str(shapes["test_images"]),
-               "--cache-dir", str(cache), "--quiet"])
+    rc = main(
+        [
+            "extract-features",
+            "--annotations",
+            str(shapes["test_json"]),
+            "--images",
+            str(shapes["test_images"]),
+            "--cache-dir",
+            str(cache),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     [index] = cache.glob("features/*/index.jsonl")
     assert len(index.read_text().splitlines()) == 24
     before = index.stat().st_mtime_ns, (index.parent / "grid.f16").stat().st_size
-    rc = main(["train", "--train-annotations", str(shapes["test_json"]), "--train-images", str(shapes["test_images"]),
-               "--out", str(tmp_path / "run"), "--epochs", "1", "--hidden-size", "32", "--min-word-count", "1",
-               "--cache-dir", str(cache), "--quiet"])
+    rc = main(
+        [
+            "train",
+            "--train-annotations",
+            str(shapes["test_json"]),
+            "--train-images",
+            str(shapes["test_images"]),
+            "--out",
+            str(tmp_path / "run"),
+            "--epochs",
+            "1",
+            "--hidden-size",
+            "32",
+            "--min-word-count",
+            "1",
+            "--cache-dir",
+            str(cache),
+            "--quiet",
+        ]
+    )
     assert rc == 0 and (index.stat().st_mtime_ns, (index.parent / "grid.f16").stat().st_size) == before
     rc = main(["extract-features", str(tmp_path / "nothing-here.png"), "--cache-dir", str(cache), "--quiet"])
     assert rc == 1 and "nothing-here.png: no such file" in capsys.readouterr().err
@@ -216,8 +258,10 @@ def test_two_processes_fill_one_cache_at_once(lite0, images, tmp_path):
 
     ctx = multiprocessing.get_context("spawn")
     paths = [str(p) for p in images]
-    procs = [ctx.Process(target=_fill_in_a_process, args=(str(tmp_path / "cache"), part))
-             for part in (paths[:6], paths[2:][::-1])]
+    procs = [
+        ctx.Process(target=_fill_in_a_process, args=(str(tmp_path / "cache"), part))
+        for part in (paths[:6], paths[2:][::-1])
+    ]
     for p in procs:
         p.start()
     for p in procs:

@@ -1,5 +1,6 @@
 """A tour of hostile inputs: every one gets a one-line message and a non-zero exit, nothing is
 accepted silently, and nothing the user had is lost or overwritten."""
+
 from __future__ import annotations
 
 import io
@@ -27,8 +28,23 @@ def _one_line_error(capsys, out: str | None = None) -> str:
 
 def test_a_closed_pipe_stops_captioning_quietly():
     # `captioner caption DIR | head -1`: the reader leaves after one line, the captioner must not complain
-    proc = subprocess.Popen([sys.executable, "-m", "captioner", "caption", str(EXAMPLES), "--batch-size", "1",
-                             "--beam-size", "1", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "captioner",
+            "caption",
+            str(EXAMPLES),
+            "--batch-size",
+            "1",
+            "--beam-size",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     first = proc.stdout.readline()
     proc.stdout.close()
     err = proc.stderr.read().decode()
@@ -69,8 +85,15 @@ def read_only(tmp_path) -> Path:
 def test_outputs_that_cannot_be_written_are_refused_first(shapes, tmp_path, read_only, capsys):
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
-    data = ["--train-annotations", str(shapes["train_json"]), "--train-images", str(shapes["train_images"]),
-            "--device", "cpu", "--quiet"]
+    data = [
+        "--train-annotations",
+        str(shapes["train_json"]),
+        "--train-images",
+        str(shapes["train_images"]),
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     for out in (read_only / "run", afile, afile / "run"):
         assert main(["train", *data, "--out", str(out)]) == 2
         assert str(out) in _one_line_error(capsys)
@@ -100,32 +123,78 @@ def test_saving_a_model_where_it_cannot_go_names_the_path(tmp_path, read_only):
             model.save(bad)
 
 
-@pytest.mark.parametrize("flags", [["--beam-size", "0"], ["--beam-size", "-1"], ["--max-len", "0"], ["--n-best", "0"],
-                                   ["--min-len", "9", "--max-len", "3"], ["--length-penalty", "-1"],
-                                   ["--batch-size", "0"], ["--no-repeat-ngram", "-2"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--beam-size", "0"],
+        ["--beam-size", "-1"],
+        ["--max-len", "0"],
+        ["--n-best", "0"],
+        ["--min-len", "9", "--max-len", "3"],
+        ["--length-penalty", "-1"],
+        ["--batch-size", "0"],
+        ["--no-repeat-ngram", "-2"],
+    ],
+)
 def test_caption_refuses_nonsense_decoding_options(flags, capsys):
     assert main(["caption", str(EXAMPLES / "cat.jpg"), "--device", "cpu", *flags]) == 2
     _one_line_error(capsys, out="")
 
 
-@pytest.mark.parametrize("argv", [
-    ["evaluate", "--batch-size", "0"], ["extract-features", "--num-workers", "-1"], ["validate-data", "--show", "-1"],
-    ["validate-data", "--max-pixels", "0"], ["caption", "--n-best", "0"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["evaluate", "--batch-size", "0"],
+        ["extract-features", "--num-workers", "-1"],
+        ["validate-data", "--show", "-1"],
+        ["validate-data", "--max-pixels", "0"],
+        ["caption", "--n-best", "0"],
+    ],
+)
 def test_counts_of_every_command_are_checked_first(argv, capsys, tmp_path):
     # checked before anything else: these would otherwise fail later, deep inside
-    assert main([*argv, "--annotations", str(tmp_path / "a.json"), "--images", str(tmp_path)]
-                if argv[0] != "caption" else [*argv, str(EXAMPLES / "cat.jpg")]) == 2
+    assert (
+        main(
+            [*argv, "--annotations", str(tmp_path / "a.json"), "--images", str(tmp_path)]
+            if argv[0] != "caption"
+            else [*argv, str(EXAMPLES / "cat.jpg")]
+        )
+        == 2
+    )
     assert argv[1] in _one_line_error(capsys, out="")
 
 
-@pytest.mark.parametrize("flags, named", [
-    (["--patience", "-1"], "--patience"), (["--grad-clip", "-1"], "--grad-clip"), (["--grad-clip", "0"], "--grad-clip"),
-    (["--max-caption-len", "0"], "--max-caption-len"), (["--select-metric", "FOO"], "FOO"), (["--epochs", "0"], "--epochs"),
-    (["--dropout", "1"], "--dropout"), (["--lr", "0"], "--lr"), (["--min-word-count", "0"], "--min-word-count"),
-    (["--min-word-count", "100000"], "--min-word-count 100000 leaves no words")])
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--patience", "-1"], "--patience"),
+        (["--grad-clip", "-1"], "--grad-clip"),
+        (["--grad-clip", "0"], "--grad-clip"),
+        (["--max-caption-len", "0"], "--max-caption-len"),
+        (["--select-metric", "FOO"], "FOO"),
+        (["--epochs", "0"], "--epochs"),
+        (["--dropout", "1"], "--dropout"),
+        (["--lr", "0"], "--lr"),
+        (["--min-word-count", "0"], "--min-word-count"),
+        (["--min-word-count", "100000"], "--min-word-count 100000 leaves no words"),
+    ],
+)
 def test_train_refuses_settings_that_cannot_train(shapes, tmp_path, capsys, flags, named):
-    rc = main(["train", "--train-annotations", str(shapes["train_json"]), "--train-images", str(shapes["train_images"]),
-               "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet", *flags])
+    rc = main(
+        [
+            "train",
+            "--train-annotations",
+            str(shapes["train_json"]),
+            "--train-images",
+            str(shapes["train_images"]),
+            "--out",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+            "--quiet",
+            *flags,
+        ]
+    )
     assert rc == 2 and named in _one_line_error(capsys)
     assert not (tmp_path / "run" / "last.pt").exists()
 
@@ -143,15 +212,30 @@ def test_datasets_that_cannot_train_are_refused_and_flagged(shapes, tmp_path, ca
     base = ["train", "--train-images", str(shapes["train_images"]), "--device", "cpu", "--quiet"]
     assert main([*base, "--train-annotations", str(empty), "--out", str(tmp_path / "a")]) == 2
     assert "no captioned images to train on" in _one_line_error(capsys)
-    assert main([*base, "--train-annotations", str(shapes["train_json"]), "--val-annotations", str(empty),
-                 "--val-images", str(shapes["train_images"]), "--out", str(tmp_path / "b")]) == 2
+    assert (
+        main(
+            [
+                *base,
+                "--train-annotations",
+                str(shapes["train_json"]),
+                "--val-annotations",
+                str(empty),
+                "--val-images",
+                str(shapes["train_images"]),
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 2
+    )
     assert "no captioned images to validate on" in _one_line_error(capsys)
     assert main([*base, "--train-annotations", str(symbols), "--out", str(tmp_path / "c")]) == 2
     assert "hold no words" in _one_line_error(capsys)
     assert main(["validate-data", "--annotations", str(empty), "--images", str(tmp_path), "--quiet"]) == 1
     assert "no captioned images" in capsys.readouterr().out
-    assert main(["validate-data", "--annotations", str(symbols), "--images", str(shapes["train_images"]),
-                 "--quiet"]) == 1
+    assert (
+        main(["validate-data", "--annotations", str(symbols), "--images", str(shapes["train_images"]), "--quiet"]) == 1
+    )
     out = capsys.readouterr().out
     assert f"{len(data['annotations'])} captions with no words" in out and "\nok" not in out
 
@@ -167,8 +251,16 @@ def test_api_refuses_nonsense_options(bundled):
     from captioner.errors import UsageError
 
     cat = EXAMPLES / "cat.jpg"
-    for kwargs in ({"beam_size": 0}, {"beam_size": -1}, {"max_len": 0}, {"min_len": 5, "max_len": 2},
-                   {"beam_size": 2.5}, {"length_alpha": float("nan")}, {"errors": "bogus"}, {"batch_size": 0}):
+    for kwargs in (
+        {"beam_size": 0},
+        {"beam_size": -1},
+        {"max_len": 0},
+        {"min_len": 5, "max_len": 2},
+        {"beam_size": 2.5},
+        {"length_alpha": float("nan")},
+        {"errors": "bogus"},
+        {"batch_size": 0},
+    ):
         with pytest.raises(UsageError):
             bundled.caption(cat, **kwargs)
     for n in (0, 1.5, True):
@@ -190,11 +282,13 @@ def test_in_memory_pictures_are_checked_not_clamped(bundled):
     assert bundled.caption(rgb, beam_size=1) == want  # numpy arrays, as PIL and OpenCV give them
     assert bundled.caption(as_tensor.float() / 255, beam_size=1) == want
     assert bundled.caption(as_tensor.long(), beam_size=1) == want
-    bad = {"has no pixels": [Image.new("RGB", (0, 0)), torch.zeros(3, 0, 0), np.zeros((0, 5, 3), np.uint8)],
-           "must lie in [0, 1]": [as_tensor.float(), torch.full((3, 8, 8), -0.5)],
-           "NaN": [torch.full((3, 8, 8), float("nan"))],
-           "must lie in 0..255": [as_tensor.long() * 2],
-           "expected an RGB": [torch.zeros(4, 8, 8), np.zeros((8, 8, 4), np.uint8)]}
+    bad = {
+        "has no pixels": [Image.new("RGB", (0, 0)), torch.zeros(3, 0, 0), np.zeros((0, 5, 3), np.uint8)],
+        "must lie in [0, 1]": [as_tensor.float(), torch.full((3, 8, 8), -0.5)],
+        "NaN": [torch.full((3, 8, 8), float("nan"))],
+        "must lie in 0..255": [as_tensor.long() * 2],
+        "expected an RGB": [torch.zeros(4, 8, 8), np.zeros((8, 8, 4), np.uint8)],
+    }
     for reason, items in bad.items():
         for item in items:
             with pytest.raises(ImageError, match=re.escape(reason)) as e:
@@ -210,17 +304,43 @@ def test_resume_refuses_flags_and_data_that_contradict_the_run(shapes, tmp_path,
     from captioner.checkpoint import load_checkpoint
 
     run = tmp_path / "run"
-    base = ["train", "--train-annotations", str(shapes["train_json"]), "--train-images", str(shapes["train_images"]),
-            "--out", str(run), "--decoder", "lstm", "--hidden-size", "64", "--embed-size", "32", "--min-word-count", "1",
-            "--device", "cpu", "--quiet"]
+    base = [
+        "train",
+        "--train-annotations",
+        str(shapes["train_json"]),
+        "--train-images",
+        str(shapes["train_images"]),
+        "--out",
+        str(run),
+        "--decoder",
+        "lstm",
+        "--hidden-size",
+        "64",
+        "--embed-size",
+        "32",
+        "--min-word-count",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     assert main([*base, "--epochs", "2"]) == 0
     capsys.readouterr()
 
     def log():
         return [json.loads(l)["epoch"] for l in (run / "metrics.jsonl").read_text().splitlines()]
 
-    resume = ["train", "--train-images", str(shapes["train_images"]), "--out", str(run), "--resume", "--device", "cpu",
-              "--quiet"]
+    resume = [
+        "train",
+        "--train-images",
+        str(shapes["train_images"]),
+        "--out",
+        str(run),
+        "--resume",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     train = ["--train-annotations", str(shapes["train_json"])]
     assert main([*resume, *train, "--epochs", "3", "--lr", "0.1", "--decoder", "attention"]) == 2
     err = _one_line_error(capsys)
@@ -237,8 +357,23 @@ def test_resume_refuses_flags_and_data_that_contradict_the_run(shapes, tmp_path,
     assert log() == [1, 2]
     assert main([*resume, *train, "--epochs", "3", "--num-workers", "0", "--decoder", "lstm"]) == 0  # agrees: fine
     assert log() == [1, 2, 3] and load_checkpoint(run / "last.pt")["config"]["train"]["lr"] == 4e-4
-    assert main([*base[:-9], "--out", str(tmp_path / "new"), "--init-from", str(run / "last.pt"),
-                 "--decoder", "attention", "--device", "cpu", "--quiet"]) == 2
+    assert (
+        main(
+            [
+                *base[:-9],
+                "--out",
+                str(tmp_path / "new"),
+                "--init-from",
+                str(run / "last.pt"),
+                "--decoder",
+                "attention",
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "--init-from" in _one_line_error(capsys)
 
 
@@ -265,8 +400,11 @@ def test_score_says_what_it_scored_and_reads_what_caption_writes(shapes, tmp_pat
     assert report["reference_images"] == len(refs) and report["images"] == 3
     # `captioner caption --json` output: JSON Lines with paths under wherever the images are
     lines = tmp_path / "captions.jsonl"
-    lines.write_text("".join(json.dumps({"path": f"/elsewhere/{names[k]}", "caption": c, "nbest": []}) + "\n"
-                             for k, c in refs.items()))
+    lines.write_text(
+        "".join(
+            json.dumps({"path": f"/elsewhere/{names[k]}", "caption": c, "nbest": []}) + "\n" for k, c in refs.items()
+        )
+    )
     assert main([*score, "--results", str(lines)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["images"] == len(refs) and report["BLEU-4"] == pytest.approx(1.0)  # each caption is a reference
@@ -275,11 +413,20 @@ def test_score_says_what_it_scored_and_reads_what_caption_writes(shapes, tmp_pat
     assert f"line {len(refs) + 1} is not JSON" in _one_line_error(capsys)
     # references from a Karpathy split file, as `evaluate --karpathy-json` uses them
     karpathy = tmp_path / "dataset.json"
-    karpathy.write_text(json.dumps({"images": [
-        {"filepath": "test", "filename": names[k], "cocoid": k, "split": "test",
-         "sentences": [{"raw": c}]} for k, c in refs.items()]}))
-    assert main(["score", "--karpathy-json", str(karpathy), "--split", "test", "--results", str(part),
-                 "--allow-partial"]) == 0
+    karpathy.write_text(
+        json.dumps(
+            {
+                "images": [
+                    {"filepath": "test", "filename": names[k], "cocoid": k, "split": "test", "sentences": [{"raw": c}]}
+                    for k, c in refs.items()
+                ]
+            }
+        )
+    )
+    assert (
+        main(["score", "--karpathy-json", str(karpathy), "--split", "test", "--results", str(part), "--allow-partial"])
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["BLEU-4"] == pytest.approx(1.0)
 
 
@@ -315,8 +462,21 @@ def test_nothing_the_user_gave_is_overwritten(shapes, tmp_path, capsys):
     refs = tmp_path / "refs.json"
     shutil.copy(shapes["test_json"], refs)
     before = refs.read_bytes()
-    assert main(["evaluate", "--annotations", str(refs), "--images", str(shapes["test_images"]), "--results",
-                 str(refs), "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--annotations",
+                str(refs),
+                "--images",
+                str(shapes["test_images"]),
+                "--results",
+                str(refs),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "would overwrite it" in _one_line_error(capsys) and refs.read_bytes() == before
     afile = tmp_path / "afile"
     afile.write_text("x")

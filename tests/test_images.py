@@ -1,5 +1,6 @@
 """Any valid image is read as the RGB picture it shows; broken input is refused with one clear
 reason (an ImageError naming the file), never another exception."""
+
 import struct
 import zlib
 
@@ -17,6 +18,7 @@ def _rgb(path):
 
 def _png_header_only(path, width, height):
     """A PNG whose header declares width x height but that holds no pixel data at all."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -25,18 +27,21 @@ def _png_header_only(path, width, height):
     return path
 
 
-@pytest.mark.parametrize("mode,value,fmt,want", [
-    ("L", 100, "png", (100, 100, 100)),
-    ("I;16", 32896, "png", (128, 128, 128)),  # 16-bit grey: scaled, not clipped to white
-    ("I", 65535, "tiff", (255, 255, 255)),
-    ("I", 8224, "tiff", (32, 32, 32)),  # 32-bit integer grey holding 16-bit values
-    ("F", 0.5, "tiff", (128, 128, 128)),  # float grey in [0, 1]
-    ("CMYK", (0, 255, 255, 0), "jpeg", (255, 0, 0)),  # no black ink, full magenta + yellow: red
-    ("RGBA", (200, 10, 10, 0), "png", (255, 255, 255)),  # fully transparent: the white background
-    ("RGBA", (200, 10, 10, 255), "png", (200, 10, 10)),
-    ("LA", (0, 0), "png", (255, 255, 255)),
-    ("1", 1, "bmp", (255, 255, 255)),
-])
+@pytest.mark.parametrize(
+    "mode,value,fmt,want",
+    [
+        ("L", 100, "png", (100, 100, 100)),
+        ("I;16", 32896, "png", (128, 128, 128)),  # 16-bit grey: scaled, not clipped to white
+        ("I", 65535, "tiff", (255, 255, 255)),
+        ("I", 8224, "tiff", (32, 32, 32)),  # 32-bit integer grey holding 16-bit values
+        ("F", 0.5, "tiff", (128, 128, 128)),  # float grey in [0, 1]
+        ("CMYK", (0, 255, 255, 0), "jpeg", (255, 0, 0)),  # no black ink, full magenta + yellow: red
+        ("RGBA", (200, 10, 10, 0), "png", (255, 255, 255)),  # fully transparent: the white background
+        ("RGBA", (200, 10, 10, 255), "png", (200, 10, 10)),
+        ("LA", (0, 0), "png", (255, 255, 255)),
+        ("1", 1, "bmp", (255, 255, 255)),
+    ],
+)
 def test_every_mode_becomes_the_rgb_it_shows(tmp_path, mode, value, fmt, want):
     path = tmp_path / f"x.{fmt}"
     Image.new(mode, (12, 9), value).save(path)
@@ -90,9 +95,15 @@ def test_broken_files_each_get_one_clear_reason(tmp_path):
     (tmp_path / "garbage.png").write_bytes(data[:33] + bytes(range(256)) * 4)  # valid header, then junk
     (tmp_path / "folder.png").mkdir()
     _png_header_only(tmp_path / "bomb.png", 40000, 40000)
-    expected = {"empty.jpg": "not an image", "text.png": "not an image", "truncated.png": "unreadable",
-                "garbage.png": "corrupt header", "folder.png": "directory", "missing.png": "no such file",
-                "bomb.png": "over the limit"}
+    expected = {
+        "empty.jpg": "not an image",
+        "text.png": "not an image",
+        "truncated.png": "unreadable",
+        "garbage.png": "corrupt header",
+        "folder.png": "directory",
+        "missing.png": "no such file",
+        "bomb.png": "over the limit",
+    }
     for name, reason in expected.items():
         with pytest.raises(ImageError) as e:
             load_image(tmp_path / name)
@@ -112,8 +123,18 @@ def test_cli_reports_each_bad_file_in_one_line_and_captions_the_rest(trained_run
     Image.new("RGB", (64, 64), (220, 30, 30)).save(tmp_path / "good.png")
     _png_header_only(tmp_path / "bomb.png", 40000, 40000)
     (tmp_path / "empty.png").write_bytes(b"")
-    rc = main(["caption", str(tmp_path / "good.png"), str(tmp_path / "bomb.png"), str(tmp_path / "empty.png"),
-               "--model", str(trained_run / "best.pt"), "--max-pixels", "50000000"])
+    rc = main(
+        [
+            "caption",
+            str(tmp_path / "good.png"),
+            str(tmp_path / "bomb.png"),
+            str(tmp_path / "empty.png"),
+            "--model",
+            str(trained_run / "best.pt"),
+            "--max-pixels",
+            "50000000",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 1 and "good.png\t" in out and len(out.strip().splitlines()) == 1
     lines = err.strip().splitlines()

@@ -1,5 +1,6 @@
 """A normal (non-editable) install is complete: the wheel carries the bundled model, and the
 `test` extra names everything the tests import."""
+
 import ast
 import os
 import subprocess
@@ -17,23 +18,43 @@ EXAMPLE = ROOT / "assets" / "examples" / "cat.jpg"
 def test_a_wheel_installed_outside_the_checkout_captions_with_the_bundled_model(tmp_path):
     wheels, site, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
     elsewhere.mkdir()
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(wheels)],
-                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(wheels)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert build.returncode == 0, build.stderr[-2000:]
     [wheel] = wheels.glob("captioner-*.whl")
-    inst = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
-                           str(wheel)], capture_output=True, text=True, timeout=600)
+    inst = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert inst.returncode == 0, inst.stderr[-2000:]
     image = elsewhere / "photo.jpg"
     image.write_bytes(EXAMPLE.read_bytes())
     env = {k: v for k, v in os.environ.items() if k not in ("CAPTIONER_MODEL", "PYTHONPATH")}
     env["PYTHONPATH"] = str(site)  # ahead of the editable checkout; dependencies come from this environment
-    where = subprocess.run([sys.executable, "-c", "import captioner.paths as p; print(p.__file__); "
-                            "print(p.bundled_model_path())"], capture_output=True, text=True, cwd=elsewhere, env=env)
+    where = subprocess.run(
+        [sys.executable, "-c", "import captioner.paths as p; print(p.__file__); print(p.bundled_model_path())"],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env=env,
+    )
     module, model = where.stdout.split()
     assert Path(module).is_relative_to(site) and Path(model).is_relative_to(site) and Path(model).is_file()
-    r = subprocess.run([sys.executable, "-m", "captioner", "caption", str(image), "--device", "cpu"],
-                       capture_output=True, text=True, timeout=300, cwd=elsewhere, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "captioner", "caption", str(image), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=elsewhere,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     path, caption = r.stdout.strip().split("\t")
     assert path == str(image) and len(caption.split()) >= 3
@@ -46,8 +67,13 @@ def test_the_test_extra_lists_every_third_party_module_the_tests_import():
     imported = set()
     for path in (ROOT / "tests").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                else []
+            )
             imported |= {n.split(".")[0] for n in names}
     third_party = {dist.get(m, m) for m in imported - set(sys.stdlib_module_names) - {"captioner", "tests"}}
     assert third_party <= declared, sorted(third_party - declared)

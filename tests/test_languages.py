@@ -1,5 +1,6 @@
 """Captions in other scripts: words of any script are words; Chinese and Japanese, written without
 spaces, are tokenised one character at a time; a Chinese dataset trains and captions in Chinese."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,13 @@ from .conftest import TRAIN_ARGS
 COLORS = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色"}
 SHAPES = {"circle": "圆形", "square": "正方形", "triangle": "三角形"}
 SIZES = {"small": "小", "big": "大"}
-TEMPLATES = ("一个{size}的{color}{shape}", "白色背景上有一个{color}{shape}。", "图中是一个{size}{color}{shape}",
-             "这是{color}的{shape}", "一个{color}的{shape}在白色背景上")
+TEMPLATES = (
+    "一个{size}的{color}{shape}",
+    "白色背景上有一个{color}{shape}。",
+    "图中是一个{size}{color}{shape}",
+    "这是{color}的{shape}",
+    "一个{color}的{shape}在白色背景上",
+)
 
 
 def test_words_of_every_script_are_kept():
@@ -44,8 +50,13 @@ def _chinese(src: Path, dst: Path) -> Path:
     for image_id, name in names.items():
         color, shape, size, _ = name.split("_")
         for t in TEMPLATES:
-            data["annotations"].append({"id": len(data["annotations"]) + 1, "image_id": image_id,
-                                        "caption": t.format(color=COLORS[color], shape=SHAPES[shape], size=SIZES[size])})
+            data["annotations"].append(
+                {
+                    "id": len(data["annotations"]) + 1,
+                    "image_id": image_id,
+                    "caption": t.format(color=COLORS[color], shape=SHAPES[shape], size=SIZES[size]),
+                }
+            )
     dst.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     return dst
 
@@ -56,14 +67,39 @@ def test_a_chinese_dataset_trains_and_captions_in_chinese(shapes, tmp_path, caps
 
     train = _chinese(shapes["train_json"], tmp_path / "train_zh.json")
     test = _chinese(shapes["test_json"], tmp_path / "test_zh.json")
-    assert main(["validate-data", "--annotations", str(train), "--images", str(shapes["train_images"]),
-                 "--quiet"]) == 0
+    assert main(["validate-data", "--annotations", str(train), "--images", str(shapes["train_images"]), "--quiet"]) == 0
     capsys.readouterr()
     run = tmp_path / "run"
-    assert main(["train", "--train-annotations", str(train), "--train-images", str(shapes["train_images"]),
-                 "--out", str(run), *TRAIN_ARGS]) == 0
-    assert main(["caption", str(shapes["test_images"]), "--model", str(run / "best.pt"), "--beam-size", "3",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--train-annotations",
+                str(train),
+                "--train-images",
+                str(shapes["train_images"]),
+                "--out",
+                str(run),
+                *TRAIN_ARGS,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "caption",
+                str(shapes["test_images"]),
+                "--model",
+                str(run / "best.pt"),
+                "--beam-size",
+                "3",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     right = 0
     for line in lines:
@@ -72,7 +108,24 @@ def test_a_chinese_dataset_trains_and_captions_in_chinese(shapes, tmp_path, caps
         assert re.fullmatch(r"[\u4e00-\u9fff。]+", caption), caption  # Chinese, no spaces
         right += COLORS[color] in caption and SHAPES[shape] in caption
     assert len(lines) == 24 and right / len(lines) >= 0.8, lines
-    assert main(["evaluate", "--model", str(run / "best.pt"), "--annotations", str(test), "--images",
-                 str(shapes["test_images"]), "--beam-size", "3", "--device", "cpu", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(run / "best.pt"),
+                "--annotations",
+                str(test),
+                "--images",
+                str(shapes["test_images"]),
+                "--beam-size",
+                "3",
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["BLEU-4"] > 0.4 and report["CIDEr-D"] > 1.0, report

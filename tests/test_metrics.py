@@ -1,4 +1,5 @@
 """Our metrics against coco-caption (pycocoevalcap) on a committed fixture, plus hand-worked cases."""
+
 import builtins
 import hashlib
 import json
@@ -27,11 +28,19 @@ def test_fixture_is_broad_and_messy():
     text = [t for s in SETS for t in [s["candidate"], *s["references"]]]
     assert any(s["candidate"] == "" for s in SETS)
     assert {len(s["references"]) for s in SETS} >= {1, 2, 3, 4, 5}
-    for kind, chars in {"a sentence inside": [". A", ". T"], "curly quotes": "“”‘’", "emoji": ["🐶", "😀"],
-                        "non-ASCII letters": "éüñçøł", "non-Latin": "мκ公", "brackets": "([{",
-                        "numbers with points/commas": ["3.5", "1,000"], "stray white space": ["\t", "  ", "\u00a0"],
-                        "abbreviations": ["Mr.", "U.S.", "etc."], "possessives": ["'s", "’s", "s' "],
-                        "hyphens and dashes": ["-year-", "—", "–"]}.items():
+    for kind, chars in {
+        "a sentence inside": [". A", ". T"],
+        "curly quotes": "“”‘’",
+        "emoji": ["🐶", "😀"],
+        "non-ASCII letters": "éüñçøł",
+        "non-Latin": "мκ公",
+        "brackets": "([{",
+        "numbers with points/commas": ["3.5", "1,000"],
+        "stray white space": ["\t", "  ", "\u00a0"],
+        "abbreviations": ["Mr.", "U.S.", "etc."],
+        "possessives": ["'s", "’s", "s' "],
+        "hyphens and dashes": ["-year-", "—", "–"],
+    }.items():
         assert any(c in t for t in text for c in chars), kind
 
 
@@ -45,10 +54,31 @@ def test_tokenisation_matches_coco_caption_ptb_tokenizer():
 def test_a_period_inside_a_caption_ends_the_word():
     # the case that was wrong: "square." stayed glued to its period; abbreviations keep theirs
     assert normalize("A dog sits below a square. A cat runs.") == "a dog sits below a square a cat runs".split()
-    assert normalize("Mr. Smith in the U.S. on Jan. 5, etc.") == ["mr.", "smith", "in", "the", "u.s.", "on", "jan.",
-                                                                  "5", "etc."]
-    assert normalize("The dog’s “toy” isn't—here… (3½ ft)") == ["the", "dog", "'s", "toy", "is", "n't", "here",
-                                                               "-lrb-", "3", "1/2", "ft", "-rrb-"]
+    assert normalize("Mr. Smith in the U.S. on Jan. 5, etc.") == [
+        "mr.",
+        "smith",
+        "in",
+        "the",
+        "u.s.",
+        "on",
+        "jan.",
+        "5",
+        "etc.",
+    ]
+    assert normalize("The dog’s “toy” isn't—here… (3½ ft)") == [
+        "the",
+        "dog",
+        "'s",
+        "toy",
+        "is",
+        "n't",
+        "here",
+        "-lrb-",
+        "3",
+        "1/2",
+        "ft",
+        "-rrb-",
+    ]
 
 
 def test_corpus_scores_equal_pycocoevalcap():
@@ -63,8 +93,10 @@ def test_per_image_rouge_and_cider_equal_pycocoevalcap():
     by_id = {s["id"]: s for s in SETS}
     ids = BUILTIN["per_image"]["ids"]
     r_tok, c_tok = normalize_corpus({i: by_id[i]["references"] for i in ids}, {i: by_id[i]["candidate"] for i in ids})
-    cider = metrics.cider_d({i: [metrics.split_words(r) for r in rs] for i, rs in r_tok.items()},
-                            {i: metrics.split_words(c) for i, c in c_tok.items()})
+    cider = metrics.cider_d(
+        {i: [metrics.split_words(r) for r in rs] for i, rs in r_tok.items()},
+        {i: metrics.split_words(c) for i, c in c_tok.items()},
+    )
     for i, want_r, want_c in zip(ids, BUILTIN["per_image"]["ROUGE-L"], BUILTIN["per_image"]["CIDEr-D"]):
         assert rouge_l(r_tok[i], c_tok[i]) == pytest.approx(want_r, abs=PARITY), i
         assert cider[i] == pytest.approx(want_c, abs=PARITY), i
@@ -83,11 +115,17 @@ def test_real_coco_and_flickr_captions_equal_pycocoevalcap():
     def h(tokens):
         return hashlib.sha1(" ".join(tokens).encode()).hexdigest()[:16]
 
-    got = {"candidates": [h(c_tok[s["id"]]) for s in sets],
-           "references": [[h(r) for r in r_tok[s["id"]]] for s in sets]}
+    got = {
+        "candidates": [h(c_tok[s["id"]]) for s in sets],
+        "references": [[h(r) for r in r_tok[s["id"]]] for s in sets],
+    }
     bad = [s["candidate"] for s, a, b in zip(sets, got["candidates"], part["token_sha1"]["candidates"]) if a != b]
-    bad += [r for s, a, b in zip(sets, got["references"], part["token_sha1"]["references"])
-            for r, x, y in zip(s["references"], a, b) if x != y]
+    bad += [
+        r
+        for s, a, b in zip(sets, got["references"], part["token_sha1"]["references"])
+        for r, x, y in zip(s["references"], a, b)
+        if x != y
+    ]
     assert not bad, f"{len(bad)} captions tokenised unlike coco-caption, e.g. {bad[:3]}"
     ours = evaluate(refs, cands, use_meteor=False)
     for k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D"):

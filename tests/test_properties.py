@@ -1,5 +1,6 @@
 """Property-based tests: the tokenizer, the vocabulary and the dataset loaders on arbitrary
 Unicode text and arbitrary JSON shapes. Loaders must either load or raise DataError: never crash."""
+
 import json
 import os
 import tempfile
@@ -12,27 +13,73 @@ from captioner.cjk import join_words
 from captioner.data import DataError, load_coco, load_coco_references, load_karpathy, load_sequences, read_json
 from captioner.vocab import Vocabulary, tokenize
 
-SETTINGS = settings(max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", 150)), deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", 150)),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=12)
+    max_leaves=12,
+)
 ids = st.integers(-3, 5) | st.text(max_size=3) | json_values
-coco_like = st.fixed_dictionaries({
-    "images": st.lists(st.fixed_dictionaries({}, optional={"id": ids, "file_name": st.text(max_size=6) | json_values}),
-                       max_size=5) | json_values,
-    "annotations": st.lists(st.fixed_dictionaries({}, optional={
-        "id": ids, "image_id": ids, "sequence_id": ids, "caption": st.text(max_size=20) | json_values}), max_size=6),
-}, optional={"sequences": st.lists(st.fixed_dictionaries({}, optional={
-    "id": ids, "image_ids": st.lists(ids, max_size=4) | json_values}), max_size=4) | json_values})
-karpathy_like = st.fixed_dictionaries({"images": st.lists(st.fixed_dictionaries({}, optional={
-    "filename": st.text(max_size=6) | json_values, "filepath": st.text(max_size=4) | json_values,
-    "split": st.sampled_from(["train", "val"]) | json_values,
-    "sentences": st.lists(st.fixed_dictionaries({}, optional={"raw": st.text(max_size=10) | json_values,
-                                                              "tokens": st.lists(st.text(max_size=5)) | json_values}),
-                          max_size=3) | json_values}), max_size=4) | json_values})
+coco_like = st.fixed_dictionaries(
+    {
+        "images": st.lists(
+            st.fixed_dictionaries({}, optional={"id": ids, "file_name": st.text(max_size=6) | json_values}), max_size=5
+        )
+        | json_values,
+        "annotations": st.lists(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "id": ids,
+                    "image_id": ids,
+                    "sequence_id": ids,
+                    "caption": st.text(max_size=20) | json_values,
+                },
+            ),
+            max_size=6,
+        ),
+    },
+    optional={
+        "sequences": st.lists(
+            st.fixed_dictionaries({}, optional={"id": ids, "image_ids": st.lists(ids, max_size=4) | json_values}),
+            max_size=4,
+        )
+        | json_values
+    },
+)
+karpathy_like = st.fixed_dictionaries(
+    {
+        "images": st.lists(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "filename": st.text(max_size=6) | json_values,
+                    "filepath": st.text(max_size=4) | json_values,
+                    "split": st.sampled_from(["train", "val"]) | json_values,
+                    "sentences": st.lists(
+                        st.fixed_dictionaries(
+                            {},
+                            optional={
+                                "raw": st.text(max_size=10) | json_values,
+                                "tokens": st.lists(st.text(max_size=5)) | json_values,
+                            },
+                        ),
+                        max_size=3,
+                    )
+                    | json_values,
+                },
+            ),
+            max_size=4,
+        )
+        | json_values
+    }
+)
 
 
 @SETTINGS
@@ -55,10 +102,14 @@ def _load_all(data):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "data.json"
         path.write_text(json.dumps(data))
-        for load in (lambda: load_coco(path, d), lambda: load_coco(path, d, skip_missing=True, skip_bad=True),
-                     lambda: load_sequences(path, d, skip_missing=True, skip_bad=True),
-                     lambda: load_sequences(path, d), lambda: load_coco_references(path),
-                     lambda: load_karpathy(path, d, "train", skip_missing=True)):
+        for load in (
+            lambda: load_coco(path, d),
+            lambda: load_coco(path, d, skip_missing=True, skip_bad=True),
+            lambda: load_sequences(path, d, skip_missing=True, skip_bad=True),
+            lambda: load_sequences(path, d),
+            lambda: load_coco_references(path),
+            lambda: load_karpathy(path, d, "train", skip_missing=True),
+        ):
             try:
                 load()
             except DataError as e:

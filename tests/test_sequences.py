@@ -1,5 +1,6 @@
 """Image sequences -> one caption: the sequence format, the temporal model (order matters, variable
 lengths, truncated BPTT), and sequences through the API and the CLI."""
+
 import json
 import random
 import shutil
@@ -35,9 +36,14 @@ def test_load_sequences_keeps_order_shares_frames_and_drops_uncaptioned(tmp_path
     _frames_on_disk(tmp_path, 4)
     images = [{"id": 10 + i, "file_name": f"f{i}.png"} for i in range(4)]
     seqs = [{"id": 1, "image_ids": [13, 11, 12]}, {"id": 2, "image_ids": [12]}, {"id": 3, "image_ids": [10]}]
-    anns = [{"id": 1, "sequence_id": 2, "caption": "b"}, {"id": 2, "sequence_id": 1, "caption": " a  one "},
-            {"id": 3, "sequence_id": 1, "caption": "a two"}]
-    c = load_sequences(_write(tmp_path / "s.json", {"images": images, "sequences": seqs, "annotations": anns}), tmp_path)
+    anns = [
+        {"id": 1, "sequence_id": 2, "caption": "b"},
+        {"id": 2, "sequence_id": 1, "caption": " a  one "},
+        {"id": 3, "sequence_id": 1, "caption": "a two"},
+    ]
+    c = load_sequences(
+        _write(tmp_path / "s.json", {"images": images, "sequences": seqs, "annotations": anns}), tmp_path
+    )
     assert c.image_ids == [1, 2] and c.captions == [["a one", "a two"], ["b"]]  # sequence 3 has no caption
     assert [[c.paths[f].name for f in fr] for fr in c.frames] == [["f3.png", "f1.png", "f2.png"], ["f2.png"]]
     assert len(c.paths) == 3  # f2 once, though two sequences use it; f0 is not needed
@@ -46,13 +52,22 @@ def test_load_sequences_keeps_order_shares_frames_and_drops_uncaptioned(tmp_path
 def test_load_sequences_refuses_broken_files_and_skips_missing_frames(tmp_path):
     _frames_on_disk(tmp_path, 2)
     images = [{"id": 1, "file_name": "f0.png"}, {"id": 2, "file_name": "f1.png"}, {"id": 3, "file_name": "gone.png"}]
-    base = {"images": images, "annotations": [{"id": 1, "sequence_id": 7, "caption": "x"},
-                                              {"id": 2, "sequence_id": 8, "caption": "y"}]}
-    bad = [({"sequences": [{"id": 7, "image_ids": [1, 99]}, {"id": 8, "image_ids": [2]}]},
-            "1 sequences naming image ids not in 'images': 7 -> 99"),
-           ({"sequences": [{"id": 7, "image_ids": []}, {"id": 8, "image_ids": [2]}]}, "1 sequences without frames: 7"),
-           ({"sequences": [{"id": 8, "image_ids": [2]}]}, r"1 annotations naming an unknown sequence_id: annotations\[0\] \(7\)"),
-           ({"sequences": [{"id": 7, "image_ids": [1, 3]}, {"id": 8, "image_ids": [2]}]}, "gone.png")]
+    base = {
+        "images": images,
+        "annotations": [{"id": 1, "sequence_id": 7, "caption": "x"}, {"id": 2, "sequence_id": 8, "caption": "y"}],
+    }
+    bad = [
+        (
+            {"sequences": [{"id": 7, "image_ids": [1, 99]}, {"id": 8, "image_ids": [2]}]},
+            "1 sequences naming image ids not in 'images': 7 -> 99",
+        ),
+        ({"sequences": [{"id": 7, "image_ids": []}, {"id": 8, "image_ids": [2]}]}, "1 sequences without frames: 7"),
+        (
+            {"sequences": [{"id": 8, "image_ids": [2]}]},
+            r"1 annotations naming an unknown sequence_id: annotations\[0\] \(7\)",
+        ),
+        ({"sequences": [{"id": 7, "image_ids": [1, 3]}, {"id": 8, "image_ids": [2]}]}, "gone.png"),
+    ]
     for extra, message in bad:
         with pytest.raises(DataError, match=message):
             load_sequences(_write(tmp_path / "s.json", base | extra), tmp_path)
@@ -71,8 +86,11 @@ def test_sequence_folders_are_read_in_natural_order(tmp_path):
 # ---- the temporal model ---------------------------------------------------------------------------
 def _seq_model(decoder="lstm", tbptt=0, kind="gru"):
     torch.manual_seed(0)
-    config = {"decoder": decoder, "decoder_hparams": {"embed_size": 8, "hidden_size": 12, "dropout": 0.0},
-              "temporal": {"kind": kind, "hidden_size": 10, "keypoints": 3, "dropout": 0.0, "tbptt": tbptt}}
+    config = {
+        "decoder": decoder,
+        "decoder_hparams": {"embed_size": 8, "hidden_size": 12, "dropout": 0.0},
+        "temporal": {"kind": kind, "hidden_size": 10, "keypoints": 3, "dropout": 0.0, "tbptt": tbptt},
+    }
     return build_model(config, vocab_size=25, feature_dim=6)
 
 
@@ -87,7 +105,7 @@ def test_variable_length_batch_decodes_like_one_by_one(decoder):
         assert [h.tokens for h in hyps] == [h.tokens for h in alone]
         assert [h.score for h in hyps] == pytest.approx([h.score for h in alone], abs=1e-5)
         if decoder == "attention":  # attention over the real frames only, never the padding
-            assert all(h.attention.shape[1] == 9 and h.attention[:, len(seq):].abs().sum() == 0 for h in hyps)
+            assert all(h.attention.shape[1] == 9 and h.attention[:, len(seq) :].abs().sum() == 0 for h in hyps)
 
 
 def test_padding_and_frame_order_matter_exactly_as_they_should():
@@ -137,8 +155,14 @@ def motion(tmp_path_factory):
     train_json = make_motion_split(out, "train", 48, rng, start_id=1)
     test_json = make_motion_split(out, "test", 20, rng, start_id=100_000)
     truth = {s["id"]: s["direction"] for s in json.loads(test_json.read_text())["sequences"]}
-    return {"dir": out, "train_json": train_json, "test_json": test_json, "truth": truth,
-            "train": load_sequences(train_json, out / "train"), "test": load_sequences(test_json, out / "test")}
+    return {
+        "dir": out,
+        "train_json": train_json,
+        "test_json": test_json,
+        "truth": truth,
+        "train": load_sequences(train_json, out / "train"),
+        "test": load_sequences(test_json, out / "test"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -146,9 +170,20 @@ def motion_models(motion, tmp_path_factory):
     """The same attention decoder, over a GRU on the frames or over their mean (the order-blind baseline)."""
     models = {}
     for temporal in ("gru", "none"):
-        opts = TrainOptions(decoder="attention", temporal=temporal, epochs=15, batch_size=32, hidden_size=128,
-                            embed_size=64, attention_size=64, temporal_size=128, min_word_count=1, lr=2e-3,
-                            dropout=0.2, lr_schedule="constant")
+        opts = TrainOptions(
+            decoder="attention",
+            temporal=temporal,
+            epochs=15,
+            batch_size=32,
+            hidden_size=128,
+            embed_size=64,
+            attention_size=64,
+            temporal_size=128,
+            min_word_count=1,
+            lr=2e-3,
+            dropout=0.2,
+            lr_schedule="constant",
+        )
         trainer = Trainer(motion["train"], None, tmp_path_factory.mktemp(temporal), opts, device="cpu", quiet=True)
         models[temporal] = Captioner.load(trainer.fit(), device="cpu")  # no val set: best.pt is the last epoch
     return models
@@ -167,8 +202,10 @@ def test_direction_is_learned_and_flips_with_the_order_unlike_a_mean_pooled_base
     for name, model in motion_models.items():
         captions, forward = _directions(model, motion)
         reversed_captions, backward = _directions(model, motion, reverse=True)
-        scores[name] = (sum(d == t for d, t in zip(forward, truth)) / len(truth),
-                        sum(d == OPPOSITE[t] for d, t in zip(backward, truth)) / len(truth))
+        scores[name] = (
+            sum(d == t for d, t in zip(forward, truth)) / len(truth),
+            sum(d == OPPOSITE[t] for d, t in zip(backward, truth)) / len(truth),
+        )
         if name == "none":
             assert reversed_captions == captions  # the mean frame cannot see order at all
     assert scores["gru"][0] >= 0.9 and scores["gru"][1] >= 0.9, scores
@@ -180,9 +217,9 @@ def test_cached_sequence_batches_decode_like_one_by_one(motion, motion_models):
     feats, kept, failed = corpus_features(model.encoder, model.decoder, test, FeatureCache(model.encoder))
     assert not failed and kept == list(range(len(test)))
     assert len({len(f) for f in test.frames}) > 1  # the batch really mixes lengths
-    batched = model.decode(feats[0:len(test)], beam_size=3)
+    batched = model.decode(feats[0 : len(test)], beam_size=3)
     for i in range(len(test)):
-        assert model.decode(feats[i:i + 1], beam_size=3)[0][0].text == batched[i][0].text
+        assert model.decode(feats[i : i + 1], beam_size=3)[0][0].text == batched[i][0].text
 
 
 def test_images_and_one_frame_sequences_are_the_same_thing(motion, motion_models, captioner_model, shapes):
@@ -201,10 +238,36 @@ def test_images_and_one_frame_sequences_are_the_same_thing(motion, motion_models
 def test_sequences_through_the_cli(motion, motion_models, tmp_path, capsys):
     d, test = motion["dir"], motion["test"]
     run = tmp_path / "run"
-    rc = main(["train", "--train-sequences", str(motion["train_json"]), "--train-images", str(d / "train"),
-               "--val-sequences", str(motion["test_json"]), "--val-images", str(d / "test"), "--out", str(run),
-               "--epochs", "1", "--hidden-size", "32", "--embed-size", "16", "--temporal-size", "16",
-               "--tbptt", "2", "--min-word-count", "1", "--device", "cpu", "--quiet"])
+    rc = main(
+        [
+            "train",
+            "--train-sequences",
+            str(motion["train_json"]),
+            "--train-images",
+            str(d / "train"),
+            "--val-sequences",
+            str(motion["test_json"]),
+            "--val-images",
+            str(d / "test"),
+            "--out",
+            str(run),
+            "--epochs",
+            "1",
+            "--hidden-size",
+            "32",
+            "--embed-size",
+            "16",
+            "--temporal-size",
+            "16",
+            "--tbptt",
+            "2",
+            "--min-word-count",
+            "1",
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 1 and log[0]["CIDEr-D"] is not None  # validated on the sequences
@@ -215,8 +278,22 @@ def test_sequences_through_the_cli(motion, motion_models, tmp_path, capsys):
     model = tmp_path / "seq.pt"
     motion_models["gru"].save(model)
     results = tmp_path / "results.json"
-    rc = main(["evaluate", "--model", str(model), "--sequences", str(motion["test_json"]), "--images", str(d / "test"),
-               "--beam-size", "3", "--results", str(results), "--quiet"])
+    rc = main(
+        [
+            "evaluate",
+            "--model",
+            str(model),
+            "--sequences",
+            str(motion["test_json"]),
+            "--images",
+            str(d / "test"),
+            "--beam-size",
+            "3",
+            "--results",
+            str(results),
+            "--quiet",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and report["CIDEr-D"] > 1.0 and len(json.loads(results.read_text())) == len(test)
     assert main(["score", "--results", str(results), "--annotations", str(motion["test_json"])]) == 0
@@ -235,13 +312,26 @@ def test_sequences_through_the_cli(motion, motion_models, tmp_path, capsys):
     broken.mkdir()
     shutil.copy(frames[0], broken / "a1.png")
     (broken / "a2.png").write_bytes(b"not a png")
-    rc = main(["caption", "--model", str(model), "--beam-size", "3", "--json", "--sequence-dir", str(broken),
-               "--sequence-dir", str(clip)])
+    rc = main(
+        [
+            "caption",
+            "--model",
+            str(model),
+            "--beam-size",
+            "3",
+            "--json",
+            "--sequence-dir",
+            str(broken),
+            "--sequence-dir",
+            str(clip),
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 1 and "a2.png" in err and len(err.strip().splitlines()) == 1  # one line for the bad sequence
     line = json.loads(out)
-    assert line["caption"] == want and [p.rsplit("/", 1)[1] for p in line["sequence"]] == \
-        [f"frame{i * 5}.png" for i in range(len(frames))]
+    assert line["caption"] == want and [p.rsplit("/", 1)[1] for p in line["sequence"]] == [
+        f"frame{i * 5}.png" for i in range(len(frames))
+    ]
 
     assert main(["caption", "--model", str(model), "--sequence", frames[0], "--", frames[1]]) == 2
     assert "one of them" in capsys.readouterr().err
@@ -260,9 +350,31 @@ def test_the_default_decoder_learns_the_direction_of_motion(motion, tmp_path):
     defaults take 2 steps an epoch here)."""
     d = motion["dir"]
     run = tmp_path / "run"
-    assert main(["train", "--train-sequences", str(motion["train_json"]), "--train-images", str(d / "train"),
-                 "--out", str(run), "--epochs", "10", "--lr", "2e-3", "--batch-size", "32", "--min-word-count", "1",
-                 "--device", "cpu", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--train-sequences",
+                str(motion["train_json"]),
+                "--train-images",
+                str(d / "train"),
+                "--out",
+                str(run),
+                "--epochs",
+                "10",
+                "--lr",
+                "2e-3",
+                "--batch-size",
+                "32",
+                "--min-word-count",
+                "1",
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     model = Captioner.load(run / "best.pt", device="cpu")
     assert model.config["decoder"] == "attention" and model.config["temporal"]["kind"] == "gru"
     truth = [motion["truth"][i] for i in motion["test"].image_ids]

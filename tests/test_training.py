@@ -11,13 +11,37 @@ from captioner.training import Trainer, TrainOptions, build_optimizer
 
 from .conftest import FLICKR8K
 
-QUICK = ["--decoder", "lstm", "--batch-size", "32", "--hidden-size", "64", "--embed-size", "32", "--min-word-count", "1",
-         "--device", "cpu", "--quiet"]
+QUICK = [
+    "--decoder",
+    "lstm",
+    "--batch-size",
+    "32",
+    "--hidden-size",
+    "64",
+    "--embed-size",
+    "32",
+    "--min-word-count",
+    "1",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 
 
 def _train(shapes, out, *extra):
-    return main(["train", "--train-annotations", str(shapes["train_json"]), "--train-images",
-                 str(shapes["train_images"]), "--out", str(out), *QUICK, *extra])
+    return main(
+        [
+            "train",
+            "--train-annotations",
+            str(shapes["train_json"]),
+            "--train-images",
+            str(shapes["train_images"]),
+            "--out",
+            str(out),
+            *QUICK,
+            *extra,
+        ]
+    )
 
 
 def test_resume_continues_exactly(shapes, tmp_path):
@@ -41,8 +65,25 @@ def test_same_seed_same_weights_other_seed_differs(shapes, tmp_path):
 
 
 def test_checkpoint_holds_everything_to_resume(shapes, tmp_path):
-    assert _train(shapes, tmp_path / "r", "--epochs", "1", "--optimizer", "momentum", "--lr-schedule", "step",
-                  "--lr-step-epochs", "1", "--lr-gamma", "0.5", "--lr", "0.1") == 0
+    assert (
+        _train(
+            shapes,
+            tmp_path / "r",
+            "--epochs",
+            "1",
+            "--optimizer",
+            "momentum",
+            "--lr-schedule",
+            "step",
+            "--lr-step-epochs",
+            "1",
+            "--lr-gamma",
+            "0.5",
+            "--lr",
+            "0.1",
+        )
+        == 0
+    )
     ck = load_checkpoint(tmp_path / "r" / "last.pt")
     assert {"optimizer", "scheduler", "scaler", "epoch", "config", "vocab", "decoder"} <= set(ck)
     assert ck["config"]["train"]["optimizer"] == "momentum"
@@ -62,8 +103,17 @@ def test_optimizers():
 @pytest.mark.slow  # runs the encoder every step
 def test_fine_tuning_trains_the_last_encoder_blocks_only(shapes, tmp_path):
     train = load_coco(shapes["test_json"], shapes["test_images"])  # 24 images: small enough to run the CNN
-    opts = TrainOptions(decoder="lstm", epochs=1, batch_size=24, hidden_size=32, embed_size=16, min_word_count=1,
-                        fine_tune_encoder=1, encoder_lr=1e-2, num_workers=0)
+    opts = TrainOptions(
+        decoder="lstm",
+        epochs=1,
+        batch_size=24,
+        hidden_size=32,
+        embed_size=16,
+        min_word_count=1,
+        fine_tune_encoder=1,
+        encoder_lr=1e-2,
+        num_workers=0,
+    )
     trainer = Trainer(train, None, tmp_path, opts, device="cpu", quiet=True)
     enc = trainer.model.encoder
     before = {k: v.clone() for k, v in enc.state_dict().items()}
@@ -75,8 +125,18 @@ def test_fine_tuning_trains_the_last_encoder_blocks_only(shapes, tmp_path):
 
 
 def test_cli_data_errors_are_one_line(shapes, tmp_path, capsys):
-    rc = main(["train", "--train-annotations", str(tmp_path / "none.json"), "--train-images", str(tmp_path),
-               "--out", str(tmp_path / "o"), "--quiet"])
+    rc = main(
+        [
+            "train",
+            "--train-annotations",
+            str(tmp_path / "none.json"),
+            "--train-images",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "none.json: no such file" in err[0]
 
@@ -86,8 +146,9 @@ def test_cli_data_errors_are_one_line(shapes, tmp_path, capsys):
 def test_real_photos_loss_falls(tmp_path):
     """200 real Flickr8k photos, ~300 steps: the training loss falls clearly."""
     corpus = load_coco(FLICKR8K / "captions_train.json", FLICKR8K / "images").subset(200)
-    opts = TrainOptions(decoder="lstm", epochs=5, batch_size=16, hidden_size=256, embed_size=128, min_word_count=2, lr=1e-3,
-                        dropout=0.2)
+    opts = TrainOptions(
+        decoder="lstm", epochs=5, batch_size=16, hidden_size=256, embed_size=128, min_word_count=2, lr=1e-3, dropout=0.2
+    )
     trainer = Trainer(corpus, None, tmp_path, opts, device="cpu", quiet=True)
     trainer.fit()
     log = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -113,13 +174,52 @@ def test_self_critical_training_raises_cider_of_a_weak_model(shapes, tmp_path, c
     from captioner import Captioner
     from captioner.evaluation import caption_corpus, references, score
 
-    assert _train(shapes, tmp_path / "xe", "--epochs", "1", "--hidden-size", "128", "--embed-size", "64",
-                  "--lr", "2e-3", "--dropout", "0.2") == 0
+    assert (
+        _train(
+            shapes,
+            tmp_path / "xe",
+            "--epochs",
+            "1",
+            "--hidden-size",
+            "128",
+            "--embed-size",
+            "64",
+            "--lr",
+            "2e-3",
+            "--dropout",
+            "0.2",
+        )
+        == 0
+    )
     # no architecture flags: they come from the starting checkpoint (contradicting ones are refused)
-    assert main(["train", "--train-annotations", str(shapes["train_json"]), "--train-images",
-                 str(shapes["train_images"]), "--out", str(tmp_path / "sc"), "--init-from",
-                 str(tmp_path / "xe" / "best.pt"), "--self-critical", "--epochs", "4", "--batch-size", "16",
-                 "--lr", "5e-4", "--lr-schedule", "constant", "--device", "cpu", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--train-annotations",
+                str(shapes["train_json"]),
+                "--train-images",
+                str(shapes["train_images"]),
+                "--out",
+                str(tmp_path / "sc"),
+                "--init-from",
+                str(tmp_path / "xe" / "best.pt"),
+                "--self-critical",
+                "--epochs",
+                "4",
+                "--batch-size",
+                "16",
+                "--lr",
+                "5e-4",
+                "--lr-schedule",
+                "constant",
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     test = load_coco(shapes["test_json"], shapes["test_images"])
     cider = {}
     for run in ("xe", "sc"):
@@ -166,8 +266,10 @@ def test_cosine_resume_with_more_epochs_follows_the_longer_schedule(shapes, tmp_
     assert _train(shapes, tmp_path / "short", "--epochs", "2", *base) == 0
     assert _train(shapes, tmp_path / "short", "--epochs", "5", "--resume", *base) == 0
     assert _train(shapes, tmp_path / "long", "--epochs", "5", *base) == 0
-    lrs = {run: [json.loads(l)["lr"] for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-           for run in ("short", "long")}
+    lrs = {
+        run: [json.loads(l)["lr"] for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("short", "long")
+    }
     want = [1e-3 * 0.5 * (1 + math.cos(math.pi * e / 5)) for e in range(5)]
     assert lrs["long"] == pytest.approx(want)
     assert lrs["short"][2:] == pytest.approx(want[2:])  # after the resume: the 5-epoch curve, falling to the end
@@ -183,7 +285,9 @@ def test_a_folder_holding_a_run_is_not_reused_without_resume_or_overwrite(shapes
     assert len(err) == 1 and "holds a run" in err[0] and "--resume" in err[0] and "--overwrite" in err[0]
     assert (tmp_path / "run" / "last.pt").read_bytes() == before  # untouched
     # --overwrite with an option that fails: the old run is still there (files go only when training starts)
-    assert _train(shapes, tmp_path / "run", "--epochs", "1", "--overwrite", "--self-critical", "--scst-samples", "1") == 2
+    assert (
+        _train(shapes, tmp_path / "run", "--epochs", "1", "--overwrite", "--self-critical", "--scst-samples", "1") == 2
+    )
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
     assert _train(shapes, tmp_path / "run", "--epochs", "1", "--seed", "3", "--overwrite") == 0
     assert (tmp_path / "run" / "last.pt").read_bytes() != before

@@ -5,6 +5,7 @@ One module per command (caption, train, evaluate, extract, validate, score, plot
 so `captioner caption` never loads the training machinery. This module holds what every command
 shares: the parser, the rules checked at the door, and how errors and reports are shown.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,11 @@ class _HelpWithDefaults(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="captioner", description="Describe images in English; train captioning models.",
-                                formatter_class=_HelpWithDefaults)
+    p = argparse.ArgumentParser(
+        prog="captioner",
+        description="Describe images in English; train captioning models.",
+        formatter_class=_HelpWithDefaults,
+    )
     p.add_argument("--version", action="version", version=f"captioner {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for command in COMMANDS:
@@ -123,15 +127,19 @@ def _run(args: argparse.Namespace) -> int:
     except Exception as e:
         if not rank_prefix():  # a bug: the traceback is the useful report
             traceback.print_exc()
-            err(f"internal error ({type(e).__name__}: {first_line(e)}): this is a bug in captioner, "
-                 "please report it with the traceback above")
+            err(
+                f"internal error ({type(e).__name__}: {first_line(e)}): this is a bug in captioner, "
+                "please report it with the traceback above"
+            )
             return 1
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops the other workers: let this one finish exiting
         if isinstance(e, PeerFailure):  # its message names this rank
             err(str(e))
         elif lost_peer(e):
-            err(f"{rank_prefix()}stopped: another process of this job went away ({first_line(e)}); "
-                 "its own message above says why")
+            err(
+                f"{rank_prefix()}stopped: another process of this job went away ({first_line(e)}); "
+                "its own message above says why"
+            )
         else:
             traceback.print_exc()
             err(f"{rank_prefix()}failed: {type(e).__name__}: {first_line(e)}")

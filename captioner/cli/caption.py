@@ -1,4 +1,5 @@
 """`captioner caption`: images, folders, globs or stdin paths -> one caption each; or sequences."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,48 +12,75 @@ from ..paths import check_output_dir
 from .common import decoding, decoding_args, err, expand_inputs
 
 
-
 def add(sub) -> None:
     c = sub.add_parser("caption", help="caption images, folders or glob patterns")
-    c.add_argument("inputs", nargs="*",
-                   help="image files, folders of images, glob patterns, or - to read paths from standard input, "
-                        "one per line (one caption each)")
-    c.add_argument("--sequence", nargs="+", metavar="FRAME",
-                   help="one caption for these images as an ordered sequence (album, burst, video frames)")
-    c.add_argument("--sequence-dir", action="append", metavar="DIR",
-                   help="one caption for a folder's images as a sequence, in natural file-name order "
-                        "(frame2 before frame10); repeat for several")
+    c.add_argument(
+        "inputs",
+        nargs="*",
+        help="image files, folders of images, glob patterns, or - to read paths from standard input, "
+        "one per line (one caption each)",
+    )
+    c.add_argument(
+        "--sequence",
+        nargs="+",
+        metavar="FRAME",
+        help="one caption for these images as an ordered sequence (album, burst, video frames)",
+    )
+    c.add_argument(
+        "--sequence-dir",
+        action="append",
+        metavar="DIR",
+        help="one caption for a folder's images as a sequence, in natural file-name order "
+        "(frame2 before frame10); repeat for several",
+    )
     c.add_argument("--model", help="checkpoint (default: the bundled model)")
     decoding_args(c)
     c.add_argument("--n-best", type=int, default=1, help="how many captions per image or sequence (with --json)")
     c.add_argument("--batch-size", type=int, default=32, help="images encoded and beam-searched together")
-    c.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help="refuse images declaring more pixels than this, before decoding them (decompression bombs)")
+    c.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="refuse images declaring more pixels than this, before decoding them (decompression bombs)",
+    )
     c.add_argument("--json", action="store_true", help="one JSON object per line, with the n-best list")
-    c.add_argument("--attention-map", metavar="OUT_DIR",
-                   help="attention models: write OUT_DIR/<image>.png, the image and each word's attention")
+    c.add_argument(
+        "--attention-map",
+        metavar="OUT_DIR",
+        help="attention models: write OUT_DIR/<image>.png, the image and each word's attention",
+    )
     c.add_argument("--device", default="auto", help="auto | cpu | cuda")
     c.set_defaults(func=run)
+
 
 def run(args: argparse.Namespace) -> int:
     from ..api import Captioner
 
     given = [bool(args.inputs), bool(args.sequence), bool(args.sequence_dir)]
     if sum(given) != 1:
-        raise UsageError("give images to caption one by one, or --sequence FRAME..., or --sequence-dir DIR "
-                         "(one of them)")
+        raise UsageError(
+            "give images to caption one by one, or --sequence FRAME..., or --sequence-dir DIR (one of them)"
+        )
     if args.attention_map:
         check_output_dir(args.attention_map)
     model = Captioner.load(args.model, device=args.device)
     model.max_pixels = args.max_pixels
     decoding(model, args)  # nonsense refused before any image is read
     if args.attention_map and model.decoder.attends_over != "regions":
-        raise UsageError(f"--attention-map needs a single-image model trained with --decoder attention "
-                         f"(this one has --decoder {model.config['decoder']}"
-                         f"{' on sequences' if model.is_sequence_model else ''})")
-    decode_opts = dict(beam_size=args.beam_size, n_best=args.n_best, max_len=args.max_len, min_len=args.min_len,
-                       length_alpha=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram,
-                       batch_size=args.batch_size)  # None: the model's decoding defaults
+        raise UsageError(
+            f"--attention-map needs a single-image model trained with --decoder attention "
+            f"(this one has --decoder {model.config['decoder']}"
+            f"{' on sequences' if model.is_sequence_model else ''})"
+        )
+    decode_opts = dict(
+        beam_size=args.beam_size,
+        n_best=args.n_best,
+        max_len=args.max_len,
+        min_len=args.min_len,
+        length_alpha=args.length_penalty,
+        no_repeat_ngram=args.no_repeat_ngram,
+        batch_size=args.batch_size,
+    )  # None: the model's decoding defaults
     if not args.inputs:
         return _caption_sequences(model, args, decode_opts)
     paths, failed = expand_inputs(args.inputs)
@@ -78,9 +106,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_caption(args: argparse.Namespace, key: dict, label: str, nbest: list) -> None:
     if args.json:
-        line = json.dumps(key | {"caption": nbest[0].text,
-                                 "nbest": [{"caption": c.text, "score": round(c.score, 4)} for c in nbest]},
-                          ensure_ascii=False)
+        line = json.dumps(
+            key | {"caption": nbest[0].text, "nbest": [{"caption": c.text, "score": round(c.score, 4)} for c in nbest]},
+            ensure_ascii=False,
+        )
     else:
         line = f"{label}\t{nbest[0].text}"
     print(line, flush=True)
@@ -125,5 +154,4 @@ def _write_attention_map(model, path: str, caption, out_dir: Path, taken: set[st
     if target.exists() and target.resolve() in model_inputs:
         raise ValueError(f"{target} is one of the images being captioned; it is not overwritten")
     words = list(caption.words)
-    attention_map(load_image(path, model.max_pixels), words, caption.attention_grid().numpy(), model.preprocess,
-                  target)
+    attention_map(load_image(path, model.max_pixels), words, caption.attention_grid().numpy(), model.preprocess, target)

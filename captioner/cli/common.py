@@ -1,4 +1,5 @@
 """What several commands share: messages, input expansion, datasets, decoding and cache flags."""
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,16 @@ def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[ImageError]]:
     return paths, problems
 
 
-def load_corpus(annotations: str | None, images: str | None, karpathy_json: str | None, images_root: str | None,
-                 split: str, skip_missing: bool, sequences: str | None = None, skip_bad: bool = False):
+def load_corpus(
+    annotations: str | None,
+    images: str | None,
+    karpathy_json: str | None,
+    images_root: str | None,
+    split: str,
+    skip_missing: bool,
+    sequences: str | None = None,
+    skip_bad: bool = False,
+):
     """A COCO caption file + image folder, a sequence file + image folder, or a Karpathy split file's
     split(s); None if none is given."""
     from ..data import load_coco, load_karpathy, load_sequences
@@ -67,9 +76,14 @@ def load_corpus(annotations: str | None, images: str | None, karpathy_json: str 
 
 def decoding(model, args: argparse.Namespace) -> dict:
     """The model's decoding defaults, with what the command line set; checked before any work."""
-    return model.resolve_decoding(n_best=getattr(args, "n_best", 1), beam_size=args.beam_size, max_len=args.max_len,
-                                  min_len=args.min_len, length_alpha=args.length_penalty,
-                                  no_repeat_ngram=args.no_repeat_ngram)
+    return model.resolve_decoding(
+        n_best=getattr(args, "n_best", 1),
+        beam_size=args.beam_size,
+        max_len=args.max_len,
+        min_len=args.min_len,
+        length_alpha=args.length_penalty,
+        no_repeat_ngram=args.no_repeat_ngram,
+    )
 
 
 def cache_args(group) -> None:
@@ -77,14 +91,36 @@ def cache_args(group) -> None:
     group.add_argument("--no-cache", action="store_true", help="compute encoder features in memory, cache nothing")
 
 
+def corpus_of(args: argparse.Namespace):
+    """The dataset a command names with --annotations/--sequences + --images or --karpathy-json + --split."""
+    return load_corpus(
+        args.annotations,
+        args.images,
+        args.karpathy_json,
+        args.images_root,
+        args.split,
+        args.skip_missing,
+        args.sequences,
+        getattr(args, "skip_bad", False),
+    )
+
+
+#: the decoding flags: (flag, key in the model's decoding settings, type, help)
+DECODING_FLAGS = (
+    ("--beam-size", "beam_size", int, "beam width, 1 = greedy"),
+    ("--max-len", "max_len", int, "most words per caption"),
+    ("--min-len", "min_len", int, "fewest words per caption"),
+    ("--length-penalty", "length_alpha", float, "GNMT alpha, 0 = off"),
+    ("--no-repeat-ngram", "no_repeat_ngram", int, "forbid repeating n-grams of this size, 0 = off"),
+)
+
+
 def decoding_args(parser) -> None:
     """Decoding options; left unset, each comes from the model (its measured best, or the defaults)."""
-    parser.add_argument("--beam-size", type=int, help="beam width, 1 = greedy (default: the model's, else 5)")
-    parser.add_argument("--max-len", type=int, help="most words per caption (default: the model's, else 20)")
-    parser.add_argument("--min-len", type=int, help="fewest words per caption (default: the model's, else 1)")
-    parser.add_argument("--length-penalty", type=float, help="GNMT alpha, 0 = off (default: the model's, else 0)")
-    parser.add_argument("--no-repeat-ngram", type=int,
-                        help="forbid repeating n-grams of this size, 0 = off (default: the model's, else 0)")
+    from ..bundle import DEFAULT_DECODING
+
+    for name, key, kind, text in DECODING_FLAGS:
+        parser.add_argument(name, type=kind, help=f"{text} (default: the model's, else {DEFAULT_DECODING[key]:g})")
 
 
 def rank_prefix() -> str:

@@ -1,4 +1,5 @@
 """`captioner evaluate`: caption a dataset once per image and score it."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,7 @@ from pathlib import Path
 
 from ..errors import DataError, UsageError
 from ..paths import check_output_file
-from .common import cache_args, decoding, decoding_args, err, load_corpus
-
+from .common import cache_args, corpus_of, decoding, decoding_args, err
 
 
 def add(sub) -> None:
@@ -30,6 +30,7 @@ def add(sub) -> None:
     cache_args(e)
     e.set_defaults(func=run)
 
+
 def run(args: argparse.Namespace) -> int:
     from ..api import Captioner
     from ..evaluation import caption_corpus, references, score, write_results
@@ -40,19 +41,24 @@ def run(args: argparse.Namespace) -> int:
         for given in (args.annotations, args.sequences, args.karpathy_json):
             if given and Path(given).exists() and Path(args.results).exists() and Path(given).samefile(args.results):
                 raise UsageError(f"{args.results}: is the reference file itself; --results would overwrite it")
-    corpus = load_corpus(args.annotations, args.images, args.karpathy_json, args.images_root, args.split,
-                          args.skip_missing, args.sequences, args.skip_bad)
+    corpus = corpus_of(args)
     if corpus is None:
         raise DataError("give --annotations (or --sequences) and --images, or --karpathy-json and --split")
     model = Captioner.load(args.model, device=args.device)
     cache = None if args.no_cache else FeatureCache(model.encoder, args.cache_dir, model.device)
-    results, failed = caption_corpus(model, corpus, batch_size=args.batch_size, quiet=args.quiet, cache=cache,
-                                     **decoding(model, args))
+    results, failed = caption_corpus(
+        model, corpus, batch_size=args.batch_size, quiet=args.quiet, cache=cache, **decoding(model, args)
+    )
     for e in failed:
         err(str(e))
     if args.results:
         write_results(args.results, results)
-    report = {"model": str(args.model or "bundled"), "decoding": decoding(model, args), "failed": len(failed),
-              "skipped_missing": corpus.skipped_missing, **score(references(corpus), results)}
+    report = {
+        "model": str(args.model or "bundled"),
+        "decoding": decoding(model, args),
+        "failed": len(failed),
+        "skipped_missing": corpus.skipped_missing,
+        **score(references(corpus), results),
+    }
     print(json.dumps(report))
     return 1 if failed else 0

@@ -1,8 +1,8 @@
 """`captioner plot`: a run's training curves as a PNG."""
+
 from __future__ import annotations
 
 import argparse
-
 
 
 def add(sub) -> None:
@@ -10,6 +10,7 @@ def add(sub) -> None:
     pl.add_argument("run_dir", help="a run folder with metrics.jsonl")
     pl.add_argument("--out", help="PNG path (default: RUN_DIR/curves.png)")
     pl.set_defaults(func=run)
+
 
 def run(args: argparse.Namespace) -> int:
     from ..viz import plot_training

@@ -1,23 +1,30 @@
 """`captioner score`: score existing captions against reference captions."""
+
 from __future__ import annotations
 
 import argparse
 import json
 
 
-
 def add(sub) -> None:
     s = sub.add_parser("score", help="score an existing COCO results file against reference captions")
-    s.add_argument("--results", required=True,
-                   help='captions: a COCO results file [{"image_id": ..., "caption": ...}, ...], or JSON Lines '
-                        '(`captioner caption --json` output: each "path" is matched to a reference file name)')
+    s.add_argument(
+        "--results",
+        required=True,
+        help='captions: a COCO results file [{"image_id": ..., "caption": ...}, ...], or JSON Lines '
+        '(`captioner caption --json` output: each "path" is matched to a reference file name)',
+    )
     refs = s.add_mutually_exclusive_group(required=True)
     refs.add_argument("--annotations", help="COCO caption (or sequence) JSON with the references")
     refs.add_argument("--karpathy-json", help="Karpathy split file with the references (of --split)")
     s.add_argument("--split", default="val", help="with --karpathy-json: which split(s)")
-    s.add_argument("--allow-partial", action="store_true",
-                   help="score results that cover only some of the reference images (refused otherwise)")
+    s.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="score results that cover only some of the reference images (refused otherwise)",
+    )
     s.set_defaults(func=run)
+
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import check_coverage, load_references, read_results, score

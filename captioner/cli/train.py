@@ -1,6 +1,7 @@
 """`captioner train`: the flags of every training option are generated from `TrainOptions` (each
 field's help, group and metavar sit next to it in training/options.py); this module adds the
 dataset and run flags, and runs the Trainer."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,9 @@ def add_option_flags(groups: dict[str, argparse._ArgumentGroup]) -> None:
 
 
 def add(sub) -> None:
-    t = sub.add_parser("train", help="train a captioning model on a COCO-style or Karpathy-split dataset",
-                       allow_abbrev=False)  # (flags are matched whole: --resume checks which ones were given)
+    t = sub.add_parser(
+        "train", help="train a captioning model on a COCO-style or Karpathy-split dataset", allow_abbrev=False
+    )  # (flags are matched whole: --resume checks which ones were given)
     g = t.add_argument_group(DATA)
     g.add_argument("--train-annotations", help="COCO caption JSON for training")
     g.add_argument("--train-images", help="folder of the training images")
@@ -46,35 +48,70 @@ def add(sub) -> None:
     g.add_argument("--split", default="train", help="with --karpathy-json: training split(s), e.g. train,restval")
     g.add_argument("--val-split", default="val", help="with --karpathy-json: validation split ('' for none)")
     g.add_argument("--skip-missing", action="store_true", help="leave out missing image files instead of failing")
-    g.add_argument("--skip-bad", action="store_true",
-                   help="leave out malformed entries and unreadable images (see validate-data) instead of refusing")
-    groups = {DATA: g, MODEL: t.add_argument_group(MODEL), OPTIM: t.add_argument_group(OPTIM),
-              VALIDATION: t.add_argument_group(VALIDATION)}
+    g.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out malformed entries and unreadable images (see validate-data) instead of refusing",
+    )
+    groups = {
+        DATA: g,
+        MODEL: t.add_argument_group(MODEL),
+        OPTIM: t.add_argument_group(OPTIM),
+        VALIDATION: t.add_argument_group(VALIDATION),
+    }
     add_option_flags(groups)
     r = t.add_argument_group("run")
     r.add_argument("--out", required=True, help="run folder: last.pt, best.pt, metrics.jsonl")
-    r.add_argument("--resume", action="store_true",
-                   help="continue from OUT/last.pt with its own settings and data (--epochs may grow; --patience "
-                        "and --num-workers may change; other flags that differ are refused)")
-    r.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an OUT that holds another run (its checkpoints and log are deleted)")
-    r.add_argument("--device", default="auto",
-                   help="auto | cpu | cuda (under torchrun each process takes the GPU of its LOCAL_RANK)")
-    r.add_argument("--compile", action="store_true",
-                   help="torch.compile the decoder's per-word step and a fine-tuned encoder (pays on GPUs; "
-                        "the first batches are slow while it compiles)")
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/last.pt with its own settings and data (--epochs may grow; --patience "
+        "and --num-workers may change; other flags that differ are refused)",
+    )
+    r.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an OUT that holds another run (its checkpoints and log are deleted)",
+    )
+    r.add_argument(
+        "--device",
+        default="auto",
+        help="auto | cpu | cuda (under torchrun each process takes the GPU of its LOCAL_RANK)",
+    )
+    r.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decoder's per-word step and a fine-tuned encoder (pays on GPUs; "
+        "the first batches are slow while it compiles)",
+    )
     r.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     cache_args(r)
     t.set_defaults(func=run)
 
 
 def corpora(args: argparse.Namespace):
-    train = load_corpus(args.train_annotations, args.train_images, args.karpathy_json, args.images_root,
-                        args.split, args.skip_missing, args.train_sequences, args.skip_bad)
+    train = load_corpus(
+        args.train_annotations,
+        args.train_images,
+        args.karpathy_json,
+        args.images_root,
+        args.split,
+        args.skip_missing,
+        args.train_sequences,
+        args.skip_bad,
+    )
     if train is None:
         raise DataError("give --train-annotations (or --train-sequences) and --train-images, or --karpathy-json")
-    val = load_corpus(args.val_annotations, args.val_images, args.karpathy_json if args.val_split else None,
-                      args.images_root, args.val_split, args.skip_missing, args.val_sequences, args.skip_bad)
+    val = load_corpus(
+        args.val_annotations,
+        args.val_images,
+        args.karpathy_json if args.val_split else None,
+        args.images_root,
+        args.val_split,
+        args.skip_missing,
+        args.val_sequences,
+        args.skip_bad,
+    )
     for name, c in (("train", train), ("val", val)):
         if c is not None and c.skipped_missing and not args.quiet:
             err(f"{name}: skipped {c.skipped_missing} missing image(s) from {c.source}")
@@ -83,6 +120,7 @@ def corpora(args: argparse.Namespace):
 
 def stop_on_sigterm() -> None:
     """SIGTERM (a scheduler or `kill`) stops training like Ctrl-C: weights saved, clean exit."""
+
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
@@ -97,9 +135,22 @@ def run(args: argparse.Namespace) -> int:
     dist = distributed.init(args.device)  # under torchrun: join the job (gloo on CPUs, nccl on GPUs)
     train, val = corpora(args)
     opts = TrainOptions(**{f.name: getattr(args, f.name) for f in fields(TrainOptions) if f.name not in CLI_UNSET})
-    trainer = Trainer(train, val, args.out, opts, device=args.device, resume=args.resume, quiet=args.quiet,
-                      use_cache=not args.no_cache, cache_dir=args.cache_dir, skip_bad=args.skip_bad, dist=dist,
-                      compile=args.compile, overwrite=args.overwrite, given=args.given)
+    trainer = Trainer(
+        train,
+        val,
+        args.out,
+        opts,
+        device=args.device,
+        resume=args.resume,
+        quiet=args.quiet,
+        use_cache=not args.no_cache,
+        cache_dir=args.cache_dir,
+        skip_bad=args.skip_bad,
+        dist=dist,
+        compile=args.compile,
+        overwrite=args.overwrite,
+        given=args.given,
+    )
     if trainer.finished:
         err(trainer.finished)
         return 0

@@ -1,4 +1,5 @@
 """`captioner validate-data`: check a dataset file and its images, and say what is wrong."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,6 @@ from ..errors import DataError
 from ..images import DEFAULT_MAX_PIXELS, ImageError
 
 
-
 def add(sub) -> None:
     vd = sub.add_parser("validate-data", help="check a dataset file and its images, and say what is wrong")
     src = vd.add_mutually_exclusive_group(required=True)
@@ -16,10 +16,15 @@ def add(sub) -> None:
     src.add_argument("--sequences", dest="file", help="sequence caption JSON")
     vd.add_argument("--images", required=True, help="folder its file_names are in")
     vd.add_argument("--show", type=int, default=5, help="offenders shown per kind of problem")
-    vd.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                    help="report images declaring more pixels than this (decompression bombs), as caption refuses them")
+    vd.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="report images declaring more pixels than this (decompression bombs), as caption refuses them",
+    )
     vd.add_argument("--quiet", action="store_true", help="no progress bar")
     vd.set_defaults(func=run)
+
 
 def run(args: argparse.Namespace) -> int:
     """Check a dataset without training: the file's entries, then every image it names."""
@@ -42,8 +47,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             load_image(Path(args.images) / files[iid], args.max_pixels)
         except ImageError as e:
-            images.add("missing image files" if e.reason == "no such file" else "unreadable images",
-                       f"{files[iid]} ({e.reason})")
+            images.add(
+                "missing image files" if e.reason == "no such file" else "unreadable images",
+                f"{files[iid]} ({e.reason})",
+            )
     what = f"{len(groups)} sequences, " if groups is not None else ""
     print(f"{args.file}: {len(files)} images, {what}{sum(len(c) for c in captions.values())} captions")
     bad = problems.lines(args.show) + images.lines(args.show)
@@ -51,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
         bad.insert(0, "no captioned images: nothing to train or evaluate on")
     for line in bad:
         print(f"  {line}")
-    print("problems found: fix them (training refuses malformed entries and missing or unreadable images unless "
-          "given --skip-bad / --skip-missing)" if bad else "ok")
+    print(
+        "problems found: fix them (training refuses malformed entries and missing or unreadable images unless "
+        "given --skip-bad / --skip-missing)"
+        if bad
+        else "ok"
+    )
     return 1 if bad else 0

@@ -11,6 +11,7 @@ file therefore misses the cache and is extracted afresh. Extraction appends batc
 interrupted run keeps what it finished and the next one resumes; a file lock keeps concurrent runs
 from writing at once. Memory-mapped reads mean a grid for 100k images never has to fit in RAM.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -78,8 +79,9 @@ class FeatureCache:
     """One encoder's cached features under CACHE/features/<encoder key>/, computed on `device`
     (whose compute dtype is part of the key)."""
 
-    def __init__(self, encoder: Encoder, root: str | os.PathLike | None = None,
-                 device: torch.device = torch.device("cpu")) -> None:
+    def __init__(
+        self, encoder: Encoder, root: str | os.PathLike | None = None, device: torch.device = torch.device("cpu")
+    ) -> None:
         if encoder.trainable:
             raise ValueError("a fine-tuned encoder's features change while training: they cannot be cached")
         self.encoder, self.device = encoder, device
@@ -130,8 +132,14 @@ class FeatureCache:
         pooled = np.memmap(self.dir / "pooled.f16", dtype=np.float16, mode="r", shape=(n, D))
         return grid, pooled
 
-    def fill(self, paths: Sequence[Path], batch_size: int = 32, num_workers: int = 1, quiet: bool = False,
-             desc: str = "features") -> list[ImageError]:
+    def fill(
+        self,
+        paths: Sequence[Path],
+        batch_size: int = 32,
+        num_workers: int = 1,
+        quiet: bool = False,
+        desc: str = "features",
+    ) -> list[ImageError]:
         """Extract and append whatever of `paths` is not cached yet; returns the images that failed."""
         with open(self.dir / "lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time; others wait, then find their rows
@@ -141,8 +149,15 @@ class FeatureCache:
                 try:
                     key = image_identity(p)
                 except OSError as e:
-                    todo.append((p, None, ImageError(p, "no such file" if isinstance(e, FileNotFoundError)
-                                                     else f"unreadable ({e.strerror})")))
+                    todo.append(
+                        (
+                            p,
+                            None,
+                            ImageError(
+                                p, "no such file" if isinstance(e, FileNotFoundError) else f"unreadable ({e.strerror})"
+                            ),
+                        )
+                    )
                     continue
                 if key not in self.index and key not in seen:
                     seen.add(key)
@@ -153,8 +168,9 @@ class FeatureCache:
                 failed += self._extract(todo, batch_size, num_workers, quiet, desc)
         return failed
 
-    def _extract(self, todo: list[tuple[Path, str]], batch_size: int, num_workers: int, quiet: bool,
-                 desc: str) -> list[ImageError]:
+    def _extract(
+        self, todo: list[tuple[Path, str]], batch_size: int, num_workers: int, quiet: bool, desc: str
+    ) -> list[ImageError]:
         device = self.device
         encoder = self.encoder.to(device, memory_format=torch.channels_last).eval()
         failed: list[ImageError] = []
@@ -165,9 +181,12 @@ class FeatureCache:
             for name, row_bytes in (("grid.f16", R * D * 2), ("pooled.f16", D * 2)):
                 if (self.dir / name).exists():
                     os.truncate(self.dir / name, n * row_bytes)
-        with open(self.dir / "grid.f16", "ab") as fg, open(self.dir / "pooled.f16", "ab") as fp, \
-                open(self.dir / "index.jsonl", "a", encoding="utf-8") as fi, \
-                tqdm(total=len(todo), desc=desc, unit="img", disable=quiet, leave=False) as bar:
+        with (
+            open(self.dir / "grid.f16", "ab") as fg,
+            open(self.dir / "pooled.f16", "ab") as fp,
+            open(self.dir / "index.jsonl", "a", encoding="utf-8") as fi,
+            tqdm(total=len(todo), desc=desc, unit="img", disable=quiet, leave=False) as bar,
+        ):
             paths, start = [p for p, _ in todo], 0
             for batch in prepared_batches(paths, LoadImage(encoder.spec.preprocess), batch_size, num_workers):
                 idx, pixels, errors = split_batch(batch)
@@ -178,9 +197,13 @@ class FeatureCache:
                     grid = encode_pixels(encoder, pixels, device)  # (b, R, D) fp32
                     if self.shape is None:
                         self.shape = tuple(grid.shape[1:])
-                        meta = {"encoder": encoder.spec.name, "shape": list(self.shape), "dtype": "float16",
-                                "computed_in": str(compute_dtype(device))}
-                        atomic_write(self.dir / "meta.json", lambda f: f.write(json.dumps(meta).encode()))
+                        meta = {
+                            "encoder": encoder.spec.name,
+                            "shape": list(self.shape),
+                            "dtype": "float16",
+                            "computed_in": str(compute_dtype(device)),
+                        }
+                        atomic_write(self.dir / "meta.json", lambda f, meta=meta: f.write(json.dumps(meta).encode()))
                     fg.write(grid.half().cpu().numpy().tobytes())
                     fp.write(grid.mean(dim=1).half().cpu().numpy().tobytes())
                     fg.flush()

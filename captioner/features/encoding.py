@@ -1,4 +1,5 @@
 """Pixels to features: the frozen encoder run once per image, in memory (no cache)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -36,9 +37,16 @@ def pool(grid: Tensor, kind: str) -> Tensor:
 
 
 @torch.no_grad()
-def extract_features(encoder: Encoder, paths: Sequence[Path], kind: str = "pooled", batch_size: int = 32,
-                     device: torch.device = torch.device("cpu"), num_workers: int = 1,
-                     quiet: bool = False, desc: str = "features") -> tuple[Tensor, list[ImageError]]:
+def extract_features(
+    encoder: Encoder,
+    paths: Sequence[Path],
+    kind: str = "pooled",
+    batch_size: int = 32,
+    device: torch.device = torch.device("cpu"),
+    num_workers: int = 1,
+    quiet: bool = False,
+    desc: str = "features",
+) -> tuple[Tensor, list[ImageError]]:
     """In-memory features of every image, in order (no cache): (N, D) pooled fp32 or (N, R, D) grid fp16.
 
     Rows of images that failed are zero; the errors come back alongside.

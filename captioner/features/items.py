@@ -1,4 +1,5 @@
 """Per-item decoder inputs (an image, or an image sequence) gathered from per-image features."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -21,24 +22,36 @@ class ItemFeatures:
     frame (exactly the image when there is one frame), a sequence model a padded `Frames` batch.
     """
 
-    def __init__(self, store: Tensor | GridFeatures, frames: list[list[int]],
-                 from_frames: Callable[[list[Tensor]], object]) -> None:
+    def __init__(
+        self, store: Tensor | GridFeatures, frames: list[list[int]], from_frames: Callable[[list[Tensor]], object]
+    ) -> None:
         self.store, self.frames, self.from_frames = store, frames, from_frames
 
     def __len__(self) -> int:
         return len(self.frames)
 
     def __getitem__(self, idx: slice | Tensor | Sequence[int]) -> object:
-        items = range(len(self))[idx] if isinstance(idx, slice) else \
-            (idx.tolist() if isinstance(idx, Tensor) else list(idx))
+        items = (
+            range(len(self))[idx]
+            if isinstance(idx, slice)
+            else (idx.tolist() if isinstance(idx, Tensor) else list(idx))
+        )
         sizes = [len(self.frames[i]) for i in items]
         flat = self.store[[r for i in items for r in self.frames[i]]]  # (sum of frames, ...) one read
         return self.from_frames(list(flat.float().split(sizes)))
 
 
-def corpus_features(encoder: Encoder, decoder, corpus: CaptionCorpus, cache: FeatureCache | None,
-                    batch_size: int = 32, device: torch.device = torch.device("cpu"), num_workers: int = 1,
-                    quiet: bool = False, desc: str = "features") -> tuple[ItemFeatures, list[int], list[ImageError]]:
+def corpus_features(
+    encoder: Encoder,
+    decoder,
+    corpus: CaptionCorpus,
+    cache: FeatureCache | None,
+    batch_size: int = 32,
+    device: torch.device = torch.device("cpu"),
+    num_workers: int = 1,
+    quiet: bool = False,
+    desc: str = "features",
+) -> tuple[ItemFeatures, list[int], list[ImageError]]:
     """Features for every item of the corpus, from the cache (filled first) or computed in memory.
 
     Returns the inputs of the items whose images could all be read, those items' indices, and

@@ -1,4 +1,5 @@
 """Images to pixels, in worker processes: one bad file never stops a batch."""
+
 from __future__ import annotations
 
 import os
@@ -46,16 +47,18 @@ def default_workers(n_items: int, batch_size: int) -> int:
     return 0 if n_items <= batch_size else max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
-def prepared_batches(items: Sequence, prepare: Callable[[object], Tensor], batch_size: int = 32,
-                     num_workers: int = 0) -> Iterator[list[Tensor | ImageError]]:
+def prepared_batches(
+    items: Sequence, prepare: Callable[[object], Tensor], batch_size: int = 32, num_workers: int = 0
+) -> Iterator[list[Tensor | ImageError]]:
     """Items prepared in batches, in order; with workers, decoding overlaps the caller's compute."""
     if num_workers == 0:
         data = _Prepared(items, prepare)
         for start in range(0, len(items), batch_size):
             yield [data[i] for i in range(start, min(start + batch_size, len(items)))]
         return
-    yield from DataLoader(_Prepared(items, prepare), batch_size=batch_size, num_workers=num_workers,
-                          collate_fn=_as_list)
+    yield from DataLoader(
+        _Prepared(items, prepare), batch_size=batch_size, num_workers=num_workers, collate_fn=_as_list
+    )
 
 
 def split_batch(batch: list[Tensor | ImageError]) -> tuple[list[int], Tensor | None, list[ImageError]]:

@@ -1,4 +1,5 @@
 """Caption decoders behind one per-step interface (see base.py), and the sequence model around them."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -28,5 +29,16 @@ def build_model(config: dict[str, Any], vocab_size: int, feature_dim: int) -> Ca
     return SequenceModel(decoder, feature_dim, **temporal)
 
 
-__all__ = ["AttentionDecoder", "CaptionModel", "DecoderState", "Frames", "LossTerms", "SequenceModel",
-           "ShowTellDecoder", "DECODERS", "TEMPORAL", "build_decoder", "build_model"]
+__all__ = [
+    "AttentionDecoder",
+    "CaptionModel",
+    "DecoderState",
+    "Frames",
+    "LossTerms",
+    "SequenceModel",
+    "ShowTellDecoder",
+    "DECODERS",
+    "TEMPORAL",
+    "build_decoder",
+    "build_model",
+]

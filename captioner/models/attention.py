@@ -1,4 +1,5 @@
 """Show, Attend and Tell (Xu et al. 2015): soft additive attention over the CNN's feature grid."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -13,7 +14,7 @@ from .base import CaptionModel, DecoderState, LossTerms, shared
 
 def _grid_coords(regions: int, device: torch.device) -> Tensor:
     """(R, 2) (x, y) centres of a square grid's regions in row-major order, in [-1, 1]."""
-    side = round(regions ** 0.5)
+    side = round(regions**0.5)
     if side * side != regions:
         raise ValueError(f"the attention decoder needs a square feature grid, got {regions} regions")
     axis = torch.linspace(-1.0, 1.0, side, device=device)
@@ -30,7 +31,7 @@ class Memory:
     mask: Tensor | None = None  # (B, R) True for real items, False for padding (None: all real)
 
     @classmethod
-    def of_grid(cls, grid: Tensor) -> "Memory":
+    def of_grid(cls, grid: Tensor) -> Memory:
         """An image's square feature grid (B, R, D): regions at their (x, y) centres."""
         coords = _grid_coords(grid.size(1), grid.device).expand(grid.size(0), -1, -1)  # (B, R, 2)
         return cls(grid, coords)
@@ -68,9 +69,18 @@ class AttentionDecoder(CaptionModel):
     feature_kind = "grid"
     attends_over = "regions"
 
-    def __init__(self, vocab_size: int, feature_dim: int, embed_size: int = 256, hidden_size: int = 512,
-                 num_layers: int = 1, dropout: float = 0.5, attention_size: int = 512, alpha_c: float = 1.0,
-                 pad_id: int = 0) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int,
+        embed_size: int = 256,
+        hidden_size: int = 512,
+        num_layers: int = 1,
+        dropout: float = 0.5,
+        attention_size: int = 512,
+        alpha_c: float = 1.0,
+        pad_id: int = 0,
+    ) -> None:
         super().__init__()
         if num_layers != 1:
             raise UsageError("the attention decoder has one LSTM layer (--num-layers 1)")
@@ -87,8 +97,9 @@ class AttentionDecoder(CaptionModel):
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(hidden_size, vocab_size)
 
-    def _attend(self, feats: Tensor, keys: Tensor, coords: Tensor, mask: Tensor | None,
-                h: Tensor) -> tuple[Tensor, Tensor]:
+    def _attend(
+        self, feats: Tensor, keys: Tensor, coords: Tensor, mask: Tensor | None, h: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """feats (N, R, D), keys (N, R, A), coords (N, R, 2), mask (N, R), h (N, H)
         -> LSTM input from the image (N, D + E), alpha (N, R)."""
         scores = self.att_score(torch.tanh(keys + self.att_hidden(h)[:, None, :])).squeeze(2)  # (N, R)
@@ -110,26 +121,43 @@ class AttentionDecoder(CaptionModel):
         else:
             w = m.mask.to(m.feats.dtype)[:, :, None]  # (B, R, 1)
             mean = (m.feats * w).sum(1) / w.sum(1).clamp(min=1)  # (B, D) mean of the real items
-        return torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)), self.att_feat(m.feats)  # (B,H) (B,H) (B,R,A)
+        return (
+            torch.tanh(self.init_h(mean)),
+            torch.tanh(self.init_c(mean)),
+            self.att_feat(m.feats),
+        )  # (B,H) (B,H) (B,R,A)
 
     def init_state(self, features: Tensor | Memory) -> AttentionState:
         m = self._memory(features)
         h, c, keys = self._start(m)
         B, R = m.feats.shape[:2]
-        alpha = m.feats.new_full((B, R), 1.0 / R) if m.mask is None else \
-            m.mask.float() / m.mask.float().sum(1, keepdim=True)  # (B, R)
-        return AttentionState(h=h, c=c, image=torch.arange(B, device=m.feats.device), alpha=alpha,
-                              feats=m.feats, keys=keys, coords=m.coords, mask=m.mask)
+        alpha = (
+            m.feats.new_full((B, R), 1.0 / R)
+            if m.mask is None
+            else m.mask.float() / m.mask.float().sum(1, keepdim=True)
+        )  # (B, R)
+        return AttentionState(
+            h=h,
+            c=c,
+            image=torch.arange(B, device=m.feats.device),
+            alpha=alpha,
+            feats=m.feats,
+            keys=keys,
+            coords=m.coords,
+            mask=m.mask,
+        )
 
     def step(self, tokens: Tensor, state: AttentionState) -> tuple[Tensor, AttentionState]:
         i = state.image
         mask = None if state.mask is None else state.mask[i]
-        h, c, alpha, logits = self._advance(self.embed(tokens), state.feats[i], state.keys[i], state.coords[i],
-                                            mask, state.h, state.c)
+        h, c, alpha, logits = self._advance(
+            self.embed(tokens), state.feats[i], state.keys[i], state.coords[i], mask, state.h, state.c
+        )
         return F.log_softmax(logits, dim=-1), replace(state, h=h, c=c, alpha=alpha)  # (N, V)
 
-    def _advance(self, emb: Tensor, feats: Tensor, keys: Tensor, coords: Tensor, mask: Tensor | None, h: Tensor,
-                 c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _advance(
+        self, emb: Tensor, feats: Tensor, keys: Tensor, coords: Tensor, mask: Tensor | None, h: Tensor, c: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One word: emb (N, E), the memory rows (N, R, .), h, c (N, H) -> h, c (N, H), alpha (N, R),
         logits (N, V). Training and decoding both step through here, so `compile_step()` speeds up both."""
         context, alpha = self._attend(feats, keys, coords, mask, h)  # (N, D + E), (N, R)
@@ -158,8 +186,9 @@ class AttentionDecoder(CaptionModel):
         logits, targets, alpha_sum = [], [], feats.new_zeros(feats.shape[:2])  # alpha_sum (B, R)
         for t in range(steps[0]):
             n = sum(1 for s in steps if s > t)  # rows still inside their caption
-            h_n, c_n, alpha, logit = self._advance(emb[:n, t], feats[:n], keys[:n], coords[:n],
-                                                   None if mask is None else mask[:n], h[:n], c[:n])  # (n, H) ..
+            h_n, c_n, alpha, logit = self._advance(
+                emb[:n, t], feats[:n], keys[:n], coords[:n], None if mask is None else mask[:n], h[:n], c[:n]
+            )  # (n, H) ..
             h, c = torch.cat([h_n, h[n:]]), torch.cat([c_n, c[n:]])
             alpha_sum = torch.cat([alpha_sum[:n] + alpha, alpha_sum[n:]])
             logits.append(logit)  # (n, V)

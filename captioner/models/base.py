@@ -4,6 +4,7 @@ A caption model turns image features into an initial `DecoderState` (`init_state
 one token at a time, turns the previous tokens and the state into next-token log-probabilities
 (`step`). Greedy, beam search and sampling need nothing else, so each is written once.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
@@ -40,15 +41,15 @@ class DecoderState:
     def _rows(self) -> list[str]:
         return [f.name for f in fields(self) if not f.metadata.get("shared") and getattr(self, f.name) is not None]
 
-    def index(self, idx: Tensor) -> "DecoderState":
+    def index(self, idx: Tensor) -> DecoderState:
         """Rows `idx` of every per-row field: (N, ...) -> (len(idx), ...)."""
         return replace(self, **{n: getattr(self, n)[idx] for n in self._rows()})
 
-    def put(self, idx: Tensor, rows: "DecoderState") -> "DecoderState":
+    def put(self, idx: Tensor, rows: DecoderState) -> DecoderState:
         """A copy with rows `idx` replaced by `rows` (len(idx), ...); the other rows kept."""
         return replace(self, **{n: getattr(self, n).index_copy(0, idx, getattr(rows, n)) for n in self._rows()})
 
-    def repeat_interleave(self, k: int) -> "DecoderState":
+    def repeat_interleave(self, k: int) -> DecoderState:
         """Each row repeated k times in place: (N, ...) -> (N*k, ...), for beams of one image."""
         return replace(self, **{n: getattr(self, n).repeat_interleave(k, dim=0) for n in self._rows()})
 

@@ -12,6 +12,7 @@ from "moves right". Each keypoint is a spatial soft-argmax (Levine et al. 2016):
 score per grid region, softmaxed over the regions, gives the expected (x, y) of a learned
 feature; K of them cost 2K numbers per frame and do not depend on the grid size.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ class Frames:
     lengths: Tensor
 
     @classmethod
-    def pad(cls, seqs: list[Tensor]) -> "Frames":
+    def pad(cls, seqs: list[Tensor]) -> Frames:
         """[(F_i, ...) per sequence] -> padded to the longest."""
         if not seqs or any(len(s) == 0 for s in seqs):
             raise ValueError("every sequence needs at least one frame")
@@ -46,13 +47,13 @@ class Frames:
     def __len__(self) -> int:
         return self.feats.size(0)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Frames":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Frames:
         return Frames(self.feats.to(device, non_blocking=non_blocking), self.lengths.to(device))
 
-    def float(self) -> "Frames":
+    def float(self) -> Frames:
         return Frames(self.feats.float(), self.lengths)
 
-    def pin_memory(self) -> "Frames":
+    def pin_memory(self) -> Frames:
         return Frames(self.feats.pin_memory(), self.lengths)
 
 
@@ -70,8 +71,16 @@ class SequenceModel(CaptionModel):
 
     feature_kind = "grid"  # keypoints need each frame's grid
 
-    def __init__(self, decoder: CaptionModel, feature_dim: int, kind: str = "gru", hidden_size: int = 512,
-                 keypoints: int = 16, dropout: float = 0.5, tbptt: int = 0) -> None:
+    def __init__(
+        self,
+        decoder: CaptionModel,
+        feature_dim: int,
+        kind: str = "gru",
+        hidden_size: int = 512,
+        keypoints: int = 16,
+        dropout: float = 0.5,
+        tbptt: int = 0,
+    ) -> None:
         super().__init__()
         if kind not in TEMPORAL:
             raise UsageError(f"unknown temporal model {kind!r}: {', '.join(TEMPORAL)}")
@@ -101,7 +110,7 @@ class SequenceModel(CaptionModel):
         for s in range(0, F_, chunk):
             if hidden is not None:  # truncated BPTT: no gradient flows back past this chunk
                 hidden = tuple(h.detach() for h in hidden) if isinstance(hidden, tuple) else hidden.detach()
-            y, hidden = self.rnn(x[:, s:s + chunk], hidden)  # (B, chunk, H)
+            y, hidden = self.rnn(x[:, s : s + chunk], hidden)  # (B, chunk, H)
             outs.append(y)
         out = torch.cat(outs, dim=1)  # (B, F, H); unidirectional, so padding never reaches a real frame
         last = out[torch.arange(out.size(0), device=out.device), frames.lengths.to(out.device) - 1]  # (B, H)

@@ -1,4 +1,5 @@
 """Show and Tell (Vinyals et al. 2015): pooled CNN features -> LSTM -> words."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,15 +29,24 @@ class ShowTellDecoder(CaptionModel):
 
     feature_kind = "pooled"
 
-    def __init__(self, vocab_size: int, feature_dim: int, embed_size: int = 256, hidden_size: int = 512,
-                 num_layers: int = 1, dropout: float = 0.5, pad_id: int = 0) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int,
+        embed_size: int = 256,
+        hidden_size: int = 512,
+        num_layers: int = 1,
+        dropout: float = 0.5,
+        pad_id: int = 0,
+    ) -> None:
         super().__init__()
         self.num_layers, self.hidden_size, self.pad_id = num_layers, hidden_size, pad_id
         self.embed = nn.Embedding(vocab_size, embed_size, padding_idx=pad_id)
         self.init_h = nn.Linear(feature_dim, num_layers * hidden_size)
         self.init_c = nn.Linear(feature_dim, num_layers * hidden_size)
-        self.lstm = nn.LSTM(embed_size, hidden_size, num_layers, batch_first=True,
-                            dropout=dropout if num_layers > 1 else 0.0)
+        self.lstm = nn.LSTM(
+            embed_size, hidden_size, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
+        )
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(hidden_size, vocab_size)
 

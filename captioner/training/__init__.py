@@ -12,18 +12,29 @@ trainer.py     Trainer: builds or restores the model, runs the epochs, saves
 Names are imported on first use, so `from captioner.training import TrainOptions` (as the CLI
 does to build its flags) does not load the training machinery.
 """
+
 from __future__ import annotations
 
 from importlib import import_module
 from typing import Any
 
 _HOMES = {
-    "TrainOptions": "options", "CLI_UNSET": "options", "ARCHITECTURE": "options", "RESUMABLE": "options",
-    "canonical_metric": "options", "flag": "options",
-    "build_optimizer": "optim", "build_scheduler": "optim", "CosineFactor": "optim", "amp_dtype": "optim",
-    "TrainStep": "objectives", "scst_rewards": "objectives",
-    "RunFolder": "run_folder", "RunFolderError": "run_folder",
-    "Trainer": "trainer", "TrainingInterrupted": "trainer",
+    "TrainOptions": "options",
+    "CLI_UNSET": "options",
+    "ARCHITECTURE": "options",
+    "RESUMABLE": "options",
+    "canonical_metric": "options",
+    "flag": "options",
+    "build_optimizer": "optim",
+    "build_scheduler": "optim",
+    "CosineFactor": "optim",
+    "amp_dtype": "optim",
+    "TrainStep": "objectives",
+    "scst_rewards": "objectives",
+    "RunFolder": "run_folder",
+    "RunFolderError": "run_folder",
+    "Trainer": "trainer",
+    "TrainingInterrupted": "trainer",
 }
 
 __all__ = sorted(_HOMES)

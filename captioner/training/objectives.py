@@ -1,5 +1,6 @@
 """What one epoch optimises: cross-entropy with teacher forcing (BPTT through the caption), or
 self-critical sequence training on sampled captions rewarded by their CIDEr-D."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -32,8 +33,14 @@ class TrainStep(nn.Module):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder  # encoder: only when it is being fine-tuned
 
-    def forward(self, inputs: Tensor | Frames, captions: Tensor | None = None, lengths: Tensor | None = None,
-                samples: int = 0, max_len: int = 0) -> LossTerms | tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self,
+        inputs: Tensor | Frames,
+        captions: Tensor | None = None,
+        lengths: Tensor | None = None,
+        samples: int = 0,
+        max_len: int = 0,
+    ) -> LossTerms | tuple[Tensor, Tensor, Tensor]:
         """inputs: features (B, ...) or, when fine-tuning, pixels (B, 3, S, S). Teacher forcing on
         captions (B, T) -> LossTerms; samples > 0 -> `decoding.sample` (tokens, log-probs, mask),
         never drawing <unk> (inference never prints it either)."""
@@ -55,8 +62,9 @@ class Update:
 
     def __call__(self, loss: Tensor) -> None:
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f"non-finite training loss ({loss.item()}); stopping "
-                                   f"(last good checkpoint: {self.last_good})")
+            raise TrainingDiverged(
+                f"non-finite training loss ({loss.item()}); stopping (last good checkpoint: {self.last_good})"
+            )
         self.optim.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # the scaler is a no-op unless --amp fp16; DDP all-reduces here
         self.scaler.unscale_(self.optim)
@@ -66,9 +74,17 @@ class Update:
         self.scaler.update()
 
 
-def cross_entropy_epoch(step: nn.Module, batches: Iterable[Batch], to_inputs: Callable[[Batch], Tensor | Frames],
-                        device: torch.device, dist: Dist, update: Update | None,
-                        autocast: Callable[[], AbstractContextManager], desc: str, quiet: bool) -> float:
+def cross_entropy_epoch(
+    step: nn.Module,
+    batches: Iterable[Batch],
+    to_inputs: Callable[[Batch], Tensor | Frames],
+    device: torch.device,
+    dist: Dist,
+    update: Update | None,
+    autocast: Callable[[], AbstractContextManager],
+    desc: str,
+    quiet: bool,
+) -> float:
     """Teacher forcing over the batches, a step per batch when `update` is given (else evaluation).
 
     Returns the loss over the whole set (all ranks' shards when training): per-token NLL + the
@@ -95,14 +111,31 @@ def scst_rewards(cider: CiderD, images: list[int], tokens: Tensor, vocab: Vocabu
     image's references, or 0 when it was cut at the length limit without <end> (an unfinished
     sentence is not a caption: rewarding it like one teaches the model to run on)."""
     ended = (tokens == Vocabulary.end_id).any(dim=1).tolist()  # (N,)
-    return torch.tensor([cider.score(i, normalize(vocab.decode(t))) if done else 0.0
-                         for i, t, done in zip(images, tokens.tolist(), ended)])  # (N,)
+    return torch.tensor(
+        [
+            cider.score(i, normalize(vocab.decode(t))) if done else 0.0
+            for i, t, done in zip(images, tokens.tolist(), ended)
+        ]
+    )  # (N,)
 
 
-def self_critical_epoch(step: nn.Module, feats: ItemFeatures, cider: CiderD, vocab: Vocabulary, samples: int,
-                        max_len: int, batch_size: int, seed: int, epoch: int, device: torch.device, dist: Dist,
-                        update: Update, autocast: Callable[[], AbstractContextManager], desc: str,
-                        quiet: bool) -> tuple[float, float]:
+def self_critical_epoch(
+    step: nn.Module,
+    feats: ItemFeatures,
+    cider: CiderD,
+    vocab: Vocabulary,
+    samples: int,
+    max_len: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    device: torch.device,
+    dist: Dist,
+    update: Update,
+    autocast: Callable[[], AbstractContextManager],
+    desc: str,
+    quiet: bool,
+) -> tuple[float, float]:
     """One pass over the training images: sample `samples` captions per image, reward each with
     its CIDEr-D against the image's references, baseline = the mean reward of the image's other
     samples, and raise the log-probability of the captions that beat it (Rennie et al. 2017, with
@@ -115,7 +148,7 @@ def self_critical_epoch(step: nn.Module, feats: ItemFeatures, cider: CiderD, voc
     total_loss, total_reward, batches = 0.0, 0.0, 0
     bar = tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=quiet, leave=False)
     for s in bar:
-        idx = order[s:s + batch_size]  # (B,) images
+        idx = order[s : s + batch_size]  # (B,) images
         with autocast():
             features = feats[idx].to(device).float()
             tokens, logp, mask = step(features, samples=n, max_len=max_len)  # (B*n, T)

@@ -1,4 +1,5 @@
 """Optimizers, learning-rate schedules and mixed precision, from the run's options."""
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,9 @@ class CosineFactor:
 
 def build_scheduler(opts: TrainOptions, optim: torch.optim.Optimizer, mode: str):
     if opts.lr_schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optim, mode=mode, factor=opts.lr_gamma,
-                                                          patience=opts.lr_patience, eps=0.0)
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optim, mode=mode, factor=opts.lr_gamma, patience=opts.lr_patience, eps=0.0
+        )
     if opts.lr_schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optim, lambda epoch: 1.0)
     if opts.lr_schedule == "step":

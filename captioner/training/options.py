@@ -4,6 +4,7 @@ Each field carries its command-line help, group and metavar next to it: `caption
 are generated from this dataclass (cli/train.py), so a flag, its default and its help are
 written once.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,9 +26,14 @@ class TrainOptions:
     """Everything that defines a run; stored (as JSON) in every checkpoint it writes."""
 
     encoder: str = _opt("efficientnet_lite0", "efficientnet_lite0 | resnet50|101|152 | timm/<name>", MODEL)
-    decoder: str = _opt("attention", "attention: Show-Attend-Tell on the 7x7 grid (measured better on Flickr8k "
-                        "val, CIDEr-D .51 vs .39, and on sequences); lstm: Show-and-Tell on the pooled vector "
-                        "(faster, weaker)", MODEL, choices=("attention", "lstm"))
+    decoder: str = _opt(
+        "attention",
+        "attention: Show-Attend-Tell on the 7x7 grid (measured better on Flickr8k "
+        "val, CIDEr-D .51 vs .39, and on sequences); lstm: Show-and-Tell on the pooled vector "
+        "(faster, weaker)",
+        MODEL,
+        choices=("attention", "lstm"),
+    )
     embed_size: int = _opt(256, "word embedding size", MODEL)
     hidden_size: int = _opt(512, "LSTM hidden size", MODEL)
     num_layers: int = _opt(1, "stacked LSTM layers", MODEL)
@@ -37,14 +43,17 @@ class TrainOptions:
     min_word_count: int = _opt(5, "words seen fewer times in the training captions become <unk>", DATA)
     max_caption_len: int = _opt(30, "longer training captions are cut", DATA)
     epochs: int = _opt(10, "passes over the training set (on --resume: the total, which may grow)", OPTIM)
-    batch_size: int = _opt(64, "per process: under torchrun the global batch is this x the number of processes",
-                           OPTIM)
+    batch_size: int = _opt(64, "per process: under torchrun the global batch is this x the number of processes", OPTIM)
     lr: float = _opt(4e-4, "learning rate of the decoder", OPTIM)
     optimizer: str = _opt("adam", "momentum: SGD with --momentum", OPTIM, choices=("adam", "sgd", "momentum"))
     momentum: float = _opt(0.9, "with --optimizer momentum", OPTIM)
     weight_decay: float = _opt(0.0, "L2 penalty on the weights", OPTIM)
-    lr_schedule: str = _opt("plateau", "plateau: decay when the selection metric stalls", OPTIM,
-                            choices=("plateau", "constant", "step", "cosine"))
+    lr_schedule: str = _opt(
+        "plateau",
+        "plateau: decay when the selection metric stalls",
+        OPTIM,
+        choices=("plateau", "constant", "step", "cosine"),
+    )
     lr_step_epochs: int = _opt(3, "step: decay every N epochs", OPTIM)
     lr_patience: int = _opt(2, "plateau: epochs without improvement before a decay", OPTIM)
     lr_gamma: float = _opt(0.8, "step / plateau: decay factor", OPTIM)
@@ -53,25 +62,42 @@ class TrainOptions:
     encoder_lr: float = _opt(1e-4, "learning rate of the fine-tuned encoder blocks", MODEL)
     seed: int = _opt(0, "initial weights, data order and dropout; the same seed trains the same model", OPTIM)
     num_workers: int = _opt(1, "image-decoding worker processes", OPTIM)
-    amp: str = _opt("auto", "mixed precision; auto: bf16 on CUDA, off on CPU (bf16 also pays on CPUs with "
-                    "AVX512-BF16/AMX)", OPTIM, choices=("auto", "off", "bf16", "fp16"))
-    select_metric: str = _opt("CIDEr-D", "what best.pt, early stopping and plateau decay follow: CIDEr-D, BLEU-4, "
-                              "METEOR, ROUGE-L, BLEU-1..3 or val_loss", VALIDATION)
-    patience: int = _opt(0, "stop after N epochs without improvement of the selection metric (0: never)",
-                         VALIDATION)
+    amp: str = _opt(
+        "auto",
+        "mixed precision; auto: bf16 on CUDA, off on CPU (bf16 also pays on CPUs with AVX512-BF16/AMX)",
+        OPTIM,
+        choices=("auto", "off", "bf16", "fp16"),
+    )
+    select_metric: str = _opt(
+        "CIDEr-D",
+        "what best.pt, early stopping and plateau decay follow: CIDEr-D, BLEU-4, "
+        "METEOR, ROUGE-L, BLEU-1..3 or val_loss",
+        VALIDATION,
+    )
+    patience: int = _opt(0, "stop after N epochs without improvement of the selection metric (0: never)", VALIDATION)
     val_beam_size: int = _opt(1, "beam for val captions (1: greedy)", VALIDATION)
-    temporal: str = _opt("auto", "sequences: RNN over the frames (auto: gru for sequence data, none for images); "
-                         "none: a single-image decoder on the mean frame (order-blind)", MODEL,
-                         choices=("auto", "gru", "lstm", "none"))
+    temporal: str = _opt(
+        "auto",
+        "sequences: RNN over the frames (auto: gru for sequence data, none for images); "
+        "none: a single-image decoder on the mean frame (order-blind)",
+        MODEL,
+        choices=("auto", "gru", "lstm", "none"),
+    )
     temporal_size: int = _opt(512, "hidden size of the temporal RNN", MODEL)
     keypoints: int = _opt(16, "temporal model: soft keypoints per frame (where things are)", MODEL)
     tbptt: int = _opt(0, "truncated BPTT: back-propagate through at most K frames (0: all frames)", MODEL, "K")
-    init_from: str = _opt("", "start from this checkpoint's weights, vocabulary and architecture (e.g. for "
-                          "--self-critical)", OPTIM, "CKPT")
-    self_critical: bool = _opt(False, "self-critical sequence training: sampled captions rewarded by their "
-                               "CIDEr-D (Rennie et al. 2017)", OPTIM)
-    scst_samples: int = _opt(5, "self-critical: captions sampled per image (each one's baseline is the mean "
-                             "reward of the others)", OPTIM)
+    init_from: str = _opt(
+        "",
+        "start from this checkpoint's weights, vocabulary and architecture (e.g. for --self-critical)",
+        OPTIM,
+        "CKPT",
+    )
+    self_critical: bool = _opt(
+        False, "self-critical sequence training: sampled captions rewarded by their CIDEr-D (Rennie et al. 2017)", OPTIM
+    )
+    scst_samples: int = _opt(
+        5, "self-critical: captions sampled per image (each one's baseline is the mean reward of the others)", OPTIM
+    )
     scst_max_len: int = _opt(16, "self-critical: most words per sample", OPTIM)
     world_size: int = 1  # processes the run trains on (set by the trainer; see Trainer._keep_global_batch)
 
@@ -100,12 +126,21 @@ class TrainOptions:
         """The checkpoint's "temporal" entry (None: a single-image decoder); `temporal` resolved."""
         if self.temporal == "none":
             return None
-        return {"kind": self.temporal, "hidden_size": self.temporal_size, "keypoints": self.keypoints,
-                "dropout": self.dropout, "tbptt": self.tbptt}
+        return {
+            "kind": self.temporal,
+            "hidden_size": self.temporal_size,
+            "keypoints": self.keypoints,
+            "dropout": self.dropout,
+            "tbptt": self.tbptt,
+        }
 
     def decoder_hparams(self) -> dict[str, Any]:
-        hp = {"embed_size": self.embed_size, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
-              "dropout": self.dropout}
+        hp = {
+            "embed_size": self.embed_size,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "dropout": self.dropout,
+        }
         if self.decoder == "attention":
             hp |= {"attention_size": self.attention_size, "alpha_c": self.alpha_c}
         return hp
@@ -115,17 +150,56 @@ class TrainOptions:
 CLI_UNSET = ("world_size",)
 
 #: what `TrainOptions.check` accepts besides the choices: whole numbers from a minimum, numbers in a range
-_AT_LEAST = {"epochs": 1, "batch_size": 1, "embed_size": 1, "hidden_size": 1, "num_layers": 1, "attention_size": 1,
-             "min_word_count": 1, "max_caption_len": 1, "lr_step_epochs": 1, "lr_patience": 0, "fine_tune_encoder": 0,
-             "seed": 0, "num_workers": 0, "patience": 0, "val_beam_size": 1, "temporal_size": 1, "keypoints": 1,
-             "tbptt": 0, "scst_samples": 1, "scst_max_len": 1, "world_size": 1}
-_WITHIN = {"lr": (0, math.inf, "high"), "encoder_lr": (0, math.inf, "high"), "grad_clip": (0, math.inf, "high"),
-           "dropout": (0, 1, "low"), "momentum": (0, 1, "low"), "weight_decay": (0, math.inf, "low high"),
-           "lr_gamma": (0, 1, "high"), "alpha_c": (0, math.inf, "low high")}
+_AT_LEAST = {
+    "epochs": 1,
+    "batch_size": 1,
+    "embed_size": 1,
+    "hidden_size": 1,
+    "num_layers": 1,
+    "attention_size": 1,
+    "min_word_count": 1,
+    "max_caption_len": 1,
+    "lr_step_epochs": 1,
+    "lr_patience": 0,
+    "fine_tune_encoder": 0,
+    "seed": 0,
+    "num_workers": 0,
+    "patience": 0,
+    "val_beam_size": 1,
+    "temporal_size": 1,
+    "keypoints": 1,
+    "tbptt": 0,
+    "scst_samples": 1,
+    "scst_max_len": 1,
+    "world_size": 1,
+}
+_WITHIN = {
+    "lr": (0, math.inf, "high"),
+    "encoder_lr": (0, math.inf, "high"),
+    "grad_clip": (0, math.inf, "high"),
+    "dropout": (0, 1, "low"),
+    "momentum": (0, 1, "low"),
+    "weight_decay": (0, math.inf, "low high"),
+    "lr_gamma": (0, 1, "high"),
+    "alpha_c": (0, math.inf, "low high"),
+}
 
 #: what a run started with --init-from takes from that checkpoint's options (shapes, vocabulary)
-ARCHITECTURE = ("encoder", "decoder", "embed_size", "hidden_size", "num_layers", "dropout", "attention_size",
-                "alpha_c", "temporal", "temporal_size", "keypoints", "min_word_count", "max_caption_len")
+ARCHITECTURE = (
+    "encoder",
+    "decoder",
+    "embed_size",
+    "hidden_size",
+    "num_layers",
+    "dropout",
+    "attention_size",
+    "alpha_c",
+    "temporal",
+    "temporal_size",
+    "keypoints",
+    "min_word_count",
+    "max_caption_len",
+)
 
 #: what --resume may change: how far to go, when to stop early, how many processes read images
 RESUMABLE = ("epochs", "patience", "num_workers")
@@ -136,8 +210,17 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-_METRIC_NAMES = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "meteor": "METEOR",
-                 "rougel": "ROUGE-L", "cider": "CIDEr-D", "ciderd": "CIDEr-D", "valloss": "val_loss"}
+_METRIC_NAMES = {
+    "bleu1": "BLEU-1",
+    "bleu2": "BLEU-2",
+    "bleu3": "BLEU-3",
+    "bleu4": "BLEU-4",
+    "meteor": "METEOR",
+    "rougel": "ROUGE-L",
+    "cider": "CIDEr-D",
+    "ciderd": "CIDEr-D",
+    "valloss": "val_loss",
+}
 
 
 def canonical_metric(name: str) -> str:
@@ -158,7 +241,10 @@ def chosen_fields(opts: TrainOptions | None) -> set[str]:
 
 def refuse_clashes(saved: TrainOptions, opts: TrainOptions, names: set[str], what: str, alternative: str) -> None:
     """UsageError listing the chosen options that differ from `saved`: never silently dropped."""
-    clashes = [f"{flag(k)} {getattr(opts, k)} (it has {getattr(saved, k)})" for k in sorted(names)
-               if getattr(opts, k) != getattr(saved, k) and not (k == "temporal" and opts.temporal == "auto")]
+    clashes = [
+        f"{flag(k)} {getattr(opts, k)} (it has {getattr(saved, k)})"
+        for k in sorted(names)
+        if getattr(opts, k) != getattr(saved, k) and not (k == "temporal" and opts.temporal == "auto")
+    ]
     if clashes:
         raise UsageError(f"{what}, and these differ: {'; '.join(clashes)}. Drop them, {alternative}")

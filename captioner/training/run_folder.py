@@ -1,5 +1,6 @@
 """The run folder: RUN/last.pt after every epoch, RUN/best.pt when the selection metric improves,
 RUN/interrupted.pt after Ctrl-C/SIGTERM, RUN/metrics.jsonl one line per epoch."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,10 @@ class RunFolder:
         and file has been checked)."""
         held = [name for name in self.FILES if (self.path / name).exists()]
         if held and not overwrite:
-            raise RunFolderError(f"{self.path} holds a run ({', '.join(held)}): --resume continues it, "
-                                 "--overwrite starts afresh in it (deleting those files), or choose another --out")
+            raise RunFolderError(
+                f"{self.path} holds a run ({', '.join(held)}): --resume continues it, "
+                "--overwrite starts afresh in it (deleting those files), or choose another --out"
+            )
         return held
 
     def clear(self, names: list[str]) -> None:

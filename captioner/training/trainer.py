@@ -1,6 +1,7 @@
 """The Trainer: resolves a run's options once, builds or restores the model, then runs the
 epochs — train (every rank), validate (rank 0), log and checkpoint (rank 0) — until the last
 epoch or early stopping; exact resume."""
+
 from __future__ import annotations
 
 import logging
@@ -49,8 +50,10 @@ def training_vocabulary(train: CaptionCorpus, min_count: int) -> Vocabulary:
     if len(vocab) == len(SPECIALS):
         if not counts:
             raise DataError(f"{train.source}: the training captions hold no words (only punctuation or symbols?)")
-        raise UsageError(f"--min-word-count {min_count} leaves no words: the most frequent word of "
-                         f"{train.source} occurs {max(counts.values())} time(s)")
+        raise UsageError(
+            f"--min-word-count {min_count} leaves no words: the most frequent word of "
+            f"{train.source} occurs {max(counts.values())} time(s)"
+        )
     return vocab
 
 
@@ -67,11 +70,23 @@ class Trainer:
     hands the epoch's record to the others so that LR schedules and early stopping agree.
     """
 
-    def __init__(self, train: CaptionCorpus, val: CaptionCorpus | None, out_dir: str | Path,
-                 opts: TrainOptions | None = None, device: str = "auto", resume: bool = False,
-                 quiet: bool = False, use_cache: bool = True, cache_dir: str | Path | None = None,
-                 skip_bad: bool = False, dist: Dist | None = None, compile: bool = False,
-                 overwrite: bool = False, given: Collection[str] | None = None) -> None:
+    def __init__(
+        self,
+        train: CaptionCorpus,
+        val: CaptionCorpus | None,
+        out_dir: str | Path,
+        opts: TrainOptions | None = None,
+        device: str = "auto",
+        resume: bool = False,
+        quiet: bool = False,
+        use_cache: bool = True,
+        cache_dir: str | Path | None = None,
+        skip_bad: bool = False,
+        dist: Dist | None = None,
+        compile: bool = False,
+        overwrite: bool = False,
+        given: Collection[str] | None = None,
+    ) -> None:
         self.out = Path(out_dir)
         self.run = RunFolder(self.out)
         self.skip_bad = skip_bad  # leave out images that cannot be read instead of refusing to train
@@ -87,10 +102,14 @@ class Trainer:
         self.data = {"train": train.fingerprint(), "val": val.fingerprint() if val is not None else None}
         for corpus in (train, val):
             if corpus is not None and len(corpus) == 0:
-                raise DataError(f"{corpus.source}: no captioned images to {'train' if corpus is train else 'validate'} on")
+                raise DataError(
+                    f"{corpus.source}: no captioned images to {'train' if corpus is train else 'validate'} on"
+                )
         if opts.fine_tune_encoder and (train.frames is not None or opts.temporal != "none"):
-            raise UsageError("--fine-tune-encoder works for single images only: sequence training reads "
-                             "its frames from the feature cache")
+            raise UsageError(
+                "--fine-tune-encoder works for single images only: sequence training reads "
+                "its frames from the feature cache"
+            )
         if opts.fine_tune_encoder and opts.self_critical:
             raise UsageError("--self-critical trains the decoder from cached features: drop --fine-tune-encoder")
         self.has_val = val is not None and len(val) > 0
@@ -104,9 +123,15 @@ class Trainer:
         source = ckpt or init
         vocab = Vocabulary.from_dict(source["vocab"]) if source else training_vocabulary(train, opts.min_word_count)
         encoder = build_encoder(opts.encoder)
-        config = {"encoder": opts.encoder, "decoder": opts.decoder, "decoder_hparams": opts.decoder_hparams(),
-                  "temporal": opts.temporal_config(), "preprocess": encoder.spec.preprocess.to_dict(),
-                  "fine_tune_encoder": opts.fine_tune_encoder, "train": asdict(opts)}
+        config = {
+            "encoder": opts.encoder,
+            "decoder": opts.decoder,
+            "decoder_hparams": opts.decoder_hparams(),
+            "temporal": opts.temporal_config(),
+            "preprocess": encoder.spec.preprocess.to_dict(),
+            "fine_tune_encoder": opts.fine_tune_encoder,
+            "train": asdict(opts),
+        }
         decoder = build_model(config, len(vocab), encoder.feature_dim)
         encoder_params = encoder.unfreeze_last(opts.fine_tune_encoder)
         self.model = ModelBundle(encoder, decoder, vocab, config, self.device)
@@ -143,11 +168,18 @@ class Trainer:
         self.wrapped: nn.Module = self.core
         if self.dist.enabled:
             self.wrapped = DistributedDataParallel(
-                self.core, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.core, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
 
     # ---- options: resolved once ------------------------------------------------------------------
-    def _resolve(self, opts: TrainOptions | None, given: Collection[str] | None, resume: bool,
-                 train: CaptionCorpus, val: CaptionCorpus | None) -> tuple[dict | None, dict | None, TrainOptions]:
+    def _resolve(
+        self,
+        opts: TrainOptions | None,
+        given: Collection[str] | None,
+        resume: bool,
+        train: CaptionCorpus,
+        val: CaptionCorpus | None,
+    ) -> tuple[dict | None, dict | None, TrainOptions]:
         """(checkpoint to resume, checkpoint to start from, the run's options, checked)."""
         given = set(given) & set(TrainOptions.__dataclass_fields__) if given is not None else chosen_fields(opts)
         ckpt = init = None
@@ -155,8 +187,13 @@ class Trainer:
             ckpt = self.dist.on_main(self.run.load_last)
             saved = TrainOptions(**ckpt["config"]["train"])
             if opts is not None:
-                refuse_clashes(saved, opts, given - set(RESUMABLE), f"{self.out}: --resume continues the run with its "
-                               "own settings", f"or start a new run from its weights with --init-from {self.run.last}")
+                refuse_clashes(
+                    saved,
+                    opts,
+                    given - set(RESUMABLE),
+                    f"{self.out}: --resume continues the run with its own settings",
+                    f"or start a new run from its weights with --init-from {self.run.last}",
+                )
                 saved = replace(saved, **{k: getattr(opts, k) for k in RESUMABLE if k in given})
             self._check_same_data(ckpt.get("data") or {}, train, val)
             opts = self._keep_global_batch(saved)
@@ -164,8 +201,13 @@ class Trainer:
         if opts.init_from and not ckpt:
             init = self.dist.on_main(lambda: load_checkpoint(opts.init_from, map_location="cpu"))
             saved = TrainOptions(**init["config"]["train"])
-            refuse_clashes(saved, opts, given & set(ARCHITECTURE), f"--init-from {opts.init_from} takes its "
-                           "architecture and vocabulary from that checkpoint", "or train a new model without it")
+            refuse_clashes(
+                saved,
+                opts,
+                given & set(ARCHITECTURE),
+                f"--init-from {opts.init_from} takes its architecture and vocabulary from that checkpoint",
+                "or train a new model without it",
+            )
             opts = replace(opts, **{k: getattr(saved, k) for k in ARCHITECTURE})
         opts.check()
         if opts.temporal == "auto":  # resolved once; the checkpoint keeps the resolved value
@@ -182,10 +224,12 @@ class Trainer:
                 continue
             had = f"{was['source']} ({was['items']} items)" if was else "none"
             got = f"{now['source']} ({now['items']} items)" if now else "none"
-            raise UsageError(f"{self.out}: --resume needs the run's own {name} data, {had}, but got {got}: its "
-                             f"vocabulary and {'data order' if name == 'training' else 'best score'} belong to "
-                             f"that data. To train on other data, start a new run from its weights with "
-                             f"--init-from {self.run.last}")
+            raise UsageError(
+                f"{self.out}: --resume needs the run's own {name} data, {had}, but got {got}: its "
+                f"vocabulary and {'data order' if name == 'training' else 'best score'} belong to "
+                f"that data. To train on other data, start a new run from its weights with "
+                f"--init-from {self.run.last}"
+            )
 
     def _keep_global_batch(self, saved: TrainOptions) -> TrainOptions:
         """A run resumed on another number of processes keeps its global batch, and with it the
@@ -196,10 +240,15 @@ class Trainer:
         total = saved.batch_size * saved.world_size
         per = max(1, round(total / world))
         if not self.quiet:
-            kept = f"global batch {total} kept" if per * world == total else \
-                f"global batch {total} -> {per * world}: {total} is not a multiple of {world}"
-            log.info(f"resuming a {saved.world_size}-process run on {world} process(es): per-process batch "
-                     f"{saved.batch_size} -> {per} ({kept})")
+            kept = (
+                f"global batch {total} kept"
+                if per * world == total
+                else f"global batch {total} -> {per * world}: {total} is not a multiple of {world}"
+            )
+            log.info(
+                f"resuming a {saved.world_size}-process run on {world} process(es): per-process batch "
+                f"{saved.batch_size} -> {per} ({kept})"
+            )
         return replace(saved, batch_size=per, world_size=world)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -223,13 +272,17 @@ class Trainer:
         were trained is a mistake, not a no-op."""
         opts = self.opts
         if opts.epochs < done:
-            raise UsageError(f"{self.out}: has trained {done} epochs already, more than --epochs {opts.epochs}: "
-                             f"give --epochs above {done} to train further")
+            raise UsageError(
+                f"{self.out}: has trained {done} epochs already, more than --epochs {opts.epochs}: "
+                f"give --epochs above {done} to train further"
+            )
         if opts.epochs == done:
             return f"nothing left to do: {self.out} has trained all {done} epochs (give --epochs above {done} to go on)"
         if opts.patience and self.bad_epochs >= opts.patience:
-            return (f"nothing left to do: {self.out} stopped early after epoch {done} ({self.select} had not "
-                    f"improved for {self.bad_epochs} epochs; a larger --patience goes on)")
+            return (
+                f"nothing left to do: {self.out} stopped early after epoch {done} ({self.select} had not "
+                f"improved for {self.bad_epochs} epochs; a larger --patience goes on)"
+            )
         return None
 
     def _compile(self) -> None:
@@ -242,14 +295,23 @@ class Trainer:
             self.core.encoder.compile()
             done.append("the encoder")
         if not self.quiet:
-            log.info("--compile: " + (" and ".join(done) + " compiled (the first batches compile; later ones reuse it)"
-                                      if done else f"nothing to compile for the {self.opts.decoder} decoder with a "
-                                      "frozen encoder (its LSTM is already one fused kernel)"))
+            log.info(
+                "--compile: "
+                + (
+                    " and ".join(done) + " compiled (the first batches compile; later ones reuse it)"
+                    if done
+                    else f"nothing to compile for the {self.opts.decoder} decoder with a "
+                    "frozen encoder (its LSTM is already one fused kernel)"
+                )
+            )
 
     # ---- data --------------------------------------------------------------------------------------
     def _data(self, corpus: CaptionCorpus, desc: str):
-        cache = FeatureCache(self.model.encoder, self.cache_dir, self.device) \
-            if self.use_cache and not self.model.encoder.trainable else None
+        cache = (
+            FeatureCache(self.model.encoder, self.cache_dir, self.device)
+            if self.use_cache and not self.model.encoder.trainable
+            else None
+        )
         return item_data(self.model, corpus, self.opts, self.device, cache, self.skip_bad, self.quiet, desc)
 
     def _loader(self, dataset: CaptionDataset, train: bool, epoch: int = 0) -> DataLoader:
@@ -264,9 +326,17 @@ class Trainer:
         (rank 0 alone: no DDP)."""
         dataset, feats = data
         self.model.decoder.train(train)
-        return cross_entropy_epoch(self.wrapped if train else self.core, self._loader(dataset, train, epoch),
-                                   lambda batch: to_inputs(batch, feats, self.device), self.device, self.dist,
-                                   self.update if train else None, self._autocast, desc, self.quiet)
+        return cross_entropy_epoch(
+            self.wrapped if train else self.core,
+            self._loader(dataset, train, epoch),
+            lambda batch: to_inputs(batch, feats, self.device),
+            self.device,
+            self.dist,
+            self.update if train else None,
+            self._autocast,
+            desc,
+            self.quiet,
+        )
 
     def _run_self_critical_epoch(self, desc: str, epoch: int = 0) -> tuple[float, float]:
         dataset, feats = self.train_data
@@ -274,15 +344,30 @@ class Trainer:
             self.cider = CiderD({i: [normalize(c) for c in caps] for i, caps in enumerate(dataset.corpus.captions)})
         self.model.decoder.train()
         opts = self.opts
-        return self_critical_epoch(self.wrapped, feats, self.cider, self.model.vocab, opts.scst_samples,
-                                   opts.scst_max_len, opts.batch_size, opts.seed, epoch, self.device, self.dist,
-                                   self.update, self._autocast, desc, self.quiet)
+        return self_critical_epoch(
+            self.wrapped,
+            feats,
+            self.cider,
+            self.model.vocab,
+            opts.scst_samples,
+            opts.scst_max_len,
+            opts.batch_size,
+            opts.seed,
+            epoch,
+            self.device,
+            self.dist,
+            self.update,
+            self._autocast,
+            desc,
+            self.quiet,
+        )
 
     def _validate(self) -> dict[str, Any]:
         val_loss = self._run_epoch(self.val_data, False, "val")
         dataset, feats = self.val_data
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))} | \
-            val_scores(self.model, dataset.corpus, feats, self.opts.val_beam_size)
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))} | val_scores(
+            self.model, dataset.corpus, feats, self.opts.val_beam_size
+        )
 
     def _better(self, score: float) -> bool:
         return score > self.best_score if self.higher_is_better else score < self.best_score
@@ -311,11 +396,15 @@ class Trainer:
             if self.dist.is_main:
                 self.run.save_interrupted(self.model.checkpoint_payload() | {"epoch": done})
             when = f"after epoch {done}" if done > epoch else f"during epoch {epoch + 1}"
-            raise TrainingInterrupted(f"interrupted {when}: weights saved to {self.run.interrupted}; `--resume` "
-                                      f"continues from {self.run.last} (end of epoch {done})") from None
+            raise TrainingInterrupted(
+                f"interrupted {when}: weights saved to {self.run.interrupted}; `--resume` "
+                f"continues from {self.run.last} (end of epoch {done})"
+            ) from None
         if self.dist.is_main and not self.run.best.is_file():
-            raise CheckpointError(f"{self.out}: no epochs were run, so there is no best.pt "
-                                  f"(already at epoch {self.start_epoch} of {self.opts.epochs}?)")
+            raise CheckpointError(
+                f"{self.out}: no epochs were run, so there is no best.pt "
+                f"(already at epoch {self.start_epoch} of {self.opts.epochs}?)"
+            )
         return self.run.best
 
     def _fit_epoch(self, epoch: int) -> None:
@@ -330,8 +419,12 @@ class Trainer:
             record = {"epoch": epoch + 1, "train_loss": train_loss, "train_CIDEr-D": reward, "lr": lr}
         else:
             train_loss = self._run_epoch(self.train_data, True, desc, epoch)
-            record = {"epoch": epoch + 1, "train_loss": train_loss, "train_ppl": math.exp(min(train_loss, 50)),
-                      "lr": lr}
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                "train_ppl": math.exp(min(train_loss, 50)),
+                "lr": lr,
+            }
         if self.has_val:
             record |= self.dist.on_main(self._validate)
         score = record[self.select]
@@ -351,13 +444,22 @@ class Trainer:
 
     def _log_and_save(self, record: dict[str, Any], improved: bool) -> None:
         payload = self.model.checkpoint_payload() | {
-            "optimizer": self.optim.state_dict(), "scheduler": self.sched.state_dict(), "epoch": record["epoch"],
-            "scaler": self.scaler.state_dict(), "best_score": self.best_score, "bad_epochs": self.bad_epochs,
-            "select_metric": self.select, "data": self.data}
+            "optimizer": self.optim.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "epoch": record["epoch"],
+            "scaler": self.scaler.state_dict(),
+            "best_score": self.best_score,
+            "bad_epochs": self.bad_epochs,
+            "select_metric": self.select,
+            "data": self.data,
+        }
         with signals_held():  # Ctrl-C waits until the log line, last.pt and best.pt are written
             self.run.record(record, payload, improved)
             self.epochs_done = record["epoch"]
         if not self.quiet:
-            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                             if k not in ("best", "METEOR_backend"))
+            shown = " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in record.items()
+                if k not in ("best", "METEOR_backend")
+            )
             log.info(shown + (f" * best {self.select}" if improved else ""))

@@ -1,4 +1,5 @@
 """Validation after every epoch: the val images captioned once, scored with the COCO metrics."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -2,6 +2,7 @@
 
 Usage: torchrun ... tests/helpers/failing_rank.py FAIL_RANK FAIL_AT_STEP <captioner train arguments>
 """
+
 import os
 import sys
 

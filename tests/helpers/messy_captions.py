@@ -7,6 +7,7 @@ abbreviations and initials, brackets, accented and non-Latin letters, emoji, str
 scripts/make_metrics_fixture.py scores them with the official code; tests/test_metrics.py
 rebuilds the same sets and checks our tokenizer and metrics against those scores.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,22 +15,52 @@ import random
 from pathlib import Path
 
 SEEDS = [
-    "a dog runs on the grass", "two dogs play with a red ball in the park", "a man rides a bike down the street",
-    "the woman is standing near the water", "a little girl sits on a bench", "three children jump over a fence",
-    "a brown dog is running across the beach", "an old man looks at the rocks", "people walk along the snow",
-    "a black and white dog catches a frisbee", "a cat sleeps on a red couch", "a plate of food with rice and beans",
-    "a kitchen with a stove and a white fridge", "a bus is parked on the side of the road",
-    "two men play tennis on a blue court", "a woman holds an umbrella in the rain", "a boy flies a kite on the beach",
-    "a train goes over a bridge", "a group of people stand in front of a building", "a giraffe eats leaves from a tree",
-    "a pizza with cheese and tomatoes on a table", "a man surfs a large wave", "a skier goes down a snowy hill",
-    "a little boy in a yellow shirt plays soccer", "two horses graze in a field", "a girl with a pink hat smiles",
-    "a red car drives past a store", "an elephant walks through the dust", "a baby sleeps in a crib",
-    "a man in a suit talks on a phone", "a cup of coffee next to a laptop", "a clock tower stands over the city",
-    "a dog jumps into the lake to get a stick", "children play in the fountain", "a woman cuts a cake",
-    "the sun sets over the ocean", "a teddy bear sits on a chair", "a boat floats in the harbor",
-    "a motorcycle is parked by the curb", "a crowd watches a parade", "a young man skateboards down a ramp",
-    "a black dog and a white dog wrestle in the snow", "a girl feeds the ducks at the pond",
-    "a man climbs a rock wall", "a woman in a red dress dances", "two dogs run through the tall grass",
+    "a dog runs on the grass",
+    "two dogs play with a red ball in the park",
+    "a man rides a bike down the street",
+    "the woman is standing near the water",
+    "a little girl sits on a bench",
+    "three children jump over a fence",
+    "a brown dog is running across the beach",
+    "an old man looks at the rocks",
+    "people walk along the snow",
+    "a black and white dog catches a frisbee",
+    "a cat sleeps on a red couch",
+    "a plate of food with rice and beans",
+    "a kitchen with a stove and a white fridge",
+    "a bus is parked on the side of the road",
+    "two men play tennis on a blue court",
+    "a woman holds an umbrella in the rain",
+    "a boy flies a kite on the beach",
+    "a train goes over a bridge",
+    "a group of people stand in front of a building",
+    "a giraffe eats leaves from a tree",
+    "a pizza with cheese and tomatoes on a table",
+    "a man surfs a large wave",
+    "a skier goes down a snowy hill",
+    "a little boy in a yellow shirt plays soccer",
+    "two horses graze in a field",
+    "a girl with a pink hat smiles",
+    "a red car drives past a store",
+    "an elephant walks through the dust",
+    "a baby sleeps in a crib",
+    "a man in a suit talks on a phone",
+    "a cup of coffee next to a laptop",
+    "a clock tower stands over the city",
+    "a dog jumps into the lake to get a stick",
+    "children play in the fountain",
+    "a woman cuts a cake",
+    "the sun sets over the ocean",
+    "a teddy bear sits on a chair",
+    "a boat floats in the harbor",
+    "a motorcycle is parked by the curb",
+    "a crowd watches a parade",
+    "a young man skateboards down a ramp",
+    "a black dog and a white dog wrestle in the snow",
+    "a girl feeds the ducks at the pond",
+    "a man climbs a rock wall",
+    "a woman in a red dress dances",
+    "two dogs run through the tall grass",
 ]
 WORDS = {
     "dog": ["dog's toy", "dog’s bone", "puppy", "dogs'", "German shepherd", "St. Bernard", "husky (a puppy)"],
@@ -50,15 +81,76 @@ WORDS = {
     "park": ["park at 10:30 a.m.", "park at 5 p.m.", "park, etc.", "park & garden", "Central Park (NYC)"],
 }
 EXTRAS = [
-    "", "", "", " in the park", " at 3:45 p.m.", ", smiling", " while it’s raining", " (outside)",
-    " near the dog's toy", "; it is sunny", " – quickly", " with 2 friends", " for $5.99", " costing €3,50",
-    " worth £20", " 50% off", " about 1,250.75 m away", " in 1999", " in the '90s", " on Jan. 5", " vs. a cat",
-    " i.e. outdoors", " in Mt. Fuji’s shadow", " (see fig. 2)", " [sic]", " {blurred}", " 🐶", " 😀👍🏽", " ☺",
-    " ✓", " ❤️", " 🇺🇸", " in Москва", " 在公园里", " στην παραλία", " à la café", " naïve piñata", " crème brûlée",
-    " façade of the Łódź building", " in the U.K.", " — wow!", "...", " . . .", "!!", "?", " ?!", " o’clock",
-    " rock 'n' roll", " w/ a hat", " 24/7", " and/or a cat", " x-ray", " T-shirt", " 5-year-old", " well‐known",
-    " «quoted»", " „low“", " \"hello\"", " 'single'", " ‘curly single’", " “curly double”", " ``latex''",
-    " at AT&T", " Q&A", " e-mail: a@b.com", " www.example.com", " #hashtag", " @user", " C++", " 3 1/2 in",
+    "",
+    "",
+    "",
+    " in the park",
+    " at 3:45 p.m.",
+    ", smiling",
+    " while it’s raining",
+    " (outside)",
+    " near the dog's toy",
+    "; it is sunny",
+    " – quickly",
+    " with 2 friends",
+    " for $5.99",
+    " costing €3,50",
+    " worth £20",
+    " 50% off",
+    " about 1,250.75 m away",
+    " in 1999",
+    " in the '90s",
+    " on Jan. 5",
+    " vs. a cat",
+    " i.e. outdoors",
+    " in Mt. Fuji’s shadow",
+    " (see fig. 2)",
+    " [sic]",
+    " {blurred}",
+    " 🐶",
+    " 😀👍🏽",
+    " ☺",
+    " ✓",
+    " ❤️",
+    " 🇺🇸",
+    " in Москва",
+    " 在公园里",
+    " στην παραλία",
+    " à la café",
+    " naïve piñata",
+    " crème brûlée",
+    " façade of the Łódź building",
+    " in the U.K.",
+    " — wow!",
+    "...",
+    " . . .",
+    "!!",
+    "?",
+    " ?!",
+    " o’clock",
+    " rock 'n' roll",
+    " w/ a hat",
+    " 24/7",
+    " and/or a cat",
+    " x-ray",
+    " T-shirt",
+    " 5-year-old",
+    " well‐known",
+    " «quoted»",
+    " „low“",
+    ' "hello"',
+    " 'single'",
+    " ‘curly single’",
+    " “curly double”",
+    " ``latex''",
+    " at AT&T",
+    " Q&A",
+    " e-mail: a@b.com",
+    " www.example.com",
+    " #hashtag",
+    " @user",
+    " C++",
+    " 3 1/2 in",
 ]
 ENDINGS = ["", ".", " .", "!", "?", "...", " .", "…", ". ", "!!", " ?", ".\t", "  "]
 SPACES = [" ", " ", " ", " ", "  ", "\t", "\u00a0", " \u2009", "\u3000"]
@@ -66,8 +158,11 @@ EDGE_CASES = [
     ("", ["a dog runs on the grass", "a brown dog is running"]),  # empty candidate
     ("a a a a a a a a", ["a dog runs", "a cat sleeps on a mat"]),  # repeats: clipped counts
     ("dog", ["a dog runs on the grass."]),  # one word
-    ("a man rides a bike down the street while two dogs run after him and people watch from a bench "
-     "in the park at night", ["a man rides a bike", "a cyclist on a street"]),  # long
+    (
+        "a man rides a bike down the street while two dogs run after him and people watch from a bench "
+        "in the park at night",
+        ["a man rides a bike", "a cyclist on a street"],
+    ),  # long
     ("The dog, the dog, and the DOG!", ["the dog and the dog", "dogs"]),  # punctuation + repeats
     ("two dogs play with a red ball", ["two dogs play with a red ball"] * 5),  # identical references
     ("a woman's hat", ["a woman's red hat.", "the hat of a woman"]),  # possessive
@@ -113,8 +208,10 @@ def builtin_sets(seed: int = 14, n: int = 230) -> list[dict]:
     sets = []
     for i in range(n):
         topic = rng.choice(SEEDS)
-        refs = [messy(topic if rng.random() < 0.6 else rng.choice(SEEDS), SEEDS, rng)
-                for _ in range(rng.choice([1, 2, 3, 4, 5, 5, 5, 5]))]
+        refs = [
+            messy(topic if rng.random() < 0.6 else rng.choice(SEEDS), SEEDS, rng)
+            for _ in range(rng.choice([1, 2, 3, 4, 5, 5, 5, 5]))
+        ]
         base = topic if rng.random() < 0.5 else rng.choice(SEEDS)
         sets.append({"id": i, "candidate": messy(base, SEEDS, rng), "references": refs})
     for cand, refs in EDGE_CASES:
@@ -143,11 +240,18 @@ def shared_sets(data: Path, seed: int = 8, n_flickr: int = 120) -> list[dict] | 
     sets = []
     for image_id, refs in sorted(coco_refs.items()):
         base = rng.choice(refs) if rng.random() < 0.5 else rng.choice(pool)
-        sets.append({"id": len(sets), "source": f"coco_dev:{image_id}", "candidate": messy(base, pool, rng),
-                     "references": refs})
+        sets.append(
+            {"id": len(sets), "source": f"coco_dev:{image_id}", "candidate": messy(base, pool, rng), "references": refs}
+        )
     for image_id in sorted(flickr_refs)[:n_flickr]:
         refs = [messy(r, pool, rng) if rng.random() < 0.7 else r for r in flickr_refs[image_id]]
         base = rng.choice(flickr_refs[image_id]) if rng.random() < 0.6 else rng.choice(pool)
-        sets.append({"id": len(sets), "source": f"flickr8k_val:{image_id}", "candidate": messy(base, pool, rng),
-                     "references": refs})
+        sets.append(
+            {
+                "id": len(sets),
+                "source": f"flickr8k_val:{image_id}",
+                "candidate": messy(base, pool, rng),
+                "references": refs,
+            }
+        )
     return sets
