@@ -98,78 +98,24 @@ class Trainer:
             self.run.create()
         self._stale = [] if resume else self.dist.on_main(lambda: self.run.claim(overwrite))
         ckpt, init, self.opts = self._resolve(opts, given, resume, train, val)
-        opts = self.opts
-        self.data = {"train": train.fingerprint(), "val": val.fingerprint() if val is not None else None}
-        for corpus in (train, val):
-            if corpus is not None and len(corpus) == 0:
-                raise DataError(
-                    f"{corpus.source}: no captioned images to {'train' if corpus is train else 'validate'} on"
-                )
-        if opts.fine_tune_encoder and (train.frames is not None or opts.temporal != "none"):
-            raise UsageError(
-                "--fine-tune-encoder works for single images only: sequence training reads "
-                "its frames from the feature cache"
-            )
-        if opts.fine_tune_encoder and opts.self_critical:
-            raise UsageError("--self-critical trains the decoder from cached features: drop --fine-tune-encoder")
-        self.has_val = val is not None and len(val) > 0
-        self.select = canonical_metric(opts.select_metric) if self.has_val else "train_loss"
-        self.higher_is_better = self.select not in ("val_loss", "train_loss")
-        if self.select == "METEOR" and meteor_backend() == "unavailable":
-            raise UsageError("--select-metric METEOR, but no METEOR is available here (see README: Metrics)")
-        torch.manual_seed(opts.seed)  # the same initial weights on every rank (DDP checks them, too)
-        random.seed(opts.seed)
-
-        source = ckpt or init
-        vocab = Vocabulary.from_dict(source["vocab"]) if source else training_vocabulary(train, opts.min_word_count)
-        encoder = build_encoder(opts.encoder)
-        config = {
-            "encoder": opts.encoder,
-            "decoder": opts.decoder,
-            "decoder_hparams": opts.decoder_hparams(),
-            "temporal": opts.temporal_config(),
-            "preprocess": encoder.spec.preprocess.to_dict(),
-            "fine_tune_encoder": opts.fine_tune_encoder,
-            "train": asdict(opts),
-        }
-        decoder = build_model(config, len(vocab), encoder.feature_dim)
-        encoder_params = encoder.unfreeze_last(opts.fine_tune_encoder)
-        self.model = ModelBundle(encoder, decoder, vocab, config, self.device)
-        groups = [{"params": list(decoder.parameters())}]
-        if encoder_params:
-            groups.append({"params": encoder_params, "lr": opts.encoder_lr})
-        self.optim = build_optimizer(opts, groups)
-        self.amp = amp_dtype(opts.amp, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
-        self.sched = build_scheduler(opts, self.optim, "max" if self.higher_is_better else "min")
-        self.update = Update(self.optim, self.scaler, opts.grad_clip, self.run.last)
+        self._check_inputs(train, val)
+        torch.manual_seed(self.opts.seed)  # the same initial weights on every rank (DDP checks them, too)
+        random.seed(self.opts.seed)
+        self._build(ckpt or init, train)
         self.start_epoch = self.epochs_done = 0
         self.finished: str | None = None  # why a resumed run has nothing left to do
         self.best_score = -math.inf if self.higher_is_better else math.inf
         self.bad_epochs = 0  # epochs since the selection metric last improved
         if init:
             if init.get("encoder") is not None:
-                encoder.load_state_dict(init["encoder"])
-            decoder.load_state_dict(init["decoder"])
+                self.model.encoder.load_state_dict(init["encoder"])
+            self.model.decoder.load_state_dict(init["decoder"])
         if ckpt:
             self._restore(ckpt)
         if self.dist.is_main and resume:
             self.run.trim(self.start_epoch)  # lines a crash wrote past the checkpoint
-        if self.finished:
-            return  # no features to extract: fit() has nothing to do
-        # features: each process fills the cache; the first to take its lock extracts, the others
-        # wait on the lock (not on a collective, so a long extraction cannot time out) and read
-        self.train_data = self._data(train, "train features")
-        self.cider: CiderD | None = None  # self-critical reward over the training references, built on first use
-        self.val_data = self._data(val, "val features") if self.has_val and self.dist.is_main else None
-        self.core = TrainStep(encoder if encoder.trainable else None, decoder)
-        if compile:
-            self._compile()
-        self.wrapped: nn.Module = self.core
-        if self.dist.enabled:
-            self.wrapped = DistributedDataParallel(
-                self.core, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
+        if not self.finished:  # (with nothing left to do, fit() needs no features)
+            self._prepare(train, val, compile)
 
     # ---- options: resolved once ------------------------------------------------------------------
     def _resolve(
@@ -213,6 +159,72 @@ class Trainer:
         if opts.temporal == "auto":  # resolved once; the checkpoint keeps the resolved value
             opts = replace(opts, temporal="gru" if train.frames is not None else "none")
         return ckpt, init, opts
+
+    def _check_inputs(self, train: CaptionCorpus, val: CaptionCorpus | None) -> None:
+        """Refuse data and option combinations that cannot train; decide what best.pt follows."""
+        opts = self.opts
+        self.data = {"train": train.fingerprint(), "val": val.fingerprint() if val is not None else None}
+        for corpus in (train, val):
+            if corpus is not None and len(corpus) == 0:
+                what = "train" if corpus is train else "validate"
+                raise DataError(f"{corpus.source}: no captioned images to {what} on")
+        if opts.fine_tune_encoder and (train.frames is not None or opts.temporal != "none"):
+            raise UsageError(
+                "--fine-tune-encoder works for single images only: sequence training reads "
+                "its frames from the feature cache"
+            )
+        if opts.fine_tune_encoder and opts.self_critical:
+            raise UsageError("--self-critical trains the decoder from cached features: drop --fine-tune-encoder")
+        self.has_val = val is not None and len(val) > 0
+        self.select = canonical_metric(opts.select_metric) if self.has_val else "train_loss"
+        self.higher_is_better = self.select not in ("val_loss", "train_loss")
+        if self.select == "METEOR" and meteor_backend() == "unavailable":
+            raise UsageError("--select-metric METEOR, but no METEOR is available here (see README: Metrics)")
+
+    # ---- the model and its optimisation ------------------------------------------------------------
+    def _build(self, source: dict | None, train: CaptionCorpus) -> None:
+        """The model (vocabulary from `source` when starting from a checkpoint, else from the
+        training captions), its optimizer, LR schedule, AMP scaler and update step."""
+        opts = self.opts
+        vocab = Vocabulary.from_dict(source["vocab"]) if source else training_vocabulary(train, opts.min_word_count)
+        encoder = build_encoder(opts.encoder)
+        config = {
+            "encoder": opts.encoder,
+            "decoder": opts.decoder,
+            "decoder_hparams": opts.decoder_hparams(),
+            "temporal": opts.temporal_config(),
+            "preprocess": encoder.spec.preprocess.to_dict(),
+            "fine_tune_encoder": opts.fine_tune_encoder,
+            "train": asdict(opts),
+        }
+        decoder = build_model(config, len(vocab), encoder.feature_dim)
+        encoder_params = encoder.unfreeze_last(opts.fine_tune_encoder)
+        self.model = ModelBundle(encoder, decoder, vocab, config, self.device)
+        groups = [{"params": list(decoder.parameters())}]
+        if encoder_params:
+            groups.append({"params": encoder_params, "lr": opts.encoder_lr})
+        self.optim = build_optimizer(opts, groups)
+        self.amp = amp_dtype(opts.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        self.sched = build_scheduler(opts, self.optim, "max" if self.higher_is_better else "min")
+        self.update = Update(self.optim, self.scaler, opts.grad_clip, self.run.last)
+
+    def _prepare(self, train: CaptionCorpus, val: CaptionCorpus | None, compile: bool) -> None:
+        """Features (each process fills the cache; the first to take its lock extracts, the others
+        wait on the lock, not on a collective, so a long extraction cannot time out, and read),
+        the trainable step, --compile, and DDP around the step."""
+        self.train_data = self._data(train, "train features")
+        self.cider: CiderD | None = None  # self-critical reward over the training references, built on first use
+        self.val_data = self._data(val, "val features") if self.has_val and self.dist.is_main else None
+        encoder = self.model.encoder
+        self.core = TrainStep(encoder if encoder.trainable else None, self.model.decoder)
+        if compile:
+            self._compile()
+        self.wrapped: nn.Module = self.core
+        if self.dist.enabled:
+            self.wrapped = DistributedDataParallel(
+                self.core, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
 
     def _check_same_data(self, saved: dict, train: CaptionCorpus, val: CaptionCorpus | None) -> None:
         """A resumed run trains on the data it started with: its vocabulary, data order and best
