@@ -65,22 +65,14 @@ def run(args: argparse.Namespace) -> int:
         check_output_dir(args.attention_map)
     model = Captioner.load(args.model, device=args.device)
     model.max_pixels = args.max_pixels
-    decoding(model, args)  # nonsense refused before any image is read
+    # the model's decoding settings with what the command line set, checked before any image is read
+    decode_opts = decoding(model, args) | {"n_best": args.n_best, "batch_size": args.batch_size}
     if args.attention_map and model.decoder.attends_over != "regions":
         raise UsageError(
             f"--attention-map needs a single-image model trained with --decoder attention "
             f"(this one has --decoder {model.config['decoder']}"
             f"{' on sequences' if model.is_sequence_model else ''})"
         )
-    decode_opts = dict(
-        beam_size=args.beam_size,
-        n_best=args.n_best,
-        max_len=args.max_len,
-        min_len=args.min_len,
-        length_alpha=args.length_penalty,
-        no_repeat_ngram=args.no_repeat_ngram,
-        batch_size=args.batch_size,
-    )  # None: the model's decoding defaults
     if not args.inputs:
         return _caption_sequences(model, args, decode_opts)
     paths, failed = expand_inputs(args.inputs)

@@ -76,14 +76,8 @@ def load_corpus(
 
 def decoding(model, args: argparse.Namespace) -> dict:
     """The model's decoding defaults, with what the command line set; checked before any work."""
-    return model.resolve_decoding(
-        n_best=getattr(args, "n_best", 1),
-        beam_size=args.beam_size,
-        max_len=args.max_len,
-        min_len=args.min_len,
-        length_alpha=args.length_penalty,
-        no_repeat_ngram=args.no_repeat_ngram,
-    )
+    given = {key: getattr(args, name[2:].replace("-", "_")) for name, key, _, _ in DECODING_FLAGS}
+    return model.resolve_decoding(n_best=getattr(args, "n_best", 1), **given)
 
 
 def cache_args(group) -> None:

@@ -45,9 +45,10 @@ def run(args: argparse.Namespace) -> int:
     if corpus is None:
         raise DataError("give --annotations (or --sequences) and --images, or --karpathy-json and --split")
     model = Captioner.load(args.model, device=args.device)
+    settings = decoding(model, args)  # checked before any image is read
     cache = None if args.no_cache else FeatureCache(model.encoder, args.cache_dir, model.device)
     results, failed = caption_corpus(
-        model, corpus, batch_size=args.batch_size, quiet=args.quiet, cache=cache, **decoding(model, args)
+        model, corpus, batch_size=args.batch_size, quiet=args.quiet, cache=cache, **settings
     )
     for e in failed:
         err(str(e))
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         write_results(args.results, results)
     report = {
         "model": str(args.model or "bundled"),
-        "decoding": decoding(model, args),
+        "decoding": settings,
         "failed": len(failed),
         "skipped_missing": corpus.skipped_missing,
         **score(references(corpus), results),
