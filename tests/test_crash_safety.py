@@ -18,23 +18,10 @@ from captioner.training import Trainer, TrainOptions
 
 pytestmark = pytest.mark.slow  # launches training processes
 
-ARGS = [
-    "--decoder",
-    "lstm",
-    "--batch-size",
-    "2",
-    "--hidden-size",
-    "64",
-    "--embed-size",
-    "32",
-    "--min-word-count",
-    "1",
-    "--device",
-    "cpu",
-    "--quiet",
-    "--lr-schedule",
-    "constant",
-]
+ARGS = (
+    "--decoder lstm --batch-size 2 --hidden-size 64 --embed-size 32 --min-word-count 1 --device cpu "
+    "--quiet --lr-schedule constant"
+).split()
 
 
 def _train_cmd(shapes, out, *extra):

@@ -23,23 +23,10 @@ pytestmark = pytest.mark.slow  # launches training processes
 
 HELPERS = Path(__file__).parent / "helpers"
 # 600 training captions: a multiple of every global batch used here, so no rank gets padding
-SMALL = [
-    "--decoder",
-    "lstm",
-    "--hidden-size",
-    "64",
-    "--embed-size",
-    "32",
-    "--attention-size",
-    "32",
-    "--min-word-count",
-    "1",
-    "--dropout",
-    "0",
-    "--device",
-    "cpu",
-    "--quiet",
-]
+SMALL = (
+    "--decoder lstm --hidden-size 64 --embed-size 32 --attention-size 32 --min-word-count 1 --dropout 0 "
+    "--device cpu --quiet"
+).split()
 TIMEOUT = 240  # no test may hang: every launch is killed after this
 
 

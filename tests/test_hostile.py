@@ -304,43 +304,17 @@ def test_resume_refuses_flags_and_data_that_contradict_the_run(shapes, tmp_path,
     from captioner.checkpoint import load_checkpoint
 
     run = tmp_path / "run"
-    base = [
-        "train",
-        "--train-annotations",
-        str(shapes["train_json"]),
-        "--train-images",
-        str(shapes["train_images"]),
-        "--out",
-        str(run),
-        "--decoder",
-        "lstm",
-        "--hidden-size",
-        "64",
-        "--embed-size",
-        "32",
-        "--min-word-count",
-        "1",
-        "--device",
-        "cpu",
-        "--quiet",
-    ]
+    base = ["train", "--train-annotations", str(shapes["train_json"]), "--train-images", str(shapes["train_images"]),
+            "--out", str(run), *"--decoder lstm --hidden-size 64 --embed-size 32 --min-word-count 1".split(),
+            "--device", "cpu", "--quiet"]  # fmt: skip
     assert main([*base, "--epochs", "2"]) == 0
     capsys.readouterr()
 
     def log():
         return [json.loads(l)["epoch"] for l in (run / "metrics.jsonl").read_text().splitlines()]
 
-    resume = [
-        "train",
-        "--train-images",
-        str(shapes["train_images"]),
-        "--out",
-        str(run),
-        "--resume",
-        "--device",
-        "cpu",
-        "--quiet",
-    ]
+    resume = ["train", "--train-images", str(shapes["train_images"]), "--out", str(run), "--resume",
+              "--device", "cpu", "--quiet"]  # fmt: skip
     train = ["--train-annotations", str(shapes["train_json"])]
     assert main([*resume, *train, "--epochs", "3", "--lr", "0.1", "--decoder", "attention"]) == 2
     err = _one_line_error(capsys)
@@ -357,23 +331,9 @@ def test_resume_refuses_flags_and_data_that_contradict_the_run(shapes, tmp_path,
     assert log() == [1, 2]
     assert main([*resume, *train, "--epochs", "3", "--num-workers", "0", "--decoder", "lstm"]) == 0  # agrees: fine
     assert log() == [1, 2, 3] and load_checkpoint(run / "last.pt")["config"]["train"]["lr"] == 4e-4
-    assert (
-        main(
-            [
-                *base[:-9],
-                "--out",
-                str(tmp_path / "new"),
-                "--init-from",
-                str(run / "last.pt"),
-                "--decoder",
-                "attention",
-                "--device",
-                "cpu",
-                "--quiet",
-            ]
-        )
-        == 2
-    )
+    data = ["--train-annotations", str(shapes["train_json"]), "--train-images", str(shapes["train_images"])]
+    new_run = ["train", *data, "--out", str(tmp_path / "new"), "--device", "cpu", "--quiet"]
+    assert main([*new_run, "--init-from", str(run / "last.pt"), "--decoder", "attention"]) == 2
     assert "--init-from" in _one_line_error(capsys)
 
 

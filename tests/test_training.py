@@ -11,21 +11,9 @@ from captioner.training import Trainer, TrainOptions, build_optimizer
 
 from .conftest import FLICKR8K
 
-QUICK = [
-    "--decoder",
-    "lstm",
-    "--batch-size",
-    "32",
-    "--hidden-size",
-    "64",
-    "--embed-size",
-    "32",
-    "--min-word-count",
-    "1",
-    "--device",
-    "cpu",
-    "--quiet",
-]
+QUICK = (
+    "--decoder lstm --batch-size 32 --hidden-size 64 --embed-size 32 --min-word-count 1 --device cpu --quiet".split()
+)
 
 
 def _train(shapes, out, *extra):
