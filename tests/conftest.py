@@ -18,6 +18,16 @@ TRAIN_ARGS = (
 ).split()
 
 
+def train_flags(shapes: dict[str, Path]) -> list[str]:
+    """`captioner train` flags for the shapes training split."""
+    return ["--train-annotations", str(shapes["train_json"]), "--train-images", str(shapes["train_images"])]
+
+
+def val_flags(shapes: dict[str, Path]) -> list[str]:
+    """`captioner train` flags for the held-back shapes as the val set."""
+    return ["--val-annotations", str(shapes["test_json"]), "--val-images", str(shapes["test_images"])]
+
+
 # Tests that use these fixtures train a model first: the `slow` tier (`pytest -m "not slow"` skips them).
 SLOW_FIXTURES = {"trained_run", "captioner_model", "motion_models", "relation_models"}
 
@@ -51,14 +61,8 @@ def trained_run(shapes, tmp_path_factory) -> Path:
     rc = main(
         [
             "train",
-            "--train-annotations",
-            str(shapes["train_json"]),
-            "--train-images",
-            str(shapes["train_images"]),
-            "--val-annotations",
-            str(shapes["test_json"]),
-            "--val-images",
-            str(shapes["test_images"]),
+            *train_flags(shapes),
+            *val_flags(shapes),
             "--out",
             str(out),
             *TRAIN_ARGS,

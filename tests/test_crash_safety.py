@@ -16,6 +16,8 @@ from captioner.checkpoint import load_checkpoint
 from captioner.data import load_coco
 from captioner.training import Trainer, TrainOptions
 
+from .conftest import train_flags
+
 pytestmark = pytest.mark.slow  # launches training processes
 
 ARGS = (
@@ -30,10 +32,7 @@ def _train_cmd(shapes, out, *extra):
         "-m",
         "captioner",
         "train",
-        "--train-annotations",
-        str(shapes["train_json"]),
-        "--train-images",
-        str(shapes["train_images"]),
+        *train_flags(shapes),
         "--out",
         str(out),
         *ARGS,

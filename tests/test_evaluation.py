@@ -9,6 +9,8 @@ from captioner.checkpoint import load_checkpoint
 from captioner.cli import main
 from captioner.metrics import METRICS
 
+from .conftest import train_flags, val_flags
+
 SHAPES_ARGS = [
     "--decoder",
     "lstm",
@@ -38,14 +40,8 @@ def _train_with_val(shapes, out, *extra):
     return main(
         [
             "train",
-            "--train-annotations",
-            str(shapes["train_json"]),
-            "--train-images",
-            str(shapes["train_images"]),
-            "--val-annotations",
-            str(shapes["test_json"]),
-            "--val-images",
-            str(shapes["test_images"]),
+            *train_flags(shapes),
+            *val_flags(shapes),
             "--out",
             str(out),
             *SHAPES_ARGS,

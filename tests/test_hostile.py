@@ -13,6 +13,8 @@ import pytest
 
 from captioner.cli import main
 
+from .conftest import train_flags
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "assets" / "examples"
 
@@ -86,10 +88,7 @@ def test_outputs_that_cannot_be_written_are_refused_first(shapes, tmp_path, read
     afile = tmp_path / "afile"
     afile.write_text("not a folder")
     data = [
-        "--train-annotations",
-        str(shapes["train_json"]),
-        "--train-images",
-        str(shapes["train_images"]),
+        *train_flags(shapes),
         "--device",
         "cpu",
         "--quiet",
@@ -183,10 +182,7 @@ def test_train_refuses_settings_that_cannot_train(shapes, tmp_path, capsys, flag
     rc = main(
         [
             "train",
-            "--train-annotations",
-            str(shapes["train_json"]),
-            "--train-images",
-            str(shapes["train_images"]),
+            *train_flags(shapes),
             "--out",
             str(tmp_path / "run"),
             "--device",
@@ -304,7 +300,7 @@ def test_resume_refuses_flags_and_data_that_contradict_the_run(shapes, tmp_path,
     from captioner.checkpoint import load_checkpoint
 
     run = tmp_path / "run"
-    base = ["train", "--train-annotations", str(shapes["train_json"]), "--train-images", str(shapes["train_images"]),
+    base = ["train", *train_flags(shapes),
             "--out", str(run), *"--decoder lstm --hidden-size 64 --embed-size 32 --min-word-count 1".split(),
             "--device", "cpu", "--quiet"]  # fmt: skip
     assert main([*base, "--epochs", "2"]) == 0

@@ -9,7 +9,7 @@ from captioner.cli import main
 from captioner.data import load_coco
 from captioner.training import Trainer, TrainOptions, build_optimizer
 
-from .conftest import FLICKR8K
+from .conftest import FLICKR8K, train_flags
 
 QUICK = (
     "--decoder lstm --batch-size 32 --hidden-size 64 --embed-size 32 --min-word-count 1 --device cpu --quiet".split()
@@ -20,10 +20,7 @@ def _train(shapes, out, *extra):
     return main(
         [
             "train",
-            "--train-annotations",
-            str(shapes["train_json"]),
-            "--train-images",
-            str(shapes["train_images"]),
+            *train_flags(shapes),
             "--out",
             str(out),
             *QUICK,
@@ -184,10 +181,7 @@ def test_self_critical_training_raises_cider_of_a_weak_model(shapes, tmp_path, c
         main(
             [
                 "train",
-                "--train-annotations",
-                str(shapes["train_json"]),
-                "--train-images",
-                str(shapes["train_images"]),
+                *train_flags(shapes),
                 "--out",
                 str(tmp_path / "sc"),
                 "--init-from",
