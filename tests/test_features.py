@@ -36,9 +36,9 @@ def _count_encodes(monkeypatch):
     calls = []
     real = F.encode_pixels
 
-    def counting(encoder, pixels, device):
+    def counting(encoder, pixels, device, cut=None):
         calls.append(len(pixels))
-        return real(encoder, pixels, device)
+        return real(encoder, pixels, device, cut)
 
     monkeypatch.setattr(F, "encode_pixels", counting)
     return calls
@@ -97,7 +97,7 @@ def test_interrupted_extraction_resumes_where_it_stopped(lite0, images, tmp_path
 
     real, seen = F.encode_pixels, []
 
-    def dies_on_third_batch(encoder, pixels, device):
+    def dies_on_third_batch(encoder, pixels, device, cut=None):
         if len(seen) == 2:
             raise Crash
         seen.append(len(pixels))

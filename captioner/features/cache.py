@@ -43,24 +43,31 @@ def image_identity(path: str | os.PathLike) -> str:
     return f"{p}\t{st.st_size}\t{st.st_mtime_ns}"
 
 
-def encoder_key(encoder: Encoder, dtype: torch.dtype = torch.float32) -> str:
-    """Name + hash of the weights + preprocessing + compute dtype: features made by anything else
-    never match (bf16 features from a GPU differ from fp32 ones from a CPU)."""
+def encoder_key(encoder: Encoder, dtype: torch.dtype = torch.float32, cut: int | None = None) -> str:
+    """Name + hash of the weights + preprocessing + compute dtype (+ the cut, for a cached trunk):
+    features made by anything else never match (bf16 features from a GPU differ from fp32 ones
+    from a CPU). A cached trunk hashes only the layers below its cut, which never train: the
+    blocks being fine-tuned above it may change without invalidating it."""
     h = hashlib.sha256()
-    for name, t in sorted(encoder.trunk.state_dict().items()):
+    part = encoder.trunk if cut is None else encoder.trunk[:cut]
+    for name, t in sorted(part.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     h.update(json.dumps(encoder.spec.preprocess.to_dict(), sort_keys=True).encode())
     h.update(str(dtype).encode())
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in encoder.spec.name)
-    return f"{safe}-{h.hexdigest()[:16]}"
+    return f"{safe}-{h.hexdigest()[:16]}" if cut is None else f"{safe}-cut{cut}-{h.hexdigest()[:16]}"
+
+
+MIRRORED = "\tmirrored"  # appended to an image's identity: the cached view of its mirror image
 
 
 @dataclass
 class GridFeatures:
-    """Grid features (N, R, D) of a dataset, read from the memory-mapped cache a batch at a time."""
+    """Grid features (N, R, D) (or trunk activations (N, C, h, w)) of a dataset, read from the
+    memory-mapped cache a batch at a time."""
 
-    array: np.ndarray  # (M, R, D) fp16 memmap of the whole store
+    array: np.ndarray  # (M, R, D) or (M, C, h, w) fp16 memmap of the whole store
     rows: np.ndarray  # (N,) store row of each dataset image
 
     def __len__(self) -> int:
@@ -74,28 +81,40 @@ class GridFeatures:
         rows = self.rows[idx] if isinstance(idx, slice) else self.rows[np.asarray(idx)]
         return torch.from_numpy(np.ascontiguousarray(self.array[rows]))  # (b, R, D) fp16
 
+    def join(self, other: GridFeatures) -> GridFeatures:
+        """This store's rows, then `other`'s (read from the same cache, `other` no earlier)."""
+        return GridFeatures(other.array, np.concatenate([self.rows, other.rows]))
+
 
 class FeatureCache:
     """One encoder's cached features under CACHE/features/<encoder key>/, computed on `device`
-    (whose compute dtype is part of the key)."""
+    (whose compute dtype is part of the key).
+
+    With `cut` (fine-tuning the blocks above it) the cache holds the frozen trunk's activations at
+    the cut, (C, h, w) per image, instead of the feature grid: a "cached trunk"."""
 
     def __init__(
-        self, encoder: Encoder, root: str | os.PathLike | None = None, device: torch.device = torch.device("cpu")
+        self,
+        encoder: Encoder,
+        root: str | os.PathLike | None = None,
+        device: torch.device = torch.device("cpu"),
+        cut: int | None = None,
     ) -> None:
-        if encoder.trainable:
+        below = encoder.trunk if cut is None else encoder.trunk[:cut]
+        if any(p.requires_grad for p in below.parameters()):
             raise ValueError("a fine-tuned encoder's features change while training: they cannot be cached")
-        self.encoder, self.device = encoder, device
-        self.dir = Path(root or cache_dir()) / "features" / encoder_key(encoder, compute_dtype(device))
+        self.encoder, self.device, self.cut = encoder, device, cut
+        self.dir = Path(root or cache_dir()) / "features" / encoder_key(encoder, compute_dtype(device), cut)
         try:
             check_output_dir(self.dir)
         except OutputError as e:
             raise OutputError(f"feature cache: {e} (choose another --cache-dir, or --no-cache)") from None
         self.dir.mkdir(parents=True, exist_ok=True)
         self.index: dict[str, int] = {}
-        self.shape: tuple[int, int] | None = None  # (R, D)
+        self.shape: tuple[int, ...] | None = None  # (R, D), or (C, h, w) for a cached trunk
 
     # files: meta.json {"encoder", "shape", "dtype", "computed_in"}, index.jsonl ({"k": identity, "r": row}
-    # per line), grid.f16, pooled.f16, lock
+    # per line), grid.f16, pooled.f16 (not for a cached trunk), lock
     def _read(self) -> None:
         meta = self.dir / "meta.json"
         self.shape = tuple(json.loads(meta.read_text())["shape"]) if meta.is_file() else None
@@ -125,11 +144,19 @@ class FeatureCache:
         """Rows the index accounts for (rows past them were written by a run that crashed)."""
         return 1 + max(self.index.values(), default=-1)
 
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    def _row_sizes(self) -> dict[str, int]:
+        """Elements per image row of each array file."""
+        sizes = {"grid.f16": int(np.prod(self.shape))}
+        if self.cut is None:
+            sizes["pooled.f16"] = self.shape[-1]
+        return sizes
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
         n = self._rows()
-        R, D = self.shape
-        grid = np.memmap(self.dir / "grid.f16", dtype=np.float16, mode="r", shape=(n, R, D))
-        pooled = np.memmap(self.dir / "pooled.f16", dtype=np.float16, mode="r", shape=(n, D))
+        grid = np.memmap(self.dir / "grid.f16", dtype=np.float16, mode="r", shape=(n, *self.shape))
+        if self.cut is not None:
+            return grid, None
+        pooled = np.memmap(self.dir / "pooled.f16", dtype=np.float16, mode="r", shape=(n, self.shape[-1]))
         return grid, pooled
 
     def fill(
@@ -139,15 +166,17 @@ class FeatureCache:
         num_workers: int = 1,
         quiet: bool = False,
         desc: str = "features",
+        mirror: bool = False,
     ) -> list[ImageError]:
-        """Extract and append whatever of `paths` is not cached yet; returns the images that failed."""
+        """Extract and append whatever of `paths` (or, with mirror=True, of their mirror images)
+        is not cached yet; returns the images that failed."""
         with open(self.dir / "lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time; others wait, then find their rows
             self._read()
             todo, seen = [], set()
             for p in paths:
                 try:
-                    key = image_identity(p)
+                    key = image_identity(p) + (MIRRORED if mirror else "")
                 except OSError as e:
                     todo.append(
                         (
@@ -165,11 +194,11 @@ class FeatureCache:
             failed = [err for _, _, err in todo if err is not None]
             todo = [(p, k) for p, k, err in todo if err is None]
             if todo:
-                failed += self._extract(todo, batch_size, num_workers, quiet, desc)
+                failed += self._extract(todo, batch_size, num_workers, quiet, desc, mirror)
         return failed
 
     def _extract(
-        self, todo: list[tuple[Path, str]], batch_size: int, num_workers: int, quiet: bool, desc: str
+        self, todo: list[tuple[Path, str]], batch_size: int, num_workers: int, quiet: bool, desc: str, mirror: bool
     ) -> list[ImageError]:
         device = self.device
         encoder = self.encoder.to(device, memory_format=torch.channels_last).eval()
@@ -177,10 +206,9 @@ class FeatureCache:
         self._repair_index()
         n = self._rows()
         if self.shape is not None:  # drop rows a crash left without an index line
-            R, D = self.shape
-            for name, row_bytes in (("grid.f16", R * D * 2), ("pooled.f16", D * 2)):
+            for name, row in self._row_sizes().items():
                 if (self.dir / name).exists():
-                    os.truncate(self.dir / name, n * row_bytes)
+                    os.truncate(self.dir / name, n * row * 2)
         with (
             open(self.dir / "grid.f16", "ab") as fg,
             open(self.dir / "pooled.f16", "ab") as fp,
@@ -188,13 +216,14 @@ class FeatureCache:
             tqdm(total=len(todo), desc=desc, unit="img", disable=quiet, leave=False) as bar,
         ):
             paths, start = [p for p, _ in todo], 0
-            for batch in prepared_batches(paths, LoadImage(encoder.spec.preprocess), batch_size, num_workers):
+            load = LoadImage(encoder.spec.preprocess, mirror=mirror)
+            for batch in prepared_batches(paths, load, batch_size, num_workers):
                 idx, pixels, errors = split_batch(batch)
                 idx = [start + i for i in idx]
                 start += len(batch)
                 failed += errors
                 if pixels is not None:
-                    grid = encode_pixels(encoder, pixels, device)  # (b, R, D) fp32
+                    grid = encode_pixels(encoder, pixels, device, self.cut)  # (b, R, D) or (b, C, h, w) fp32
                     if self.shape is None:
                         self.shape = tuple(grid.shape[1:])
                         meta = {
@@ -205,7 +234,8 @@ class FeatureCache:
                         }
                         atomic_write(self.dir / "meta.json", lambda f, meta=meta: f.write(json.dumps(meta).encode()))
                     fg.write(grid.half().cpu().numpy().tobytes())
-                    fp.write(grid.mean(dim=1).half().cpu().numpy().tobytes())
+                    if self.cut is None:
+                        fp.write(grid.mean(dim=1).half().cpu().numpy().tobytes())
                     fg.flush()
                     fp.flush()
                     for i in idx:  # index lines only after their rows are written
@@ -216,11 +246,13 @@ class FeatureCache:
                 bar.update(len(batch))
         return failed
 
-    def load(self, paths: Sequence[Path], kind: str = "pooled") -> Tensor | GridFeatures:
-        """Cached features of `paths` (all must be cached): pooled (N, D) fp16 in RAM, or grid via memmap."""
+    def load(self, paths: Sequence[Path], kind: str = "pooled", mirror: bool = False) -> Tensor | GridFeatures:
+        """Cached features of `paths` (or of their mirror images; all must be cached): pooled
+        (N, D) fp16 in RAM, or the grid (or cached trunk) via memmap."""
         self._read()
-        rows = np.array([self.index[image_identity(p)] for p in paths], dtype=np.int64)
+        view = MIRRORED if mirror else ""
+        rows = np.array([self.index[image_identity(p) + view] for p in paths], dtype=np.int64)
         grid, pooled = self._arrays()
-        if kind == "pooled":
+        if kind == "pooled" and pooled is not None:
             return torch.from_numpy(np.ascontiguousarray(pooled[rows]))  # (N, D) fp16
         return GridFeatures(grid, rows)

@@ -21,18 +21,20 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 
 
 @torch.no_grad()
-def encode_pixels(encoder: Encoder, pixels: Tensor, device: torch.device) -> Tensor:
-    """(B, 3, S, S) -> grid (B, R, D) fp32; channels_last, computed in `compute_dtype(device)`."""
+def encode_pixels(encoder: Encoder, pixels: Tensor, device: torch.device, cut: int | None = None) -> Tensor:
+    """(B, 3, S, S) -> grid (B, R, D) fp32, or with `cut` the trunk's activations there (B, C, h, w);
+    channels_last, computed in `compute_dtype(device)`."""
     if device.type == "cuda":
         pixels = pixels.pin_memory()  # so the copy to the GPU is asynchronous
     x = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     dtype = compute_dtype(device)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        return encoder(x).float()
+        return (encoder(x) if cut is None else encoder.below(x, cut)).float()
 
 
 def pool(grid: Tensor, kind: str) -> Tensor:
-    """What a decoder consumes from the encoder grid (B, R, D): pooled (B, D) or the grid itself."""
+    """What a decoder consumes from the encoder grid (B, R, D): pooled (B, D) or the grid itself
+    (kind "trunk", the cached trunk's activations, passes through as well)."""
     return grid.mean(dim=1) if kind == "pooled" else grid
 
 
@@ -46,8 +48,11 @@ def extract_features(
     num_workers: int = 1,
     quiet: bool = False,
     desc: str = "features",
+    cut: int | None = None,
+    mirror: bool = False,
 ) -> tuple[Tensor, list[ImageError]]:
-    """In-memory features of every image, in order (no cache): (N, D) pooled fp32 or (N, R, D) grid fp16.
+    """In-memory features of every image (or of its mirror image), in order (no cache): (N, D)
+    pooled fp32, (N, R, D) grid fp16, or with `cut` the trunk's activations there (N, C, h, w) fp16.
 
     Rows of images that failed are zero; the errors come back alongside.
     """
@@ -56,11 +61,13 @@ def extract_features(
     failed: list[ImageError] = []
     start = 0
     with tqdm(total=len(paths), desc=desc, unit="img", disable=quiet, leave=False) as bar:
-        for batch in prepared_batches(paths, LoadImage(encoder.spec.preprocess), batch_size, num_workers):
+        for batch in prepared_batches(
+            paths, LoadImage(encoder.spec.preprocess, mirror=mirror), batch_size, num_workers
+        ):
             idx, pixels, errors = split_batch(batch)
             failed += errors
             if pixels is not None:
-                f = pool(encode_pixels(encoder, pixels, device), kind)
+                f = pool(encode_pixels(encoder, pixels, device, cut), kind)
                 f = (f if kind == "pooled" else f.half()).cpu()
                 if out is None:
                     out = torch.zeros((len(paths), *f.shape[1:]), dtype=f.dtype)

@@ -51,23 +51,44 @@ def corpus_features(
     num_workers: int = 1,
     quiet: bool = False,
     desc: str = "features",
+    cut: int | None = None,
+    mirror: bool = False,
 ) -> tuple[ItemFeatures, list[int], list[ImageError]]:
-    """Features for every item of the corpus, from the cache (filled first) or computed in memory.
+    """Features for every item of the corpus, from the cache (filled first) or computed in memory:
+    what the decoder takes, or with `cut` the trunk's activations there (the cache's `cut` must match).
 
     Returns the inputs of the items whose images could all be read, those items' indices, and
-    the images that failed.
+    the images that failed. With mirror=True the inputs hold 2K items: the K kept items, then the
+    same items seen in their mirror images (the flip augmentation's second view).
     """
-    kind = decoder.feature_kind
-    common = dict(batch_size=batch_size, device=device, num_workers=num_workers, quiet=quiet, desc=desc)
+    kind = "trunk" if cut is not None else decoder.feature_kind
+    common = dict(batch_size=batch_size, num_workers=num_workers, quiet=quiet)
     if cache is not None:
-        failed = cache.fill(corpus.paths, batch_size=batch_size, num_workers=num_workers, quiet=quiet, desc=desc)
+        failed = cache.fill(corpus.paths, desc=desc, **common)
     else:
-        store, failed = extract_features(encoder, corpus.paths, kind, **common)
+        store, failed = extract_features(encoder, corpus.paths, kind, desc=desc, device=device, cut=cut, **common)
     bad = {e.path for e in failed}
     ok = [i for i, p in enumerate(corpus.paths) if str(p) not in bad]
+    ok_paths = [corpus.paths[i] for i in ok]
     if cache is not None:
-        store = cache.load([corpus.paths[i] for i in ok], kind)
-    row = {i: r for r, i in enumerate(ok)} if cache is not None else {i: i for i in ok}
+        if mirror:  # both views cached before either is read: a read maps the arrays as they are then
+            cache.fill(ok_paths, desc=f"{desc} (mirrored)", mirror=True, **common)
+        store = cache.load(ok_paths, kind)
+        row = {i: r for r, i in enumerate(ok)}
+    else:
+        row = {i: i for i in ok}
     frames = corpus.item_frames()
     kept = [k for k, fr in enumerate(frames) if all(f in row for f in fr)]
-    return ItemFeatures(store, [[row[f] for f in frames[k]] for k in kept], decoder.from_frames), kept, failed
+    item_rows = [[row[f] for f in frames[k]] for k in kept]
+    if mirror:  # the mirrored view's rows follow the whole first store
+        if cache is not None:
+            mirrored = cache.load(ok_paths, kind, mirror=True)
+        else:
+            mirrored, _ = extract_features(
+                encoder, ok_paths, kind, desc=f"{desc} (mirrored)", device=device, cut=cut, mirror=True, **common
+            )
+            row = {i: r for r, i in enumerate(ok)}  # the mirrored store holds the readable images only
+        offset = len(store)
+        store = store.join(mirrored) if isinstance(store, GridFeatures) else torch.cat([store, mirrored])
+        item_rows += [[offset + row[f] for f in frames[k]] for k in kept]
+    return ItemFeatures(store, item_rows, decoder.from_frames), kept, failed

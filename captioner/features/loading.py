@@ -13,13 +13,15 @@ from ..images import ImageError, Preprocess, load_image
 
 
 class LoadImage:
-    """Path -> preprocessed pixels (3, S, S); a picklable callable for DataLoader workers."""
+    """Path -> preprocessed pixels (3, S, S), or their mirror image with mirror=True (the flip
+    augmentation's second view); a picklable callable for DataLoader workers."""
 
-    def __init__(self, preprocess: Preprocess, max_pixels: int | None = None) -> None:
-        self.preprocess, self.max_pixels = preprocess, max_pixels
+    def __init__(self, preprocess: Preprocess, max_pixels: int | None = None, mirror: bool = False) -> None:
+        self.preprocess, self.max_pixels, self.mirror = preprocess, max_pixels, mirror
 
     def __call__(self, path: str | os.PathLike) -> Tensor:
-        return self.preprocess(load_image(path, self.max_pixels))
+        pixels = self.preprocess(load_image(path, self.max_pixels))  # (3, S, S)
+        return pixels.flip(-1) if self.mirror else pixels
 
 
 class _Prepared(Dataset):

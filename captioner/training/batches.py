@@ -1,5 +1,6 @@
-"""What the training loop iterates over: per-item features (or pixels, when fine-tuning), the
-epoch's shard of a shuffle that depends on (seed, epoch) only, and each epoch's random stream."""
+"""What the training loop iterates over: per-item features (the cached trunk when fine-tuning,
+pixels for encoders that cannot be cut), mirrored views for the flip augmentation, the epoch's
+shard of a shuffle that depends on (seed, epoch) only, and each epoch's random stream."""
 
 from __future__ import annotations
 
@@ -9,16 +10,50 @@ import random
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..bundle import ModelBundle
 from ..data import Batch, CaptionCorpus, CaptionDataset, DataError, collate
 from ..distributed import Dist
 from ..features import FeatureCache, ItemFeatures, LoadImage, corpus_features
 from ..models import Frames
+from ..vocab import Vocabulary
 from .options import TrainOptions
 
 log = logging.getLogger("captioner")
+
+
+#: words that change places in the caption of a mirrored photo
+MIRROR_WORDS = {"left": "right", "right": "left"}
+
+
+class Mirrored(Dataset):
+    """The flip augmentation: each epoch, each caption is seen with its photo or, half of the time
+    (drawn from (seed, epoch) alone, so a resume or another number of processes sees the same),
+    with the photo's mirror image (item k + n_items of the features) and "left"/"right" swapped.
+
+    Swapping rather than leaving those captions out keeps every caption: in a mirror image the
+    swapped caption is the true one. (A word the vocabulary lacks becomes <unk>, as in the photo.)
+    """
+
+    def __init__(self, dataset: CaptionDataset, n_items: int, vocab: Vocabulary, seed: int) -> None:
+        self.dataset, self.n_items, self.seed = dataset, n_items, seed
+        self.corpus = dataset.corpus
+        self.swap = {vocab.stoi[a]: vocab.stoi.get(b, vocab.unk_id) for a, b in MIRROR_WORDS.items() if a in vocab.stoi}
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch, 7]).generate_state(1)[0]))
+        self.flipped = torch.rand(len(self.dataset), generator=g) < 0.5  # (N,) which captions see the mirror
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[int, list[int]]:
+        item, ids = self.dataset[i]
+        if not self.flipped[i]:
+            return item, ids
+        return item + self.n_items, [self.swap.get(t, t) for t in ids]
 
 
 def item_data(
@@ -30,13 +65,28 @@ def item_data(
     skip_bad: bool,
     quiet: bool,
     desc: str,
-) -> tuple[CaptionDataset, ItemFeatures | None]:
-    """Frozen encoder: features computed once (cached on disk unless --no-cache), items are
-    image or sequence indices. Fine-tuning: items carry pixels and the encoder runs every step."""
-    if model.encoder.trainable:
+    cut: int | None = None,
+    mirror: bool = False,
+) -> tuple[CaptionDataset | Mirrored, ItemFeatures | None]:
+    """Features computed once (cached on disk unless --no-cache): the frozen encoder's, or when
+    fine-tuning the frozen trunk's activations at `cut`; items are image or sequence indices.
+    Fine-tuning an encoder that cannot be cut (cut None): items carry pixels and the whole
+    encoder runs every step. mirror=True: the flip augmentation (see `Mirrored`)."""
+    if model.encoder.trainable and cut is None:
+        if mirror:
+            raise DataError("--flip needs cached features: this encoder cannot be cut for --fine-tune-encoder")
         return CaptionDataset(corpus, model.vocab, opts.max_caption_len, LoadImage(model.preprocess)), None
     feats, kept, failed = corpus_features(
-        model.encoder, model.decoder, corpus, cache, device=device, num_workers=opts.num_workers, quiet=quiet, desc=desc
+        model.encoder,
+        model.decoder,
+        corpus,
+        cache,
+        device=device,
+        num_workers=opts.num_workers,
+        quiet=quiet,
+        desc=desc,
+        cut=cut,
+        mirror=mirror,
     )
     if failed:
         shown = "; ".join(str(e) for e in failed[:3])
@@ -47,7 +97,10 @@ def item_data(
         if not quiet:
             log.warning(f"{corpus.source}: left out {len(corpus) - len(kept)} item(s) with unreadable images: {shown}")
         corpus = corpus.keep(kept)  # the features were gathered for these items, in this order
-    return CaptionDataset(corpus, model.vocab, opts.max_caption_len), feats
+    dataset = CaptionDataset(corpus, model.vocab, opts.max_caption_len)
+    if mirror:
+        return Mirrored(dataset, len(kept), model.vocab, opts.seed), feats
+    return dataset, feats
 
 
 def to_inputs(batch: Batch, feats: ItemFeatures | None, device: torch.device) -> Tensor | Frames:
@@ -65,7 +118,9 @@ def loader(
 ) -> DataLoader:
     """Training: this rank's shard of the epoch's shuffle, which depends on (seed, epoch) only,
     so N ranks with batch B see, step by step, exactly the batches of one rank with batch N*B."""
-    workers = opts.num_workers if dataset.load_pixels is not None else 0
+    workers = opts.num_workers if getattr(dataset, "load_pixels", None) is not None else 0
+    if train and isinstance(dataset, Mirrored):
+        dataset.set_epoch(epoch)
     sampler = None
     if train:
         sampler = DistributedSampler(

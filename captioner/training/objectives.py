@@ -29,9 +29,10 @@ class TrainStep(nn.Module):
     wraps: DDP averages the gradients of whatever ran through its forward, so teacher forcing and
     self-critical sampling both go through here."""
 
-    def __init__(self, encoder: Encoder | None, decoder: CaptionModel) -> None:
+    def __init__(self, encoder: Encoder | None, decoder: CaptionModel, cut: int = 0) -> None:
         super().__init__()
         self.encoder, self.decoder = encoder, decoder  # encoder: only when it is being fine-tuned
+        self.cut = cut  # fine-tuning: inputs are the trunk's activations at this layer (0: pixels)
 
     def forward(
         self,
@@ -41,10 +42,14 @@ class TrainStep(nn.Module):
         samples: int = 0,
         max_len: int = 0,
     ) -> LossTerms | tuple[Tensor, Tensor, Tensor]:
-        """inputs: features (B, ...) or, when fine-tuning, pixels (B, 3, S, S). Teacher forcing on
-        captions (B, T) -> LossTerms; samples > 0 -> `decoding.sample` (tokens, log-probs, mask),
-        never drawing <unk> (inference never prints it either)."""
-        features = inputs if self.encoder is None else pool(self.encoder(inputs), self.decoder.feature_kind)
+        """inputs: features (B, ...) or, when fine-tuning, the cached trunk's activations (B, C, h, w)
+        (pixels (B, 3, S, S) when cut is 0). Teacher forcing on captions (B, T) -> LossTerms;
+        samples > 0 -> `decoding.sample` (tokens, log-probs, mask), never drawing <unk>
+        (inference never prints it either)."""
+        if self.encoder is None:
+            features = inputs
+        else:
+            features = pool(self.encoder.above(inputs, self.cut), self.decoder.feature_kind)  # (B, R, D) / (B, D)
         if samples:
             return sample(self.decoder, features, n=samples, max_len=max_len, suppress=[Vocabulary.unk_id])
         return self.decoder(features, captions, lengths)

@@ -60,6 +60,12 @@ class TrainOptions:
     grad_clip: float = _opt(5.0, "max global gradient norm", OPTIM)
     fine_tune_encoder: int = _opt(0, "train the last N encoder blocks too (0: frozen encoder)", MODEL, "N")
     encoder_lr: float = _opt(1e-4, "learning rate of the fine-tuned encoder blocks", MODEL)
+    flip: bool = _opt(
+        False,
+        "flip augmentation: each caption is seen, half of the epochs at random, with the mirror image of "
+        "its photo and left/right swapped (a second cached view: extraction takes twice as long)",
+        DATA,
+    )
     seed: int = _opt(0, "initial weights, data order and dropout; the same seed trains the same model", OPTIM)
     num_workers: int = _opt(1, "image-decoding worker processes", OPTIM)
     amp: str = _opt(

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ..bundle import ModelBundle
+from ..bundle import ModelBundle, load_encoder_weights
 from ..checkpoint import CheckpointError, load_checkpoint, signals_held
 from ..data import CaptionCorpus, CaptionDataset, DataError
 from ..device import resolve_device
@@ -34,7 +34,7 @@ from .objectives import TrainStep, Update, cross_entropy_epoch, self_critical_ep
 from .optim import amp_dtype, build_optimizer, build_scheduler, stretch_cosine
 from .options import ARCHITECTURE, RESUMABLE, TrainOptions, canonical_metric, chosen_fields, refuse_clashes
 from .run_folder import RunFolder
-from .validation import val_scores
+from .validation import AboveCut, val_scores
 
 log = logging.getLogger("captioner")
 
@@ -86,8 +86,10 @@ class Trainer:
         compile: bool = False,
         overwrite: bool = False,
         given: Collection[str] | None = None,
+        cached_trunk: bool = True,
     ) -> None:
         self.out = Path(out_dir)
+        self.cached_trunk = cached_trunk  # False: fine-tuning runs the whole encoder every step (for comparison)
         self.run = RunFolder(self.out)
         self.skip_bad = skip_bad  # leave out images that cannot be read instead of refusing to train
         self.use_cache, self.cache_dir = use_cache, cache_dir
@@ -107,8 +109,7 @@ class Trainer:
         self.best_score = -math.inf if self.higher_is_better else math.inf
         self.bad_epochs = 0  # epochs since the selection metric last improved
         if init:
-            if init.get("encoder") is not None:
-                self.model.encoder.load_state_dict(init["encoder"])
+            load_encoder_weights(self.model.encoder, init)
             self.model.decoder.load_state_dict(init["decoder"])
         if ckpt:
             self._restore(ckpt)
@@ -155,6 +156,11 @@ class Trainer:
                 "or train a new model without it",
             )
             opts = replace(opts, **{k: getattr(saved, k) for k in ARCHITECTURE})
+            if opts.fine_tune_encoder < saved.fine_tune_encoder:
+                raise UsageError(
+                    f"--init-from {opts.init_from} fine-tuned {saved.fine_tune_encoder} encoder block(s): give "
+                    f"--fine-tune-encoder {saved.fine_tune_encoder} or more (fewer would drop those weights)"
+                )
         opts.check()
         if opts.temporal == "auto":  # resolved once; the checkpoint keeps the resolved value
             opts = replace(opts, temporal="gru" if train.frames is not None else "none")
@@ -175,6 +181,8 @@ class Trainer:
             )
         if opts.fine_tune_encoder and opts.self_critical:
             raise UsageError("--self-critical trains the decoder from cached features: drop --fine-tune-encoder")
+        if opts.flip and opts.self_critical:
+            raise UsageError("--self-critical rewards captions of the photos as they are: drop --flip")
         self.has_val = val is not None and len(val) > 0
         self.select = canonical_metric(opts.select_metric) if self.has_val else "train_loss"
         self.higher_is_better = self.select not in ("val_loss", "train_loss")
@@ -199,6 +207,8 @@ class Trainer:
         }
         decoder = build_model(config, len(vocab), encoder.feature_dim)
         encoder_params = encoder.unfreeze_last(opts.fine_tune_encoder)
+        # fine-tuning: the frozen trunk below the trained blocks runs once, into the cache
+        self.cut = encoder.cut(opts.fine_tune_encoder) if self.cached_trunk else None
         self.model = ModelBundle(encoder, decoder, vocab, config, self.device)
         groups = [{"params": list(decoder.parameters())}]
         if encoder_params:
@@ -213,11 +223,11 @@ class Trainer:
         """Features (each process fills the cache; the first to take its lock extracts, the others
         wait on the lock, not on a collective, so a long extraction cannot time out, and read),
         the trainable step, --compile, and DDP around the step."""
-        self.train_data = self._data(train, "train features")
+        self.train_data = self._data(train, "train features", mirror=self.opts.flip)
         self.cider: CiderD | None = None  # self-critical reward over the training references, built on first use
         self.val_data = self._data(val, "val features") if self.has_val and self.dist.is_main else None
         encoder = self.model.encoder
-        self.core = TrainStep(encoder if encoder.trainable else None, self.model.decoder)
+        self.core = TrainStep(encoder if encoder.trainable else None, self.model.decoder, self.cut or 0)
         if compile:
             self._compile()
         self.wrapped: nn.Module = self.core
@@ -265,8 +275,7 @@ class Trainer:
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         """Weights, optimizer, schedule, scaler and the run's progress from RUN/last.pt."""
-        if ckpt.get("encoder") is not None:
-            self.model.encoder.load_state_dict(ckpt["encoder"])
+        load_encoder_weights(self.model.encoder, ckpt)
         self.model.decoder.load_state_dict(ckpt["decoder"])
         self.optim.load_state_dict(ckpt["optimizer"])
         if isinstance(self.sched, torch.optim.lr_scheduler.LambdaLR) and "lr_lambdas" not in ckpt["scheduler"]:
@@ -318,13 +327,18 @@ class Trainer:
             )
 
     # ---- data --------------------------------------------------------------------------------------
-    def _data(self, corpus: CaptionCorpus, desc: str):
+    def _data(self, corpus: CaptionCorpus, desc: str, mirror: bool = False):
+        """(dataset, its features): the frozen encoder's features, or when fine-tuning the frozen
+        trunk's activations at the cut (pixels for encoders that cannot be cut)."""
+        cacheable = self.cut is not None or not self.model.encoder.trainable
         cache = (
-            FeatureCache(self.model.encoder, self.cache_dir, self.device)
-            if self.use_cache and not self.model.encoder.trainable
+            FeatureCache(self.model.encoder, self.cache_dir, self.device, self.cut)
+            if self.use_cache and cacheable
             else None
         )
-        return item_data(self.model, corpus, self.opts, self.device, cache, self.skip_bad, self.quiet, desc)
+        return item_data(
+            self.model, corpus, self.opts, self.device, cache, self.skip_bad, self.quiet, desc, self.cut, mirror
+        )
 
     def _loader(self, dataset: CaptionDataset, train: bool, epoch: int = 0) -> DataLoader:
         return loader(dataset, self.opts, self.dist, self.device, train, epoch)
@@ -377,6 +391,8 @@ class Trainer:
     def _validate(self) -> dict[str, Any]:
         val_loss = self._run_epoch(self.val_data, False, "val")
         dataset, feats = self.val_data
+        if self.cut is not None:  # a cached trunk: the fine-tuned blocks turn it into the decoder's input
+            feats = AboveCut(feats, self.model, self.cut)
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))} | val_scores(
             self.model, dataset.corpus, feats, self.opts.val_beam_size
         )

@@ -4,11 +4,31 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from ..bundle import ModelBundle
 from ..data import CaptionCorpus
 from ..evaluation import caption_corpus, caption_features, references
 from ..features import ItemFeatures
 from ..metrics import METRICS, diversity, evaluate
+
+
+class AboveCut:
+    """Decoder inputs from a cached trunk (ItemFeatures of the activations at `cut`): the
+    fine-tuned blocks above the cut applied a chunk at a time, without gradients."""
+
+    def __init__(self, trunk: ItemFeatures, model: ModelBundle, cut: int) -> None:
+        self.trunk, self.model, self.cut = trunk, model, cut
+
+    def __len__(self) -> int:
+        return len(self.trunk)
+
+    @torch.no_grad()
+    def __getitem__(self, idx) -> Tensor:
+        x = self.trunk[idx].to(self.model.device)  # (b, C, h, w)
+        grid = self.model.encoder.above(x, self.cut)  # (b, R, D)
+        return grid.mean(dim=1) if self.model.decoder.feature_kind == "pooled" else grid
 
 
 def val_captions(model: ModelBundle, corpus: CaptionCorpus, feats: ItemFeatures | None, beam_size: int) -> dict:
