@@ -5,6 +5,7 @@ and evaluation use too; this class adds the conveniences people call."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -21,7 +22,23 @@ __all__ = ["Caption", "Captioner", "DEFAULT_DECODING", "ImageInput"]
 
 class Captioner(ModelBundle):
     """A trained captioning model, ready to describe images: `Captioner.load()` (the bundled model)
-    or `Captioner.load(path)`, then `caption`, `caption_nbest`, `caption_sequence`, `generate`."""
+    or `Captioner.load(path)`, then `caption`, `caption_nbest`, `caption_sequence`, `generate`.
+    `Captioner.load([a, b, ...])` loads an ensemble (see ensemble.py) with the same methods."""
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike | Sequence[str | os.PathLike | None] | None = None,
+        device: str | torch.device = "auto",
+    ) -> Captioner:
+        """A checkpoint (None: the bundled model), or a list of them captioning as an ensemble."""
+        if isinstance(path, (list, tuple)):
+            if len(path) == 1:
+                return super().load(path[0], device)
+            from .ensemble import Ensemble
+
+            return Ensemble.load_all(path, device)
+        return super().load(path, device)
 
     def caption(
         self,

@@ -249,3 +249,56 @@ def sample(
         if bool(finished.all()):
             break
     return torch.stack(out_tokens, 1), torch.stack(out_logp, 1), torch.stack(out_mask, 1)
+
+
+@dataclass
+class EnsembleState(DecoderState):
+    """The members' states side by side; reordering beams reorders every member's rows alike."""
+
+    states: tuple[DecoderState, ...] = ()
+
+    @property
+    def batch_size(self) -> int:
+        return self.states[0].batch_size
+
+    @property
+    def device(self):
+        return self.states[0].device
+
+    @property
+    def alpha(self) -> Tensor | None:
+        """The members' mean attention (N, R) when all attend over the same regions, else None."""
+        alphas = [getattr(s, "alpha", None) for s in self.states]
+        if any(a is None for a in alphas) or len({a.shape for a in alphas}) != 1:
+            return None
+        return torch.stack(alphas).mean(0)
+
+    def index(self, idx: Tensor) -> EnsembleState:
+        return EnsembleState(tuple(s.index(idx) for s in self.states))
+
+    def put(self, idx: Tensor, rows: EnsembleState) -> EnsembleState:
+        return EnsembleState(tuple(s.put(idx, r) for s, r in zip(self.states, rows.states)))
+
+    def repeat_interleave(self, k: int) -> EnsembleState:
+        return EnsembleState(tuple(s.repeat_interleave(k) for s in self.states))
+
+
+class EnsembleDecoder(CaptionModel):
+    """Several decoders over one vocabulary as one model of the step interface, so beam search,
+    sampling and everything above them work unchanged: its input is the tuple of the members'
+    inputs, and each step's log-probabilities are the mean of the members' log-probabilities,
+    renormalised (log_softmax), i.e. their normalised geometric mean."""
+
+    def __init__(self, members: Sequence[CaptionModel]) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        kinds = {m.attends_over for m in members}
+        self.attends_over = kinds.pop() if len(kinds) == 1 else None
+
+    def init_state(self, features: Sequence[Any]) -> EnsembleState:
+        return EnsembleState(tuple(m.init_state(f) for m, f in zip(self.members, features)))
+
+    def step(self, tokens: Tensor, state: EnsembleState) -> tuple[Tensor, EnsembleState]:
+        outs = [m.step(tokens, s) for m, s in zip(self.members, state.states)]
+        logp = torch.stack([o[0].float() for o in outs]).mean(0)  # (N, V)
+        return logp.log_softmax(dim=-1), EnsembleState(tuple(o[1] for o in outs))

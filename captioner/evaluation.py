@@ -13,7 +13,7 @@ from tqdm import tqdm
 from .bundle import ModelBundle
 from .checkpoint import atomic_write
 from .data import CaptionCorpus, DataError, check_file, load_karpathy
-from .features import FeatureCache, ItemFeatures, corpus_features
+from .features import FeatureCache, ItemFeatures
 from .images import ImageError
 from .metrics import diversity, evaluate
 
@@ -23,7 +23,7 @@ def caption_corpus(
     corpus: CaptionCorpus,
     batch_size: int = 32,
     quiet: bool = False,
-    cache: FeatureCache | None = None,
+    cache: FeatureCache | list[FeatureCache] | None = None,
     **decode_opts: Any,
 ) -> tuple[dict[Any, str], list[ImageError]]:
     """Caption every item (image or sequence) of the corpus once: {id: caption}, and the images that failed.
@@ -32,9 +32,7 @@ def caption_corpus(
     a failed frame gets no caption.
     """
     if cache is not None or corpus.frames is not None:
-        feats, kept, failed = corpus_features(
-            model.encoder, model.decoder, corpus, cache, batch_size=batch_size, device=model.device, quiet=quiet
-        )
+        feats, kept, failed = model.corpus_inputs(corpus, cache, batch_size=batch_size, quiet=quiet)
         return caption_features(model, [corpus.image_ids[k] for k in kept], feats, quiet, **decode_opts), failed
     results: dict[Any, str] = {}
     failed: list[ImageError] = []

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from captioner.decoding import DEAD_END_LOGP, beam_search, sample
+from captioner.decoding import DEAD_END_LOGP, EnsembleDecoder, beam_search, sample
 from captioner.models import ShowTellDecoder
 from captioner.models.base import CaptionModel, DecoderState
 
@@ -286,3 +286,46 @@ def test_k_beams_stay_live_after_captions_end():
 def test_negative_length_penalty_is_refused():
     with pytest.raises(ValueError, match="length penalty"):
         beam_search(FakeModel(), images(0), length_alpha=-0.5)
+
+
+# Two models that disagree: X prefers "a", Y prefers "b"; both rate "c" second at 0.4.
+X_TABLE = table({START: {A: 0.5, B: 0.1, C: 0.4}, A: {END: 1.0}, B: {END: 1.0}, C: {END: 1.0}}).log()
+Y_TABLE = table({START: {A: 0.1, B: 0.5, C: 0.4}, A: {END: 1.0}, B: {END: 1.0}, C: {END: 1.0}}).log()
+
+
+class OneTableModel(CaptionModel):
+    def __init__(self, t: Tensor) -> None:
+        super().__init__()
+        self.t = t
+
+    def init_state(self, features):
+        return FakeState(image=features.long())
+
+    def step(self, tokens, state):
+        return self.t[tokens], state  # (N, V)
+
+
+def test_an_ensemble_decodes_the_mean_of_its_members_log_probabilities():
+    x, y = OneTableModel(X_TABLE), OneTableModel(Y_TABLE)
+    alone_x = beam_search(x, images(0), beam_size=3, n_best=3)[0]
+    assert alone_x[0].tokens == [A]
+    both = beam_search(EnsembleDecoder([x, y]), (images(0), images(0)), beam_size=3, n_best=3)[0]
+    # geometric means a: sqrt(.05), b: sqrt(.05), c: .4, renormalised: "c" wins, though neither chose it
+    norm = 2 * math.sqrt(0.05) + 0.4
+    assert [h.tokens for h in both] == [[C], [A], [B]] or [h.tokens for h in both] == [[C], [B], [A]]
+    assert both[0].score == pytest.approx(math.log(0.4 / norm), abs=1e-5)
+    assert both[1].score == pytest.approx(math.log(math.sqrt(0.05) / norm), abs=1e-5)
+    # an ensemble of one model with itself is that model: same beams, same scores
+    same = beam_search(EnsembleDecoder([x, x]), (images(0), images(0)), beam_size=3, n_best=3)[0]
+    assert [(h.tokens, round(h.score, 5)) for h in same] == [(h.tokens, round(h.score, 5)) for h in alone_x]
+
+
+def test_an_ensemble_of_real_decoders_beam_searches_in_batches():
+    torch.manual_seed(0)
+    make = dict(vocab_size=12, feature_dim=8, embed_size=8, hidden_size=16)
+    a, b = ShowTellDecoder(**make).eval(), ShowTellDecoder(**make).eval()
+    feats = torch.randn(3, 8)
+    ens = EnsembleDecoder([a, b])
+    batched = beam_search(ens, (feats, feats), beam_size=4, max_len=6)
+    alone = [beam_search(ens, (feats[i : i + 1], feats[i : i + 1]), beam_size=4, max_len=6)[0] for i in range(3)]
+    assert [h[0].tokens for h in batched] == [h[0].tokens for h in alone]

@@ -33,7 +33,13 @@ def add(sub) -> None:
         help="one caption for a folder's images as a sequence, in natural file-name order "
         "(frame2 before frame10); repeat for several",
     )
-    c.add_argument("--model", help="checkpoint (default: the bundled model)")
+    c.add_argument(
+        "--model",
+        action="append",
+        metavar="CKPT",
+        help="checkpoint (default: the bundled model); give it again for an ensemble: "
+        "beam search over the mean of the models' log-probabilities (one vocabulary)",
+    )
     decoding_args(c)
     c.add_argument("--n-best", type=int, default=1, help="how many captions per image or sequence (with --json)")
     c.add_argument("--batch-size", type=int, default=32, help="images encoded and beam-searched together")

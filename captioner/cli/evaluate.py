@@ -13,7 +13,13 @@ from .common import cache_args, corpus_of, decoding, decoding_args, err
 
 def add(sub) -> None:
     e = sub.add_parser("evaluate", help="caption a dataset's images and score them (BLEU, METEOR, ROUGE-L, CIDEr-D)")
-    e.add_argument("--model", help="checkpoint (default: the bundled model)")
+    e.add_argument(
+        "--model",
+        action="append",
+        metavar="CKPT",
+        help="checkpoint (default: the bundled model); give it again for an ensemble: "
+        "beam search over the mean of the models' log-probabilities (one vocabulary)",
+    )
     e.add_argument("--annotations", help="COCO caption JSON with the references")
     e.add_argument("--sequences", help="sequence caption JSON instead of --annotations (one caption per sequence)")
     e.add_argument("--images", help="folder of its images")
@@ -34,7 +40,6 @@ def add(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..api import Captioner
     from ..evaluation import caption_corpus, references, score, write_results
-    from ..features import FeatureCache
 
     if args.results:
         check_output_file(args.results)  # before captioning everything, not after
@@ -46,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("give --annotations (or --sequences) and --images, or --karpathy-json and --split")
     model = Captioner.load(args.model, device=args.device)
     settings = decoding(model, args)  # checked before any image is read
-    cache = None if args.no_cache else FeatureCache(model.encoder, args.cache_dir, model.device)
+    cache = None if args.no_cache else model.feature_cache(args.cache_dir)
     results, failed = caption_corpus(
         model, corpus, batch_size=args.batch_size, quiet=args.quiet, cache=cache, **settings
     )
@@ -55,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if args.results:
         write_results(args.results, results)
     report = {
-        "model": str(args.model or "bundled"),
+        "model": " + ".join(args.model) if args.model else "bundled",
         "decoding": settings,
         "failed": len(failed),
         "skipped_missing": corpus.skipped_missing,
