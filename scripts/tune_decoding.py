@@ -2,6 +2,7 @@
 
     python scripts/tune_decoding.py --model RUN/best.pt --annotations V.json --images DIR --out decoding.json
 
+(--model given twice or more: an ensemble.)
 Prints a Markdown table (one row per setting: BLEU-4, METEOR, ROUGE-L, CIDEr-D and caption
 diversity) and writes the best setting as JSON, for scripts/export_model.py --decoding. Encoder
 features come from the feature cache, so each setting costs only the decoding.
@@ -18,12 +19,11 @@ import time
 from captioner import Captioner
 from captioner.data import load_coco
 from captioner.evaluation import caption_features, references, score
-from captioner.features import FeatureCache, corpus_features
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, action="append", help="a checkpoint; several: an ensemble")
     p.add_argument("--annotations", required=True)
     p.add_argument("--images", required=True)
     p.add_argument("--beam-sizes", default="1,3,5")
@@ -33,9 +33,7 @@ def main() -> None:
     a = p.parse_args()
     model = Captioner.load(a.model, device="cpu")
     corpus = load_coco(a.annotations, a.images)
-    feats, kept, failed = corpus_features(
-        model.encoder, model.decoder, corpus, FeatureCache(model.encoder, device=model.device)
-    )
+    feats, kept, failed = model.corpus_inputs(corpus, model.feature_cache())
     if failed:
         sys.exit(f"{len(failed)} image(s) could not be read, e.g. {failed[0]}")
     ids, refs = [corpus.image_ids[k] for k in kept], references(corpus)
