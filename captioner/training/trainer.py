@@ -312,7 +312,11 @@ class Trainer:
         done = []
         if self.model.decoder.compile_step():
             done.append("the decoder step")
-        if self.core.encoder is not None:
+        if self.core.encoder is not None and self.cut is not None:  # only the blocks above the cut run
+            for layer in self.core.encoder.trunk[self.cut :]:
+                layer.compile()
+            done.append("the fine-tuned encoder blocks")
+        elif self.core.encoder is not None:
             self.core.encoder.compile()
             done.append("the encoder")
         if not self.quiet:
