@@ -74,7 +74,10 @@ class Ensemble(Captioner):
                 self.preprocesses.append(m.preprocess)
         first = self.members[0]
         config = first.config | {"ensemble": [m.config for m in self.members]}
-        super().__init__(first.encoder, EnsembleDecoder([m.decoder for m in self.members]), first.vocab, config)
+        decoder = EnsembleDecoder([m.decoder for m in self.members])
+        if len(self.preprocesses) > 1:  # grids of different sizes: no one attention map to average
+            decoder.attends_over = None
+        super().__init__(first.encoder, decoder, first.vocab, config)
         self.device = first.device
         self.decoding = dict(first.decoding)
 

@@ -56,6 +56,9 @@ def test_an_ensemble_of_different_encoders_and_decoders_captions_and_evaluates(t
     a, b = two_models
     pair = Captioner.load([a, b], device="cpu")
     assert pair.groups == [0, 1] and [p.crop for p in pair.preprocesses] == [224, 240]
+    assert pair.decoder.attends_over is None  # 7x7 and 8x8 grids: no one attention map
+    text, weights = Captioner.load([b, b], device="cpu").caption(_photos(shapes, 1)[0], return_attention=True)
+    assert weights.shape == (len(text.split()), 8, 8)  # the members' mean attention over Lite1's 8x8 grid
     photos = [*_photos(shapes, 3), tmp_path / "missing.jpg"]
     got = pair.caption(photos, errors="skip")
     assert got[-1] is None and all(isinstance(c, str) and c for c in got[:-1])
