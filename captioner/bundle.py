@@ -150,12 +150,17 @@ class ModelBundle:
     # ---- inference ---------------------------------------------------------------------------
     def prepare(self, item: ImageInput) -> Tensor:
         """One input as a preprocessed (3, S, S) tensor; ImageError if it cannot be used."""
+        return self.preprocess(self.read_input(item))
+
+    def read_input(self, item: ImageInput) -> Image.Image | Tensor:
+        """One input, checked, as an RGB image (or uint8 tensor) before preprocessing; ImageError if
+        it cannot be used."""
         if isinstance(item, (str, os.PathLike)):
-            return self.preprocess(load_image(item, self.max_pixels))
+            return load_image(item, self.max_pixels)
         if isinstance(item, Image.Image):
-            return self.preprocess(to_rgb(check_size(item, f"<PIL image {item.width}x{item.height} {item.mode}>")))
+            return to_rgb(check_size(item, f"<PIL image {item.width}x{item.height} {item.mode}>"))
         if isinstance(item, (Tensor, np.ndarray)):
-            return self.preprocess(from_array(item))
+            return from_array(item)
         raise ImageError(
             f"<{type(item).__name__}>",
             "unsupported input: give a file path, a PIL image, an RGB tensor (3, H, W) or an array (H, W, 3)",

@@ -22,7 +22,7 @@ from .data import CaptionCorpus
 from .decoding import EnsembleDecoder
 from .errors import UsageError
 from .features import FeatureCache, ItemFeatures, corpus_features, encode_pixels, pool
-from .images import ImageError, Preprocess, check_size, from_array, load_image, to_rgb
+from .images import ImageError, Preprocess
 
 
 def _same_encoder(a: ModelBundle, b: ModelBundle) -> bool:
@@ -77,8 +77,7 @@ class Ensemble(Captioner):
         decoder = EnsembleDecoder([m.decoder for m in self.members])
         if len(self.preprocesses) > 1:  # grids of different sizes: no one attention map to average
             decoder.attends_over = None
-        super().__init__(first.encoder, decoder, first.vocab, config)
-        self.device = first.device
+        super().__init__(first.encoder, decoder, first.vocab, config, first.device)
         self.decoding = dict(first.decoding)
 
     @classmethod
@@ -96,14 +95,7 @@ class Ensemble(Captioner):
     def prepare(self, item: Any) -> Tensor:
         """One input, read once, preprocessed for every input size the members take:
         (P, 3, S, S), each zero-padded to the largest size S."""
-        if isinstance(item, (str, os.PathLike)):
-            image = load_image(item, self.max_pixels)
-        elif hasattr(item, "width") and hasattr(item, "mode"):  # a PIL image
-            image = to_rgb(check_size(item, f"<PIL image {item.width}x{item.height} {item.mode}>"))
-        elif isinstance(item, Tensor) or hasattr(item, "__array__"):
-            image = from_array(item)
-        else:
-            raise ImageError(f"<{type(item).__name__}>", "unsupported input: give a file path, an image or an array")
+        image = self.read_input(item)
         views = [p(image) for p in self.preprocesses]  # (3, S_p, S_p) each
         size = max(v.size(-1) for v in views)
         out = views[0].new_zeros((len(views), 3, size, size))
