@@ -7,6 +7,7 @@ import torch
 
 from captioner import Captioner
 from captioner.cli import main
+from captioner.encoders import build_encoder
 from captioner.images import list_images
 from captioner.paths import BUNDLED_MODEL
 
@@ -31,9 +32,16 @@ def offline(monkeypatch):
 def test_bundled_file_is_small_fp16_and_holds_no_copy_of_the_packaged_encoder():
     assert BUNDLED_MODEL.is_file() and BUNDLED_MODEL.stat().st_size <= 40 * 2**20
     ckpt = torch.load(BUNDLED_MODEL, map_location="cpu", weights_only=True)
-    assert ckpt["encoder"] is None and "optimizer" not in ckpt
+    assert "optimizer" not in ckpt
     assert all(t.dtype == torch.float16 for t in ckpt["decoder"].values() if t.is_floating_point())
     assert {"beam_size", "length_alpha", "no_repeat_ngram"} <= set(ckpt["config"]["decoding"])
+    # of the encoder, only the fine-tuned top blocks: the rest comes from the installed weight package
+    n = ckpt["config"]["fine_tune_encoder"]
+    package = build_encoder(ckpt["config"]["encoder"])
+    top = package.top_state_dict(n)
+    assert n > 0 and set(ckpt["encoder"]) == set(top) and len(top) < len(package.state_dict()) / 4
+    assert all(t.dtype == torch.float16 for t in ckpt["encoder"].values() if t.is_floating_point())
+    assert any(not torch.equal(v.float(), top[k].float()) for k, v in ckpt["encoder"].items())  # really trained
 
 
 def test_bundled_model_loads_offline_and_describes_every_example(offline):
