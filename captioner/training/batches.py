@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from ..bundle import ModelBundle
 from ..data import Batch, CaptionCorpus, CaptionDataset, DataError, collate
 from ..distributed import Dist
+from ..errors import UsageError
 from ..features import FeatureCache, ItemFeatures, LoadImage, corpus_features
 from ..models import Frames
 from ..vocab import Vocabulary
@@ -74,7 +75,7 @@ def item_data(
     encoder runs every step. mirror=True: the flip augmentation (see `Mirrored`)."""
     if model.encoder.trainable and cut is None:
         if mirror:
-            raise DataError("--flip needs cached features: this encoder cannot be cut for --fine-tune-encoder")
+            raise UsageError("--flip needs cached features: this encoder cannot be cut for --fine-tune-encoder")
         return CaptionDataset(corpus, model.vocab, opts.max_caption_len, LoadImage(model.preprocess)), None
     feats, kept, failed = corpus_features(
         model.encoder,
