@@ -114,7 +114,7 @@ class FeatureCache:
         self.shape: tuple[int, ...] | None = None  # (R, D), or (C, h, w) for a cached trunk
 
     # files: meta.json {"encoder", "shape", "dtype", "computed_in"}, index.jsonl ({"k": identity, "r": row}
-    # per line), grid.f16, pooled.f16 (not for a cached trunk), lock
+    # per line), grid.f16, pooled.f16 (left empty for a cached trunk), lock
     def _read(self) -> None:
         meta = self.dir / "meta.json"
         self.shape = tuple(json.loads(meta.read_text())["shape"]) if meta.is_file() else None
