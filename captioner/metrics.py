@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .concepts import CATEGORIES, invented, kinds_named
 from .errors import DataError
 from .paths import cache_dir
 from .ptb import coco_tokens, coco_tokens_in_order
@@ -169,6 +170,46 @@ def _all_ngrams(tokens: Sequence[str], n: int) -> Counter:
     return c
 
 
+# ---- hallucination ----------------------------------------------------------------------------
+def hallucination(r_tok: Mapping[Any, list[list[str]]], c_tok: Mapping[Any, list[str]]) -> dict[str, Any]:
+    """How often captions name a kind of thing (a person, a dog, a bus; concepts.py) that none of
+    the photo's references names: CHAIR (Rohrbach et al. 2018) computed from the references, since
+    there are no object labels. Token lists in (`normalize_corpus`).
+
+    hallucinated: the share of captions that invent at least one kind (CHAIR-s);
+    hallucinated_mentions: the share of the kinds captions name that are invented (CHAIR-i);
+    person_invented: of the photos no reference puts a person in (person_free_photos of them),
+    the share whose caption does; animal_invented / vehicle_invented: the share of captions that
+    invent an animal / a vehicle.
+    """
+    keys = list(c_tok)
+    named = invented_any = 0
+    invented_kinds = 0
+    person_free = person_added = 0
+    by_category = dict.fromkeys(CATEGORIES, 0)
+    for k in keys:
+        ref_kinds = [kinds_named(r) for r in r_tok[k]]
+        cap_kinds = kinds_named(c_tok[k])
+        bad = invented(cap_kinds, ref_kinds)
+        named += len(cap_kinds)
+        invented_kinds += len(bad)
+        invented_any += bool(bad)
+        for c in {c for c, _ in bad}:
+            by_category[c] += 1
+        if not any(c == "person" for rk in ref_kinds for c, _ in rk):
+            person_free += 1
+            person_added += any(c == "person" for c, _ in cap_kinds)
+    n = max(len(keys), 1)
+    return {
+        "hallucinated": invented_any / n,
+        "hallucinated_mentions": invented_kinds / named if named else 0.0,
+        "person_invented": person_added / person_free if person_free else None,
+        "person_free_photos": person_free,
+        "animal_invented": by_category["animal"] / n,
+        "vehicle_invented": by_category["vehicle"] / n,
+    }
+
+
 # ---- METEOR -------------------------------------------------------------------------------------
 def meteor_backend() -> str:
     """Which METEOR this machine can compute: 'official-1.5', 'nltk' or 'unavailable'."""
@@ -293,6 +334,7 @@ def evaluate(refs: Mapping[Any, list[str]], cands: Mapping[Any, str], use_meteor
     out["ROUGE-L"] = sum(rouge_l(r_tok[k], c_tok[k]) for k in cands) / len(cands)
     cider = cider_d(r_words, c_words)
     out["CIDEr-D"] = sum(cider.values()) / len(cider)
+    out.update(hallucination(r_tok, c_tok))
     out["METEOR_backend"] = backend
     out["images"] = len(cands)
     out["references"] = sum(len(refs[k]) for k in cands)
