@@ -15,9 +15,10 @@ from .bundle import DEFAULT_DECODING, Caption, ImageInput, ModelBundle
 from .decoding import whole_number
 from .errors import UsageError
 from .features import default_workers, prepared_batches, split_batch
+from .guidance import Tag, top_tags
 from .images import ImageError
 
-__all__ = ["Caption", "Captioner", "DEFAULT_DECODING", "ImageInput"]
+__all__ = ["Caption", "Captioner", "DEFAULT_DECODING", "ImageInput", "Tag"]
 
 
 class Captioner(ModelBundle):
@@ -47,6 +48,8 @@ class Captioner(ModelBundle):
         max_len: int | None = None,
         errors: str = "raise",
         return_attention: bool = False,
+        return_tags: bool = False,
+        return_confidence: bool = False,
         **decode_opts: Any,
     ) -> Any:
         """Caption one image (-> str) or a list (-> list[str]).
@@ -55,7 +58,11 @@ class Captioner(ModelBundle):
         return_attention=True (attention decoders) gives (caption, weights (words, h, w)) instead,
         the weights of each word over the encoder's h x w grid (one row per token: a word, or a
         character of Chinese/Japanese; `generate` gives the tokens as `Caption.words`).
-        decode_opts: min_len, length_alpha, no_repeat_ngram, batch_size, num_workers.
+        return_tags=True adds the photo's top ImageNet classes (a tuple of Tag(label, p)),
+        return_confidence=True the caption's confidence (P(acceptable caption), None when the
+        model is not calibrated): the result is then a tuple (caption[, weights][, tags][, confidence]).
+        decode_opts: min_len, length_alpha, no_repeat_ngram, tag_boost, suppress_unseen,
+        tag_subject, batch_size, num_workers.
         """
         if return_attention and self.decoder.attends_over != "regions":
             raise UsageError(
@@ -71,11 +78,29 @@ class Captioner(ModelBundle):
                 if errors != "skip" or single:
                     raise r
                 results.append(None)
-            elif return_attention:
-                results.append((r[0].text, r[0].attention_grid()))
             else:
-                results.append(r[0].text)
+                best = r[0]
+                extra = [best.attention_grid()] if return_attention else []
+                extra += [best.tags] if return_tags else []
+                extra += [best.confidence] if return_confidence else []
+                results.append((best.text, *extra) if extra else best.text)
         return results[0] if single else results
+
+    def tags(self, x: ImageInput | Sequence[ImageInput], k: int = 5, batch_size: int = 32) -> Any:
+        """The k most probable ImageNet classes of one image (-> tuple of Tag(label, p)) or of a
+        list (-> a list of them): the encoder's own classifier, no decoding. Raises ImageError."""
+        whole_number(k, 1, "k")
+        if self.encoder.head is None or self.is_sequence_model:
+            raise UsageError(f"this model's encoder ({self.config['encoder']}) has no ImageNet classifier to tag with")
+        single = not isinstance(x, (list, tuple))
+        out = []
+        for batch in prepared_batches([x] if single else list(x), self.prepare, batch_size, 0):
+            for item in batch:
+                if isinstance(item, ImageError):
+                    raise item
+            _, pixels, _ = split_batch(batch)
+            out += top_tags(self.imagenet_probs(self.pooled(self.encode(pixels))), k)
+        return out[0] if single else out
 
     def generate_sequences(
         self,

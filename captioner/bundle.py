@@ -28,6 +28,7 @@ from .features import (
     prepared_batches,
     split_batch,
 )
+from .guidance import Guidance, Tag, top_tags
 from .images import ImageError, Preprocess, check_size, from_array, load_image, to_rgb
 from .models import CaptionModel, SequenceModel, build_model
 from .paths import bundled_model_path
@@ -41,6 +42,8 @@ class Caption(NamedTuple):
     score: float  # summed log-prob (divided by the length penalty when one is set)
     attention: Tensor | None = None  # (words, R) attention weights, for attention decoders
     words: tuple[str, ...] = ()  # the caption's tokens, one per attention row (Chinese text has no spaces to split on)
+    tags: tuple[Tag, ...] = ()  # the photo's top ImageNet classes (guidance.py), when the encoder has its classifier
+    confidence: float | None = None  # P(acceptable caption), when the model is calibrated (calibration.py)
 
     def attention_grid(self) -> Tensor:
         """The attention as (words, h, w) over the encoder's square grid."""
@@ -55,7 +58,16 @@ def load_encoder_weights(encoder: Encoder, ckpt: dict[str, Any]) -> None:
 
 
 #: decoding settings when neither the caller nor the checkpoint (config["decoding"]) gives one
-DEFAULT_DECODING = {"beam_size": 5, "max_len": 20, "min_len": 1, "length_alpha": 0.0, "no_repeat_ngram": 0}
+DEFAULT_DECODING = {
+    "beam_size": 5,
+    "max_len": 20,
+    "min_len": 1,
+    "length_alpha": 0.0,
+    "no_repeat_ngram": 0,
+    "tag_boost": 0.0,
+    "suppress_unseen": 0.0,
+    "tag_subject": 0.0,
+}
 
 
 class ModelBundle:
@@ -72,6 +84,7 @@ class ModelBundle:
         vocab: Vocabulary,
         config: dict[str, Any],
         device: str | torch.device = "auto",
+        guidance: dict[str, Tensor] | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.encoder = encoder.to(self.device, memory_format=torch.channels_last).eval()
@@ -81,6 +94,7 @@ class ModelBundle:
         self.preprocess = Preprocess.from_dict(config["preprocess"])
         self.decoding = DEFAULT_DECODING | config.get("decoding", {})
         self.max_pixels: int | None = None  # images over this many pixels are refused (None: DEFAULT_MAX_PIXELS)
+        self.guidance = Guidance(vocab, guidance)  # tags, word prior, confidence (see guidance.py)
 
     # ---- persistence -------------------------------------------------------------------------
     @classmethod
@@ -111,7 +125,7 @@ class ModelBundle:
         except RuntimeError as e:
             detail = str(e).strip().splitlines()[-1].strip()
             raise CheckpointError(f"{source}: decoder weights do not match its config/vocabulary ({detail})") from None
-        return cls(encoder, decoder, vocab, config, device)
+        return cls(encoder, decoder, vocab, config, device, guidance=ckpt.get("guidance"))
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, device: str | torch.device = "auto") -> Self:
@@ -135,6 +149,7 @@ class ModelBundle:
             "decoder": {k: v.detach().cpu() for k, v in self.decoder.state_dict().items()},
             # only the fine-tuned blocks: the frozen ones come from the installed weight package
             "encoder": {k: v.detach().cpu() for k, v in self.encoder.top_state_dict(n).items()} if n else None,
+            "guidance": dict(self.guidance.state) or None,  # what calibration.py fitted (small, kept fp32)
         }
 
     def save(self, path: str | os.PathLike, half: bool = False) -> None:
@@ -217,6 +232,21 @@ class ModelBundle:
         check_options(n_best=n_best, **o)
         return o
 
+    def pooled(self, features: Any) -> Tensor | None:
+        """The decoder's input for B single images (grid (B, R, D) or pooled (B, D)) -> pooled
+        features (B, D) on the device, what the ImageNet head takes; None for sequences."""
+        if self.is_sequence_model or not isinstance(features, Tensor):
+            return None
+        f = features.to(self.device).float()
+        return f.mean(1) if f.dim() == 3 else f
+
+    def imagenet_probs(self, pooled: Tensor | None) -> Tensor | None:
+        """ImageNet class probabilities (B, 1000) from the encoder's own head, when it has one."""
+        if pooled is None or self.encoder.head is None:
+            return None
+        with torch.no_grad():
+            return self.encoder.head(pooled).float().softmax(-1)
+
     def decode(
         self,
         features: Any,
@@ -226,9 +256,14 @@ class ModelBundle:
         min_len: int | None = None,
         length_alpha: float | None = None,
         no_repeat_ngram: int | None = None,
+        tag_boost: float | None = None,
+        suppress_unseen: float | None = None,
+        tag_subject: float | None = None,
     ) -> list[list[Caption]]:
         """The decoder's input for B images or sequences (see `encode`) -> for each its n-best Captions,
-        best first. Settings left None come from `self.decoding`."""
+        best first, with the photo's tags and each caption's confidence when the model has them.
+        Settings left None come from `self.decoding`; tag_boost / suppress_unseen: the word prior
+        of guidance.py, tag_subject: its forced subject for unfamiliar photos (0 = off)."""
         o = self.resolve_decoding(
             n_best=n_best,
             beam_size=beam_size,
@@ -236,7 +271,16 @@ class ModelBundle:
             min_len=min_len,
             length_alpha=length_alpha,
             no_repeat_ngram=no_repeat_ngram,
+            tag_boost=tag_boost,
+            suppress_unseen=suppress_unseen,
+            tag_subject=tag_subject,
         )
+        pooled = self.pooled(features)  # (B, D) or None
+        probs = self.imagenet_probs(pooled)  # (B, 1000) or None
+        bias = None
+        if probs is not None and (o["tag_boost"] or o["suppress_unseen"]):
+            bias = self.guidance.bias(pooled, probs, o["tag_boost"], o["suppress_unseen"])  # (B, V)
+        prefix = self.guidance.subject(pooled, probs, o["tag_subject"]) if probs is not None else None  # (B, 2)
         was_training = self.decoder.training
         self.decoder.eval()
         try:
@@ -249,13 +293,26 @@ class ModelBundle:
                 length_alpha=o["length_alpha"],
                 no_repeat_ngram=o["no_repeat_ngram"],
                 n_best=n_best,
-                suppress=[self.vocab.unk_id],
-            )  # "<unk>" is never a useful word to print
+                suppress=[self.vocab.unk_id],  # "<unk>" is never a useful word to print
+                bias=bias,
+                prefix=prefix,
+            )
         finally:
             self.decoder.train(was_training)
+        texts = [[self.vocab.decode(h.tokens) for h in hs] for hs in hyps]
+        tags = top_tags(probs) if probs is not None else [()] * len(hyps)
+        conf = None
+        if probs is not None:
+            captions = [[(t, h.score, len(h.tokens)) for t, h in zip(ts, hs)] for ts, hs in zip(texts, hyps)]
+            conf = self.guidance.confidence(pooled, probs, captions)
         return [
-            [Caption(self.vocab.decode(h.tokens), h.score, h.attention, self.vocab.words(h.tokens)) for h in hs]
-            for hs in hyps
+            [
+                Caption(
+                    t, h.score, h.attention, self.vocab.words(h.tokens), tags[b], None if conf is None else conf[b][j]
+                )
+                for j, (t, h) in enumerate(zip(texts[b], hs))
+            ]
+            for b, hs in enumerate(hyps)
         ]
 
     def generate(

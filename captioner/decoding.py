@@ -33,7 +33,15 @@ def whole_number(value: Any, low: int, name: str) -> int:
 
 
 def check_options(
-    beam_size: Any, n_best: Any, max_len: Any, min_len: Any, length_alpha: Any, no_repeat_ngram: Any
+    beam_size: Any,
+    n_best: Any,
+    max_len: Any,
+    min_len: Any,
+    length_alpha: Any,
+    no_repeat_ngram: Any,
+    tag_boost: Any = 0.0,
+    suppress_unseen: Any = 0.0,
+    tag_subject: Any = 0.0,
 ) -> None:
     """Refuse decoding settings that make no sense (UsageError), rather than quietly decoding
     some other way (a beam of 0 is not greedy search, a max length of 0 is not a caption)."""
@@ -44,15 +52,14 @@ def check_options(
     whole_number(no_repeat_ngram, 0, "no-repeat n-gram size (--no-repeat-ngram, no_repeat_ngram=)")
     if min_len > max_len:
         raise UsageError(f"min length {min_len} is more than max length {max_len}")
-    if (
-        not isinstance(length_alpha, (int, float))
-        or isinstance(length_alpha, bool)
-        or not math.isfinite(length_alpha)
-        or length_alpha < 0
+    for value, name in (
+        (length_alpha, "length penalty (--length-penalty, length_alpha=)"),
+        (tag_boost, "tag boost (--tag-boost, tag_boost=)"),
+        (suppress_unseen, "unseen-object penalty (--suppress-unseen, suppress_unseen=)"),
+        (tag_subject, "tag subject threshold (--tag-subject, tag_subject=)"),
     ):
-        raise UsageError(
-            f"length penalty (--length-penalty, length_alpha=) must be a number >= 0, not {length_alpha!r}"
-        )
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise UsageError(f"{name} must be a number >= 0, not {value!r}")
 
 
 @dataclass
@@ -86,6 +93,17 @@ def _constrain(
     dead = torch.isinf(logp).all(dim=-1)  # (N,) nothing allowed: end the caption here, at a heavy cost
     logp[dead, END_ID] = DEAD_END_LOGP
     return logp
+
+
+def _force(logp: Tensor, forced: Tensor) -> Tensor:
+    """logp (N, V) with only the word `forced` (N,) allowed in the rows where it is >= 0; it keeps
+    the model's log-probability, so the score says how surprised the decoder is."""
+    rows = forced >= 0  # (N,)
+    if not bool(rows.any()):
+        return logp
+    allowed = torch.zeros_like(logp, dtype=torch.bool)  # (N, V)
+    allowed[rows, forced[rows]] = True
+    return torch.where(allowed | ~rows[:, None], logp, float("-inf"))
 
 
 def _step_live(model: CaptionModel, tokens: Tensor, state: DecoderState, live: Tensor) -> tuple[Tensor, DecoderState]:
@@ -125,10 +143,16 @@ def beam_search(
     n_best: int = 1,
     suppress: Sequence[int] = (),
     early_stop: bool = True,
+    bias: Tensor | None = None,
+    prefix: Tensor | None = None,
 ) -> list[list[Hypothesis]]:
     """Batched beam search; for each image (or sequence) the `n_best` hypotheses, best first, ranked
     by log-probability / GNMT length penalty (`length_alpha`; 0 = raw log-probability).
     `suppress`: token ids never to emit (the Captioner passes <unk>).
+    `bias` (B, V): added to each image's log-probabilities at every step, then renormalised (a
+    product of the decoder and a per-image word prior: tag guidance, see guidance.py);
+    hypotheses' log-probabilities and scores are those of the product.
+    `prefix` (B, P): word ids each image's captions must start with (-1: free from there on).
 
     As in the standard implementations (GNMT, fairseq), a caption that ends is set aside with its
     penalised score and the search goes on with `beam_size` live beams: of each step's best
@@ -156,11 +180,20 @@ def beam_search(
     attention = None  # (B*K, t, R) when the model exposes per-step attention (state.alpha)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     best_bound = _length_penalty(max_len, length_alpha)  # the largest penalty any caption can get
+    if bias is not None:
+        bias = bias.to(dev, torch.float32).repeat_interleave(K, dim=0)  # (B*K, V)
+    if prefix is not None:
+        prefix = prefix.to(dev).repeat_interleave(K, dim=0)  # (B*K, P)
     for t in range(max_len):
         live = torch.isfinite(beam_logp.view(-1))  # (B*K,)
         logp, state = _step_live(model, tokens, state, live)  # (B*K, V)
         V = logp.size(-1)
-        logp = _constrain(logp.float(), history, t, min_len, no_repeat_ngram, suppress)
+        logp = logp.float()
+        if bias is not None:  # renormalised, so still <= 0; finished rows (all -inf) stay as they are
+            logp = torch.where(live[:, None], (logp + bias).log_softmax(-1), logp)
+        logp = _constrain(logp, history, t, min_len, no_repeat_ngram, suppress)
+        if prefix is not None and t < prefix.size(1):
+            logp = _force(logp, prefix[:, t])
         cand = (beam_logp.view(B * K, 1) + logp).view(B, K * V)  # (B, K*V); dead beams stay -inf
         top_logp, top_idx = cand.topk(min(2 * K, K * V), dim=1)  # (B, 2K) best continuations
         top_tok = top_idx % V  # (B, 2K)

@@ -118,6 +118,10 @@ class Ensemble(Captioner):
     def encode_sequences(self, sequences, batch_size: int = 32):
         raise UsageError("ensembles caption single images, not image sequences")
 
+    def pooled(self, features: Any) -> Tensor | None:
+        """The first member's pooled features: the tags come from its encoder (self.encoder)."""
+        return self.members[0].pooled(features[0]) if isinstance(features, tuple) else None
+
     def _decoder_input(self, features: tuple) -> tuple:
         return tuple(f.to(self.device).float() for f in features)
 

@@ -29,6 +29,10 @@ def main() -> None:
     p.add_argument("--beam-sizes", default="1,3,5")
     p.add_argument("--length-penalties", default="0,1")
     p.add_argument("--no-repeat-ngrams", default="0,2")
+    p.add_argument("--tag-boosts", default="0", help="guidance.py's word prior: tag boost values")
+    p.add_argument("--suppress-unseen", default="0", help="unseen-object penalties")
+    p.add_argument("--tag-subjects", default="0", help="tag-subject thresholds (a calibrated model)")
+
     p.add_argument("--out", help="write the best setting here (JSON)")
     a = p.parse_args()
     model = Captioner.load(a.model, device="cpu")
@@ -39,27 +43,32 @@ def main() -> None:
     ids, refs = [corpus.image_ids[k] for k in kept], references(corpus)
     rows = []
     print(
-        "| beam | length penalty | no-repeat n-gram | BLEU-4 | METEOR | ROUGE-L | CIDEr-D | distinct captions "
-        "| unique | words used | s |"
+        "| beam | length penalty | no-repeat n-gram | tag boost | suppress unseen | tag subject | BLEU-4 | METEOR "
+        "| ROUGE-L | CIDEr-D | hallucinated | person invented | distinct captions | unique | words used | s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     grid = itertools.product(
         [int(x) for x in a.beam_sizes.split(",")],
         [float(x) for x in a.length_penalties.split(",")],
         [int(x) for x in a.no_repeat_ngrams.split(",")],
+        [float(x) for x in a.tag_boosts.split(",")],
+        [float(x) for x in a.suppress_unseen.split(",")],
+        [float(x) for x in a.tag_subjects.split(",")],
     )
-    for beam, alpha, ngram in grid:
+    for beam, alpha, ngram, boost, sup, subject in grid:
         if beam == 1 and alpha:
             continue  # greedy keeps one hypothesis: nothing to re-rank
         t0 = time.time()
         setting = {"beam_size": beam, "length_alpha": alpha, "no_repeat_ngram": ngram}
+        setting |= {"tag_boost": boost, "suppress_unseen": sup, "tag_subject": subject}
         s = score(refs, caption_features(model, ids, feats, **setting))
         rows.append((s["CIDEr-D"], setting))
         meteor = "n/a" if s["METEOR"] is None else f"{s['METEOR']:.3f}"
         print(
-            f"| {beam} | {alpha:g} | {ngram or 'off'} | {s['BLEU-4']:.3f} | {meteor} | {s['ROUGE-L']:.3f} | "
-            f"{s['CIDEr-D']:.3f} | {s['distinct_captions']} | {s['unique_fraction']:.2f} | {s['words_used']} | "
-            f"{time.time() - t0:.0f} |",
+            f"| {beam} | {alpha:g} | {ngram or 'off'} | {boost:g} | {sup:g} | {subject:g} | {s['BLEU-4']:.3f} | "
+            f"{meteor} | {s['ROUGE-L']:.3f} | {s['CIDEr-D']:.3f} | {s['hallucinated']:.3f} | "
+            f"{_pct(s['person_invented'])} | {s['distinct_captions']} | {s['unique_fraction']:.2f} | "
+            f"{s['words_used']} | {time.time() - t0:.0f} |",
             flush=True,
         )
     best = max(rows, key=lambda r: r[0])
@@ -67,6 +76,10 @@ def main() -> None:
     if a.out:
         with open(a.out, "w", encoding="utf-8") as f:
             json.dump(best[1], f)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 if __name__ == "__main__":

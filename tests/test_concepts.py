@@ -108,3 +108,22 @@ def test_imagenet_table_is_what_the_script_makes(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(ROOT / "scripts" / "make_imagenet_words.py"), "--out", str(out)], check=True)
     shipped = json.loads((ROOT / "captioner" / "resources" / "imagenet_words.json").read_text())
     assert json.loads(out.read_text()) == shipped
+
+
+def test_score_reports_hallucination(tmp_path: Path, capsys) -> None:
+    from captioner.cli import main
+
+    refs = {
+        "images": [{"id": 1, "file_name": "1.jpg"}, {"id": 2, "file_name": "2.jpg"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "caption": "A cat on a sofa."},
+            {"id": 2, "image_id": 2, "caption": "A man rides a horse."},
+        ],
+    }
+    (tmp_path / "refs.json").write_text(json.dumps(refs))
+    results = [{"image_id": 1, "caption": "a woman on a sofa"}, {"image_id": 2, "caption": "a man on a horse"}]
+    (tmp_path / "res.json").write_text(json.dumps(results))
+    assert main(["score", "--results", str(tmp_path / "res.json"), "--annotations", str(tmp_path / "refs.json")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["person_invented"] == 1.0 and report["person_free_photos"] == 1
+    assert report["hallucinated"] == 0.5

@@ -329,3 +329,40 @@ def test_an_ensemble_of_real_decoders_beam_searches_in_batches():
     batched = beam_search(ens, (feats, feats), beam_size=4, max_len=6)
     alone = [beam_search(ens, (feats[i : i + 1], feats[i : i + 1]), beam_size=4, max_len=6)[0] for i in range(3)]
     assert [h[0].tokens for h in batched] == [h[0].tokens for h in alone]
+
+
+# ---- a per-image word prior (bias) and a forced start (prefix): what tag guidance uses -------------
+def test_bias_is_a_renormalised_product_of_experts():
+    # image 0 greedy: "a" (0.5) then <end> (0.62). A prior of log 4 on "c" makes the first step
+    # 0.5 : 0.3 : 0.8 for a : b : c, renormalised -> c 0.5; c then ends with probability 1.
+    bias = torch.zeros(1, V)
+    bias[0, C] = math.log(4.0)
+    [[h]] = beam_search(FakeModel(), images(0), beam_size=1, bias=bias)
+    assert h.tokens == [C]
+    assert h.logprob == pytest.approx(math.log(0.8 / 1.6))
+    [[plain]] = beam_search(FakeModel(), images(0), beam_size=1)
+    assert plain.tokens == [A]
+
+
+def test_bias_is_per_image_and_keeps_the_early_stop_exact():
+    tables = random_tables(2, 8)
+    bias = torch.randn(8, tables.size(-1), generator=torch.Generator().manual_seed(0)) * 2.0
+    kw = dict(beam_size=3, n_best=2, max_len=7, length_alpha=1.0, bias=bias)
+    a = beam_search(TableModel(tables), images(*range(8)), **kw)
+    b = beam_search(TableModel(tables), images(*range(8)), early_stop=False, **kw)
+    assert [[h.tokens for h in hs] for hs in a] == [[h.tokens for h in hs] for hs in b]
+    # each image's captions are those it gets when decoded alone with its own prior
+    for i in (0, 5):
+        [alone] = beam_search(TableModel(tables), images(i), **(kw | {"bias": bias[i : i + 1]}))
+        assert [h.tokens for h in alone] == [h.tokens for h in a[i]]
+        assert all(h.logprob <= 0 for h in alone)
+
+
+def test_prefix_forces_the_start_and_leaves_free_rows_alone():
+    prefix = torch.tensor([[B, -1], [-1, -1]])  # image 0 must start with "b"; image 1 is free
+    hyps = beam_search(FakeModel(), images(0, 1), beam_size=2, n_best=1, prefix=prefix)
+    assert hyps[0][0].tokens[0] == B
+    # "b" has probability 0.3 at step 0 and keeps the model's log-prob: b c <end> = 0.3 * 0.9 * 1
+    assert hyps[0][0].tokens == [B, C] and hyps[0][0].logprob == pytest.approx(math.log(0.27))
+    [free] = beam_search(FakeModel(), images(1), beam_size=2, n_best=1)
+    assert [h.tokens for h in hyps[1]] == [h.tokens for h in free]

@@ -49,7 +49,32 @@ def add(sub) -> None:
         default=DEFAULT_MAX_PIXELS,
         help="refuse images declaring more pixels than this, before decoding them (decompression bombs)",
     )
-    c.add_argument("--json", action="store_true", help="one JSON object per line, with the n-best list")
+    c.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per line, with the n-best list, each caption's confidence and the photo's tags",
+    )
+    c.add_argument(
+        "--tags",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also print the K most probable ImageNet classes with their probabilities "
+        "(the encoder's own classifier, from the same pass; --json: K of them, default 5)",
+    )
+    c.add_argument(
+        "--min-confidence",
+        type=float,
+        default=0.0,
+        metavar="C",
+        help="mark captions whose confidence (P(acceptable caption), calibrated on validation captions) "
+        "is below C; 0 = mark none",
+    )
+    c.add_argument(
+        "--omit-low-confidence",
+        action="store_true",
+        help="with --min-confidence: leave such captions out (the tags are still printed)",
+    )
     c.add_argument(
         "--attention-map",
         metavar="OUT_DIR",
@@ -69,6 +94,12 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.attention_map:
         check_output_dir(args.attention_map)
+    if args.tags < 0:
+        raise UsageError(f"--tags must be a whole number >= 0, not {args.tags}")
+    if not 0.0 <= args.min_confidence <= 1.0:
+        raise UsageError(f"--min-confidence must be between 0 and 1, not {args.min_confidence:g}")
+    if args.omit_low_confidence and not args.min_confidence:
+        raise UsageError("--omit-low-confidence needs --min-confidence C")
     model = Captioner.load(args.model, device=args.device)
     model.max_pixels = args.max_pixels
     # the model's decoding settings with what the command line set, checked before any image is read
@@ -103,14 +134,32 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_caption(args: argparse.Namespace, key: dict, label: str, nbest: list) -> None:
+    best = nbest[0]
+    low = best.confidence is not None and best.confidence < args.min_confidence
+    text = None if low and args.omit_low_confidence else best.text
+    tags = best.tags[: args.tags or (5 if args.json else 0)]
     if args.json:
-        line = json.dumps(
-            key | {"caption": nbest[0].text, "nbest": [{"caption": c.text, "score": round(c.score, 4)} for c in nbest]},
-            ensure_ascii=False,
-        )
+        entry = key | {"caption": text, "confidence": _rounded(best.confidence)}
+        if args.min_confidence:
+            entry["low_confidence"] = low
+        entry["nbest"] = [
+            {"caption": c.text, "score": round(c.score, 4), "confidence": _rounded(c.confidence)} for c in nbest
+        ]
+        if tags:
+            entry["tags"] = [t.to_dict() for t in tags]
+        line = json.dumps(entry, ensure_ascii=False)
     else:
-        line = f"{label}\t{nbest[0].text}"
+        fields = [label, text if text is not None else "(no caption)"]
+        if low:
+            fields.append(f"(low confidence: {best.confidence:.2f})")
+        if tags:
+            fields.append("tags: " + ", ".join(f"{t.label} {t.p:.2f}" for t in tags))
+        line = "\t".join(fields)
     print(line, flush=True)
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
 
 
 def _caption_sequences(model, args: argparse.Namespace, decode_opts: dict) -> int:

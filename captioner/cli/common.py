@@ -106,6 +106,20 @@ DECODING_FLAGS = (
     ("--min-len", "min_len", int, "fewest words per caption"),
     ("--length-penalty", "length_alpha", float, "GNMT alpha, 0 = off"),
     ("--no-repeat-ngram", "no_repeat_ngram", int, "forbid repeating n-grams of this size, 0 = off"),
+    ("--tag-boost", "tag_boost", float, "favour the words the encoder's ImageNet classifier recognises, 0 = off"),
+    (
+        "--suppress-unseen",
+        "suppress_unseen",
+        float,
+        "penalise naming people, animals and vehicles the classifiers do not see, 0 = off",
+    ),
+    (
+        "--tag-subject",
+        "tag_subject",
+        float,
+        "on photos unlike the training photos, start the caption with the word the ImageNet classifier "
+        "is at least this sure of (a cat, a bus), 0 = off",
+    ),
 )
 
 
