@@ -8,16 +8,18 @@ few tensors saved in the checkpoint under "guidance".
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .bundle import ModelBundle
+from .concepts import word_kinds
 from .data import CaptionCorpus
 from .features import FeatureCache, ItemFeatures
-from .guidance import ACCEPTABLE, Guidance, _logistic, fit_centroids, fit_person, person_labels
-from .metrics import cider_d, normalize_corpus, split_words
+from .guidance import ACCEPTABLE, Guidance, _logistic, fit_centroids, fit_person
+from .metrics import cider_d, normalize, normalize_corpus, split_words
 
 log = logging.getLogger("captioner")
 
@@ -43,6 +45,13 @@ def caption_quality(refs: dict[Any, list[str]], captions: dict[Any, str]) -> dic
     return cider_d(
         {k: [split_words(r) for r in rs] for k, rs in r_tok.items()}, {k: split_words(c) for k, c in c_tok.items()}
     )
+
+
+def person_labels(captions: Sequence[Sequence[str]]) -> Tensor:
+    """1 for a photo most of whose references name a person, else 0: (N,)."""
+    table = word_kinds()
+    votes = [sum(any(table.get(t, ("",))[0] == "person" for t in normalize(r)) for r in refs) for refs in captions]
+    return torch.tensor([float(v * 2 > len(refs)) for v, refs in zip(votes, captions)])
 
 
 def fit_photo_state(train_pooled: Tensor, train_refs: list[list[str]]) -> dict[str, Tensor]:

@@ -77,7 +77,10 @@ class Ensemble(Captioner):
         decoder = EnsembleDecoder([m.decoder for m in self.members])
         if len(self.preprocesses) > 1:  # grids of different sizes: no one attention map to average
             decoder.attends_over = None
-        super().__init__(first.encoder, decoder, first.vocab, config, first.device)
+        # the first model's guidance (tags, person classifier, typicality: its pooled features are
+        # what `pooled` gives), but no confidence: that was fitted to the first model's captions
+        state = {k: v for k, v in first.guidance.state.items() if not k.startswith("confidence")}
+        super().__init__(first.encoder, decoder, first.vocab, config, first.device, guidance=state or None)
         self.decoding = dict(first.decoding)
 
     @classmethod

@@ -77,15 +77,6 @@ def _logistic(x: Tensor, y: Tensor, weight_decay: float, steps: int = 300) -> tu
         return w / std, b - (w / std * mean).sum()
 
 
-def person_labels(captions: Sequence[Sequence[str]]) -> Tensor:
-    """1 for a photo most of whose references name a person, else 0: (N,)."""
-    from .metrics import normalize
-
-    table = word_kinds()
-    votes = [sum(any(table.get(t, ("",))[0] == "person" for t in normalize(r)) for r in refs) for refs in captions]
-    return torch.tensor([float(v * 2 > len(refs)) for v, refs in zip(votes, captions)])
-
-
 def fit_person(pooled: Tensor, labels: Tensor, weight_decay: float = 0.1) -> dict[str, Tensor]:
     """The person classifier's weights from pooled features (N, D) and `person_labels` (N,)."""
     w, b = _logistic(pooled, labels, weight_decay)

@@ -10,7 +10,11 @@
 #      tenth of the first stage's learning rate: "ft", 8 epochs of about 6 min (~50 min);
 #   3. beam-search settings measured on val (scripts/tune_decoding.py, about 4 min);
 #   4. export: fp16 weights (the decoder and the 2 fine-tuned blocks), no optimizer state, the
-#      measured decoding settings as defaults, then the exported file scored on val.
+#      measured decoding settings as defaults;
+#   5. guidance (captioner/guidance.py, about 6 min): the person classifier and typicality fitted
+#      on the training photos, the confidence on val captions (scripts/calibrate.py); the
+#      unseen-object penalty and the tag subject measured on val with the beam settings of step 3;
+#      the confidence fitted again for the chosen settings; then the model scored on val.
 # Resumable: run it again after a stop and each training stage continues from its last whole
 # epoch (`--resume`); finished stages are skipped. --amp bf16 pays on CPUs with AVX512-BF16
 # (drop it elsewhere, where bf16 is emulated and slow). Deterministic for the seed on one machine.
@@ -47,5 +51,14 @@ python scripts/tune_decoding.py --model "$OUT/ft/best.pt" --annotations "$F/capt
   --images "$F/images" --beam-sizes 1,2,3,5 --length-penalties 0,1 --no-repeat-ngrams 0,2 \
   --out "$OUT/decoding.json" | tee "$OUT/decoding.md"
 python scripts/export_model.py "$OUT/ft/best.pt" "$MODEL" --half --decoding "$OUT/decoding.json"
+CAL=(--train-annotations "$F/captions_train.json" --val-annotations "$F/captions_val.json" --images "$F/images")
+python scripts/calibrate.py --model "$MODEL" "${CAL[@]}" --out "$OUT/calibrated.pt"
+setting() { python -c "import json, sys; print(json.load(open('$OUT/decoding.json'))[sys.argv[1]])" "$1"; }
+python scripts/tune_decoding.py --model "$OUT/calibrated.pt" --annotations "$F/captions_val.json" \
+  --images "$F/images" --beam-sizes "$(setting beam_size)" --length-penalties "$(setting length_alpha)" \
+  --no-repeat-ngrams "$(setting no_repeat_ngram)" --suppress-unseen 0,10,20,40 --tag-subjects 0,0.3,0.5 \
+  --out "$OUT/guidance.json" | tee "$OUT/guidance.md"
+python scripts/calibrate.py --model "$OUT/calibrated.pt" "${CAL[@]}" --decoding "$OUT/guidance.json" \
+  --out "$MODEL" | tee "$OUT/calibration.md"
 captioner evaluate --model "$MODEL" --annotations "$F/captions_val.json" --images "$F/images" --quiet \
   | tee "$OUT/bundled_val.json"

@@ -54,7 +54,40 @@ def test_bundled_model_loads_offline_and_describes_every_example(offline):
     assert "dog" in captions["dog.png"].split(), captions
 
 
+def test_bundled_model_names_the_unfamiliar_examples_or_says_it_cannot(offline):
+    """The cat, the coffee and the rocket are outside Flickr8k's world: the caption names them
+    or, at the least, the tags do and the confidence is low; the dog is named with no help."""
+    model = Captioner.load(device="cpu")
+    assert model.guidance.calibrated and model.decoding["suppress_unseen"] > 0
+    names = {"cat.jpg": "cat", "coffee.jpg": "coffee", "rocket.jpg": "rocket", "dog.png": "dog"}
+    paths = [p for p in EXAMPLES if p.name in names]
+    for path, (caption, tags, confidence) in zip(paths, model.caption(paths, return_tags=True, return_confidence=True)):
+        word = names[path.name]
+        named = word in caption.split()
+        tagged = any(word in t.label.lower() or word in _class_words(t.label) for t in tags[:3])
+        if path.name == "dog.png":
+            assert named and confidence > 0.05, (caption, confidence)
+        else:
+            assert named or (tagged and confidence < 0.2), (path.name, caption, tags[:3], confidence)
+            assert not any(w in caption.split() for w in ("man", "woman", "boy", "girl", "people")), caption
+
+
+def _class_words(label: str) -> list[str]:
+    from captioner.concepts import imagenet_classes
+
+    return [w for c in imagenet_classes() if c["label"] == label for w in c["words"]]
+
+
 def test_caption_command_uses_the_bundled_model_by_default(offline, capsys):
     dog = REPO / "assets" / "examples" / "dog.png"
     assert main(["caption", str(dog)]) == 0
     assert "dog" in capsys.readouterr().out.split("\t")[1].split()
+
+
+def test_an_ensemble_keeps_the_first_models_tags_and_guidance_but_claims_no_confidence(offline):
+    single = Captioner.load(device="cpu")
+    both = Captioner.load([None, None], device="cpu")  # the bundled model twice: the same captions
+    cat = REPO / "assets" / "examples" / "cat.jpg"
+    text, tags, conf = both.caption(cat, return_tags=True, return_confidence=True)
+    assert (text, tags) == single.caption(cat, return_tags=True) and conf is None
+    assert both.guidance.has_person and not both.guidance.calibrated

@@ -7,14 +7,13 @@ import json
 import pytest
 import torch
 
-from captioner.calibration import caption_quality, fit_confidence, reliability
+from captioner.calibration import caption_quality, fit_confidence, person_labels, reliability
 from captioner.concepts import imagenet_classes
 from captioner.guidance import (
     ACCEPTABLE,
     Guidance,
     fit_centroids,
     fit_person,
-    person_labels,
     top_tags,
 )
 from captioner.vocab import Vocabulary

@@ -254,6 +254,9 @@ def test_api_refuses_nonsense_options(bundled):
         {"min_len": 5, "max_len": 2},
         {"beam_size": 2.5},
         {"length_alpha": float("nan")},
+        {"tag_boost": -1.0},
+        {"suppress_unseen": float("inf")},
+        {"tag_subject": "high"},
         {"errors": "bogus"},
         {"batch_size": 0},
     ):
