@@ -51,6 +51,32 @@ class Caption(NamedTuple):
         return self.attention.view(-1, side, side)
 
 
+def caption_record(
+    nbest: Sequence[Caption], n_tags: int = 5, min_confidence: float = 0.0, omit_low: bool = False
+) -> dict[str, Any]:
+    """An image's n-best Captions as the JSON object `captioner caption --json` prints (and the
+    server answers): caption, confidence, nbest [{caption, score, confidence}], tags [{label, p}];
+    "low_confidence" when `min_confidence` is set (omit_low: the caption is then null)."""
+    best = nbest[0]
+    low = best.confidence is not None and best.confidence < min_confidence
+    entry: dict[str, Any] = {
+        "caption": None if low and omit_low else best.text,
+        "confidence": _rounded(best.confidence),
+    }
+    if min_confidence:
+        entry["low_confidence"] = low
+    entry["nbest"] = [
+        {"caption": c.text, "score": round(c.score, 4), "confidence": _rounded(c.confidence)} for c in nbest
+    ]
+    if n_tags and best.tags:
+        entry["tags"] = [t.to_dict() for t in best.tags[:n_tags]]
+    return entry
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
 def load_encoder_weights(encoder: Encoder, ckpt: dict[str, Any]) -> None:
     """A checkpoint's fine-tuned encoder blocks (if any) into a freshly built encoder."""
     if ckpt.get("encoder") is not None:

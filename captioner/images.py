@@ -6,6 +6,7 @@ pixels prepared differently from the ones it was trained on.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import threading
@@ -71,7 +72,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 _PILLOW_LIMIT = threading.Lock()
 
 
-def _open_without_pillow_limit(p: Path) -> Image.Image:
+def _open_without_pillow_limit(p: Path | io.BytesIO) -> Image.Image:
     """Image.open (header only) with Pillow's own bomb check off, so `load_image` applies its
     documented limit instead (Pillow would raise or warn at about 89 and 179 megapixels)."""
     with _PILLOW_LIMIT:
@@ -89,13 +90,24 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
     `max_pixels` pixels (default DEFAULT_MAX_PIXELS) is refused from its header, before decoding.
     """
     p = Path(path)
-    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     if not p.exists():
         raise ImageError(p, "no such file")
     if p.is_dir():
         raise ImageError(p, "is a directory, not an image file")
+    return _decode(p, p, max_pixels)
+
+
+def image_from_bytes(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
+    """`load_image` for an uploaded file's bytes (`name` labels its errors); no path is opened."""
+    if not data:
+        raise ImageError(name, "is empty")
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, p: Path | str, max_pixels: int | None) -> Image.Image:
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     try:
-        with _open_without_pillow_limit(p) as img:
+        with _open_without_pillow_limit(source) as img:
             w, h = img.size
             if w == 0 or h == 0:
                 raise ImageError(p, f"has no pixels ({w}x{h})")

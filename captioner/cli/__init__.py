@@ -21,12 +21,12 @@ from .. import __version__
 from ..decoding import whole_number
 from ..distributed import PeerFailure, first_line, lost_peer
 from ..errors import CaptionerError
-from . import caption, evaluate, extract, plot, score, train, validate
+from . import caption, evaluate, extract, plot, score, serve, train, validate
 from .common import err, expand_inputs, rank_prefix
 
 __all__ = ["build_parser", "expand_inputs", "main"]
 
-COMMANDS = (caption, train, evaluate, extract, validate, score, plot)
+COMMANDS = (caption, train, evaluate, extract, validate, score, plot, serve)
 
 
 class _Parser(argparse.ArgumentParser):

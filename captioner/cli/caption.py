@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 from ..errors import UsageError
-from ..images import DEFAULT_MAX_PIXELS, ImageError, list_images
+from ..images import ImageError, list_images
 from ..paths import check_output_dir
-from .common import decoding, decoding_args, err, expand_inputs
+from .common import decoding, decoding_args, err, expand_inputs, max_pixels_arg, model_arg
 
 
 def add(sub) -> None:
@@ -33,22 +33,11 @@ def add(sub) -> None:
         help="one caption for a folder's images as a sequence, in natural file-name order "
         "(frame2 before frame10); repeat for several",
     )
-    c.add_argument(
-        "--model",
-        action="append",
-        metavar="CKPT",
-        help="checkpoint (default: the bundled model); give it again for an ensemble: "
-        "beam search over the mean of the models' log-probabilities (one vocabulary)",
-    )
+    model_arg(c)
     decoding_args(c)
     c.add_argument("--n-best", type=int, default=1, help="how many captions per image or sequence (with --json)")
     c.add_argument("--batch-size", type=int, default=32, help="images encoded and beam-searched together")
-    c.add_argument(
-        "--max-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help="refuse images declaring more pixels than this, before decoding them (decompression bombs)",
-    )
+    max_pixels_arg(c)
     c.add_argument(
         "--json",
         action="store_true",
@@ -139,14 +128,9 @@ def _print_caption(args: argparse.Namespace, key: dict, label: str, nbest: list)
     text = None if low and args.omit_low_confidence else best.text
     tags = best.tags[: args.tags or (5 if args.json else 0)]
     if args.json:
-        entry = key | {"caption": text, "confidence": _rounded(best.confidence)}
-        if args.min_confidence:
-            entry["low_confidence"] = low
-        entry["nbest"] = [
-            {"caption": c.text, "score": round(c.score, 4), "confidence": _rounded(c.confidence)} for c in nbest
-        ]
-        if tags:
-            entry["tags"] = [t.to_dict() for t in tags]
+        from ..bundle import caption_record
+
+        entry = key | caption_record(nbest, len(tags), args.min_confidence, args.omit_low_confidence)
         line = json.dumps(entry, ensure_ascii=False)
     else:
         fields = [label, text if text is not None else "(no caption)"]
@@ -156,10 +140,6 @@ def _print_caption(args: argparse.Namespace, key: dict, label: str, nbest: list)
             fields.append("tags: " + ", ".join(f"{t.label} {t.p:.2f}" for t in tags))
         line = "\t".join(fields)
     print(line, flush=True)
-
-
-def _rounded(x: float | None) -> float | None:
-    return None if x is None else round(x, 4)
 
 
 def _caption_sequences(model, args: argparse.Namespace, decode_opts: dict) -> int:

@@ -80,6 +80,28 @@ def decoding(model, args: argparse.Namespace) -> dict:
     return model.resolve_decoding(n_best=getattr(args, "n_best", 1), **given)
 
 
+def model_arg(parser) -> None:
+    """--model, repeatable: one checkpoint, or several captioning as an ensemble."""
+    parser.add_argument(
+        "--model",
+        action="append",
+        metavar="CKPT",
+        help="checkpoint (default: the bundled model); give it again for an ensemble: "
+        "beam search over the mean of the models' log-probabilities (one vocabulary)",
+    )
+
+
+def max_pixels_arg(parser) -> None:
+    from ..images import DEFAULT_MAX_PIXELS
+
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="refuse images declaring more pixels than this, before decoding them (decompression bombs)",
+    )
+
+
 def cache_args(group) -> None:
     group.add_argument("--cache-dir", help="feature cache folder (default: $CAPTIONER_CACHE_DIR or ~/.cache/captioner)")
     group.add_argument("--no-cache", action="store_true", help="compute encoder features in memory, cache nothing")

@@ -8,18 +8,12 @@ from pathlib import Path
 
 from ..errors import DataError, UsageError
 from ..paths import check_output_file
-from .common import cache_args, corpus_of, decoding, decoding_args, err
+from .common import cache_args, corpus_of, decoding, decoding_args, err, model_arg
 
 
 def add(sub) -> None:
     e = sub.add_parser("evaluate", help="caption a dataset's images and score them (BLEU, METEOR, ROUGE-L, CIDEr-D)")
-    e.add_argument(
-        "--model",
-        action="append",
-        metavar="CKPT",
-        help="checkpoint (default: the bundled model); give it again for an ensemble: "
-        "beam search over the mean of the models' log-probabilities (one vocabulary)",
-    )
+    model_arg(e)
     e.add_argument("--annotations", help="COCO caption JSON with the references")
     e.add_argument("--sequences", help="sequence caption JSON instead of --annotations (one caption per sequence)")
     e.add_argument("--images", help="folder of its images")

@@ -1,0 +1,262 @@
+"""The HTTP app: the page, the JSON API, upload limits. Built on FastAPI (Starlette + OpenAPI),
+served by uvicorn (`captioner serve`, cli/serve.py).
+
+The server never opens a path named in a request: images arrive as uploaded bytes only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import UploadFile
+
+from .. import __version__
+from ..bundle import ModelBundle, caption_record
+from ..errors import UsageError
+from ..images import ImageError, image_from_bytes
+from .batcher import Batcher
+
+STATIC = resources.files("captioner.serve") / "static"
+MAX_SETTING = {"beam_size": 20, "n_best": 20, "max_len": 60}  # one request cannot ask for hours of work
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_upload_mb: float = 20.0  # one request's body
+    max_files: int = 32  # images in one request
+    max_pixels: int | None = None  # images declaring more are refused from their header (None: the default)
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413, whether it declares its length
+    or streams it (counted as it arrives; the rest is never read)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        too_big = _error(413, f"request body over the upload limit of {self.max_bytes / 2**20:g} MB (--max-upload-mb)")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await too_big(scope, receive, send)
+        received, started = 0, False
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        async def watched_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, watched_send)
+        except _TooLarge:
+            if not started:
+                await too_big(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _int_field(form, name: str, default: int | None) -> int | None:
+    value = form.get(name)
+    if value is None or value == "":
+        return default
+    if not isinstance(value, str) or not value.strip().lstrip("-").isdigit():
+        raise UsageError(f"field {name!r} must be a whole number, not {str(value)[:40]!r}")
+    return int(value)
+
+
+def create_app(model: ModelBundle, limits: Limits = Limits(), max_batch: int = 32, max_wait_ms: float = 5.0) -> FastAPI:
+    """The app serving `model`: the page at /, the API under /api, OpenAPI docs at /docs."""
+    batcher = Batcher(model, max_batch=max_batch, max_wait_ms=max_wait_ms)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(
+        title="captioner",
+        version=__version__,
+        description="Image captioning: upload photos, get captions (the JSON of `captioner caption --json`).",
+        lifespan=lifespan,
+    )
+    app.state.batcher = batcher
+    app.add_middleware(BodyLimit, max_bytes=int(limits.max_upload_mb * 2**20))
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    attention_model = model.decoder.attends_over == "regions"
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:  # never a traceback to the client
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(str(STATIC / "index.html"), media_type="text/html")
+
+    @app.get("/api/health")
+    async def health() -> dict[str, Any]:
+        """Alive, and how much work is waiting."""
+        return {"status": "ok", "waiting": batcher.waiting, "batches_run": len(batcher.batches)}
+
+    @app.get("/api/model")
+    async def model_info() -> dict[str, Any]:
+        """What model is served: the model card's summary and the decoding defaults."""
+        c = model.config
+        return {
+            "encoder": c.get("encoder"),
+            "decoder": c.get("decoder"),
+            "fine_tuned_encoder_blocks": c.get("fine_tune_encoder", 0),
+            "vocabulary": len(model.vocab),
+            "sequence_model": model.is_sequence_model,
+            "attention": attention_model,
+            "tags": model.encoder.head is not None and not model.is_sequence_model,
+            "confidence": model.guidance.calibrated,
+            "decoding": model.decoding,
+            "limits": {"max_upload_mb": limits.max_upload_mb, "max_files": limits.max_files},
+            "summary": c.get("summary")
+            or "Trained on Flickr8k (people, dogs, outdoor scenes): see the model card (assets/MODEL_CARD.md).",
+        }
+
+    async def read_form(request: Request) -> tuple[Any, list[tuple[str, bytes | None, str | None]]]:
+        """The form and its `files` in upload order: (name, bytes or None, problem or None)."""
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise _BadRequest(400, "send multipart/form-data with the images in the repeatable field 'files'")
+        try:
+            form = await request.form(max_files=limits.max_files, max_fields=50)
+        except _TooLarge:
+            raise
+        except Exception as e:  # malformed multipart, too many files or fields
+            detail = getattr(e, "detail", None) or str(e) or type(e).__name__
+            status = 413 if "Too many files" in str(detail) else 400
+            raise _BadRequest(status, f"malformed or refused upload: {detail}") from None
+        items = []
+        for value in form.getlist("files"):
+            if isinstance(value, UploadFile):
+                items.append((value.filename or "<unnamed>", await value.read(), None))
+            else:  # a plain text field: never read as a path
+                items.append((str(value)[:80], None, "not a file upload (the server never reads a path)"))
+        if not items:
+            raise _BadRequest(400, "no images: send them in the repeatable field 'files'")
+        return form, items
+
+    def decoding_options(form) -> dict[str, Any]:
+        given = {"beam_size": _int_field(form, "beam_size", None), "max_len": _int_field(form, "max_len", None)}
+        n_best = _int_field(form, "n_best", 1)
+        options = model.resolve_decoding(n_best=n_best, **given)  # UsageError for nonsense
+        for name, value in (("beam_size", options["beam_size"]), ("n_best", n_best), ("max_len", options["max_len"])):
+            if value > MAX_SETTING[name]:
+                raise UsageError(f"{name} {value} is over this server's limit of {MAX_SETTING[name]}")
+        return options | {"n_best": n_best}
+
+    def to_pixels(name: str, data: bytes):
+        return model.preprocess(image_from_bytes(data, name, limits.max_pixels))
+
+    async def prepare(items) -> list[Any]:
+        """Each upload decoded and preprocessed off the event loop, in parallel: pixels or its ImageError."""
+        loop = asyncio.get_running_loop()
+
+        async def one(name: str, data: bytes | None, problem: str | None) -> Any:
+            if problem:
+                return ImageError(name, problem)
+            try:
+                return await loop.run_in_executor(None, to_pixels, name, data)
+            except ImageError as e:
+                return e
+
+        return list(await asyncio.gather(*(one(*item) for item in items)))
+
+    def record(name: str, nbest, form) -> dict[str, Any]:
+        entry = {"file": name} | caption_record(nbest, n_tags=_int_field(form, "tags", 5) or 0)
+        if attention_model and form.get("attention") in ("1", "true") and nbest[0].attention is not None:
+            best = nbest[0]
+            weights = [[round(x, 4) for x in row] for row in best.attention.tolist()]  # (words, R)
+            entry["attention"] = {
+                "words": list(best.words),
+                "side": best.attention_grid().size(-1),  # the grid is side x side over the centre crop
+                "crop": model.preprocess.crop / model.preprocess.resize,  # the crop's share of the short side
+                "weights": weights,
+            }
+        return entry
+
+    async def parse(request: Request) -> tuple[Any, list, dict[str, Any], list[Any]] | JSONResponse:
+        """(form, its files, the decoding settings, each file's pixels or ImageError), or the
+        JSON error that answers a request that cannot be taken."""
+        try:
+            form, items = await read_form(request)
+            options = decoding_options(form)
+        except _BadRequest as e:
+            return _error(e.status, e.message)
+        except UsageError as e:
+            return _error(400, str(e))
+        return form, items, options, await prepare(items)
+
+    @app.post("/api/caption")
+    async def caption(request: Request) -> JSONResponse:
+        """Caption each uploaded image (field `files`, repeatable; fields beam_size, n_best,
+        max_len, tags, attention): the JSON objects of `captioner caption --json`, in upload
+        order, each with its `file` name; a bad file gets {"file", "error"} in its place."""
+        parsed = await parse(request)
+        if isinstance(parsed, JSONResponse):
+            return parsed
+        form, items, options, pixels = parsed
+        ok = [p for p in pixels if not isinstance(p, ImageError)]
+        results = iter(await asyncio.gather(*(batcher.caption(p, **options) for p in ok)))
+        entries = []
+        for (name, _, _), p in zip(items, pixels):
+            if isinstance(p, ImageError):
+                entries.append({"file": name, "error": p.reason})
+            else:
+                entries.append(record(name, next(results), form))
+        if not ok:
+            return _error(422, "no image could be read", results=entries)
+        return JSONResponse(entries)
+
+    @app.post("/api/caption-sequence")
+    async def caption_sequence(request: Request) -> JSONResponse:
+        """One caption for the uploaded images as an ordered sequence (upload order = frame order)."""
+        parsed = await parse(request)
+        if isinstance(parsed, JSONResponse):
+            return parsed
+        form, items, options, pixels = parsed
+        bad = [(name, p) for (name, _, _), p in zip(items, pixels) if isinstance(p, ImageError)]
+        if bad:
+            return _error(422, f"{bad[0][0]}: {bad[0][1].reason} (sequence not captioned)",
+                          files=[{"file": n, "error": p.reason} for n, p in bad])  # fmt: skip
+        import torch
+
+        frames = torch.stack(pixels)  # (F, 3, S, S)
+        nbest = await batcher.run(lambda: model.decode(model.encode_sequences([frames]), **options)[0])
+        entry = {"files": [name for name, _, _ in items]} | caption_record(nbest, n_tags=0)
+        return JSONResponse(entry)
+
+    return app
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
