@@ -78,3 +78,9 @@ def test_caption_latency_benchmark_runs_on_every_kind_of_checkpoint(checkpoints,
     cold = "1" if kind == "bundled" else "0"  # one cold start (a `captioner caption` process) is enough
     out = _run("caption_latency.py", "--model", checkpoints[kind], "--runs", "1", "--images", "2", "--cold-runs", cold)
     assert "batching speed-up" in out and "decoder" in out and ("cold start" in out) == (kind == "bundled")
+
+
+@pytest.mark.parametrize("kind", ["sequence, attention", "bundled"])
+def test_serve_load_benchmark_runs(checkpoints, kind):
+    out = _run("serve_load.py", "--model", checkpoints[kind], "--requests", "8", "--clients", "4")
+    assert "throughput ratio" in out and "| 4 concurrent |" in out

@@ -242,7 +242,7 @@ def test_the_page_in_a_real_browser(server, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     browser = _browser()
     try:
@@ -271,6 +271,19 @@ def test_the_page_in_a_real_browser(server, tmp_path):
         browser.save_screenshot(str(out / "serve_page_phone.png"))
         width, inner = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
         assert width <= inner, (width, inner)
+        # sequence mode: the photos in order, one caption
+        Select(browser.find_element(By.ID, "mode")).select_by_value("sequence")
+        frames = [EXAMPLES / "dog.png", EXAMPLES / "cat.jpg"]
+        browser.find_element(By.ID, "files").send_keys("\n".join(str(f) for f in frames))
+        WebDriverWait(browser, 60).until(
+            lambda b: (
+                len(b.find_elements(By.CSS_SELECTOR, ".card")) == 2
+                and "captioning" not in b.find_elements(By.CSS_SELECTOR, ".card .caption")[0].text
+            )
+        )
+        status, seq = post_files(server.port, [photo("dog.png"), photo("cat.jpg")], path="/api/caption-sequence")
+        assert browser.find_elements(By.CSS_SELECTOR, ".card .caption")[0].text == seq["caption"]
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".card .strip img")) == 2
     finally:
         browser.quit()
 
