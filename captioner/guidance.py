@@ -128,6 +128,7 @@ class Guidance:
                     self.person_words[vocab.stoi[w]] = 1.0
 
         # "a" / "an" before a forced subject word (see `subject`)
+        self.unk_id = vocab.unk_id
         self.article_ids = torch.tensor([vocab.stoi.get("a", vocab.unk_id), vocab.stoi.get("an", vocab.unk_id)])
         self.vowel_start = torch.tensor([w[:1] in "aeiou" and w[:1] != "" for w in vocab.itos])  # (V,)
 
@@ -167,8 +168,8 @@ class Guidance:
         at least `threshold` sure of one caption word: the caption's forced start "a <word>"
         (B, 2) word ids, -1 for the other photos; None when no photo qualifies (or no typicality
         was fitted)."""
-        if not threshold or "val_typicality" not in self.state:
-            return None
+        if not threshold or "val_typicality" not in self.state or self.unk_id in self.article_ids.tolist():
+            return None  # (a vocabulary without "a" and "an": not English, no subject to force)
         evidence = (probs.float().cpu() @ self.tag_words).clamp(max=1.0)  # (B, V)
         best, word = evidence.max(-1)  # (B,)
         use = (best >= threshold) & (self.novelty_factor(pooled) < 1.0)  # (B,)

@@ -172,6 +172,9 @@ def test_limits_and_malformed_requests_get_json_errors(server):
     assert status == 400
     status, body = post_files(server.port, [photo("dog.png")], {"beam_size": "500"})
     assert status == 400 and "limit" in body["error"]
+    for bad in ({"tags": "many"}, {"tags": "-1"}, {"n_best": "1.5"}):
+        status, body = post_files(server.port, [photo("dog.png")], bad)
+        assert status == 400 and "error" in body, bad
     # a body that streams past the limit without declaring its length is cut off too
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     head = b'--b\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n\r\n'

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -170,6 +171,9 @@ def create_app(model: ModelBundle, limits: Limits = Limits(), max_batch: int = 3
         for name, value in (("beam_size", options["beam_size"]), ("n_best", n_best), ("max_len", options["max_len"])):
             if value > MAX_SETTING[name]:
                 raise UsageError(f"{name} {value} is over this server's limit of {MAX_SETTING[name]}")
+        tags = _int_field(form, "tags", 5)
+        if not 0 <= tags <= 20:
+            raise UsageError(f"tags must be 0 to 20, not {tags}")
         return options | {"n_best": n_best}
 
     def to_pixels(name: str, data: bytes):
@@ -190,7 +194,7 @@ def create_app(model: ModelBundle, limits: Limits = Limits(), max_batch: int = 3
         return list(await asyncio.gather(*(one(*item) for item in items)))
 
     def record(name: str, nbest, form) -> dict[str, Any]:
-        entry = {"file": name} | caption_record(nbest, n_tags=_int_field(form, "tags", 5) or 0)
+        entry = {"file": name} | caption_record(nbest, n_tags=_int_field(form, "tags", 5))  # checked in parse
         if attention_model and form.get("attention") in ("1", "true") and nbest[0].attention is not None:
             best = nbest[0]
             weights = [[round(x, 4) for x in row] for row in best.attention.tolist()]  # (words, R)
@@ -246,8 +250,6 @@ def create_app(model: ModelBundle, limits: Limits = Limits(), max_batch: int = 3
         if bad:
             return _error(422, f"{bad[0][0]}: {bad[0][1].reason} (sequence not captioned)",
                           files=[{"file": n, "error": p.reason} for n, p in bad])  # fmt: skip
-        import torch
-
         frames = torch.stack(pixels)  # (F, 3, S, S)
         nbest = await batcher.run(lambda: model.decode(model.encode_sequences([frames]), **options)[0])
         entry = {"files": [name for name, _, _ in items]} | caption_record(nbest, n_tags=0)
