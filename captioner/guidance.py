@@ -35,6 +35,7 @@ SEEN_PERSON = 0.8  # the same for P(person); measured on Flickr8k val: fewer inv
 ACCEPTABLE = 0.5  # per-caption CIDEr-D at which a caption counts as acceptable (what confidence predicts)
 NOVELTY_ALPHA = 0.05  # photos less typical than this share of the validation photos get less confidence
 TAGS_KEPT = 5  # tags each caption carries (the CLI prints --tags K of them)
+LOW_CONFIDENCE = 0.2  # the default mark (CLI, server, page): a calibrated P(acceptable) under 1 in 5
 CONFIDENCE_FEATURES = ("score", "score_per_token", "top_class_p", "p_person", "names_person", "person_agrees")
 
 

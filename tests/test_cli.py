@@ -53,8 +53,9 @@ def test_json_nbest(trained_run, shapes, capsys):
     one = sorted(shapes["test_images"].glob("*.png"))[0]
     rc, lines, _ = _caption(capsys, one, "--model", trained_run / "best.pt", "--json", "--n-best", "3")
     rec = json.loads(lines[0])
-    assert rc == 0 and set(rec) == {"path", "caption", "confidence", "nbest", "tags"}
-    assert rec["confidence"] is None and len(rec["tags"]) == 5  # a checkpoint with no guidance state fitted
+    assert rc == 0 and set(rec) == {"path", "caption", "confidence", "low_confidence", "nbest", "tags"}
+    assert rec["confidence"] is None and rec["low_confidence"] is False  # a checkpoint with no guidance state
+    assert len(rec["tags"]) == 5
     assert len(rec["nbest"]) == 3 and rec["nbest"][0]["caption"] == rec["caption"]
     assert rec["nbest"][0]["score"] >= rec["nbest"][1]["score"] >= rec["nbest"][2]["score"]
 

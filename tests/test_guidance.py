@@ -171,3 +171,10 @@ def test_calibrated_model_saves_loads_and_prints_confidence(trained_run, shapes,
     if conf >= 0.5:  # the calibrated model's own caption is not marked
         assert main(["caption", image, "--model", str(path), "--min-confidence", "0.5"]) == 0
         assert capsys.readouterr().out.strip().split("\t") == [image, text]
+
+
+def test_the_command_lines_default_mark_is_the_librarys() -> None:
+    from captioner.cli import build_parser
+    from captioner.guidance import LOW_CONFIDENCE
+
+    assert build_parser().parse_args(["caption", "x.jpg"]).min_confidence == LOW_CONFIDENCE

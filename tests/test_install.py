@@ -56,8 +56,9 @@ def test_a_wheel_installed_outside_the_checkout_captions_with_the_bundled_model(
         env=env,
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    path, caption = r.stdout.strip().split("\t")
+    path, caption, *mark = r.stdout.strip().split("\t")
     assert path == str(image) and len(caption.split()) >= 3
+    assert mark == [] or mark[0].startswith("(low confidence: ") and mark[1].startswith("tags: ")
     # the data files ride along: the ImageNet word table (used above) and the server's page
     for part in ("resources/imagenet_words.json", "serve/static/index.html", "serve/static/app.js"):
         assert (site / "captioner" / part).is_file(), part

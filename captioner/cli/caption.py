@@ -54,10 +54,10 @@ def add(sub) -> None:
     c.add_argument(
         "--min-confidence",
         type=float,
-        default=0.0,
+        default=0.2,  # guidance.LOW_CONFIDENCE (not imported here: the CLI starts without torch)
         metavar="C",
         help="mark captions whose confidence (P(acceptable caption), calibrated on validation captions) "
-        "is below C; 0 = mark none",
+        "is below C, and print the photo's top tags after them; 0 = mark none",
     )
     c.add_argument(
         "--omit-low-confidence",
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.min_confidence <= 1.0:
         raise UsageError(f"--min-confidence must be between 0 and 1, not {args.min_confidence:g}")
     if args.omit_low_confidence and not args.min_confidence:
-        raise UsageError("--omit-low-confidence needs --min-confidence C")
+        raise UsageError("--omit-low-confidence with --min-confidence 0 would omit nothing")
     model = Captioner.load(args.model, device=args.device)
     model.max_pixels = args.max_pixels
     # the model's decoding settings with what the command line set, checked before any image is read
@@ -126,7 +126,9 @@ def _print_caption(args: argparse.Namespace, key: dict, label: str, nbest: list)
     best = nbest[0]
     low = best.confidence is not None and best.confidence < args.min_confidence
     text = None if low and args.omit_low_confidence else best.text
-    tags = best.tags[: args.tags or (5 if args.json else 0)]
+    # JSON carries 5 tags unless told; the plain line shows them when asked, or for a caption
+    # marked as low-confidence (then the tags are what there is to go on)
+    tags = best.tags[: args.tags or (5 if args.json else 3 if low else 0)]
     if args.json:
         from ..bundle import caption_record
 

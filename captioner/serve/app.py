@@ -21,6 +21,7 @@ from starlette.datastructures import UploadFile
 from .. import __version__
 from ..bundle import ModelBundle, caption_record
 from ..errors import UsageError
+from ..guidance import LOW_CONFIDENCE
 from ..images import ImageError, image_from_bytes
 from .batcher import Batcher
 
@@ -194,7 +195,8 @@ def create_app(model: ModelBundle, limits: Limits = Limits(), max_batch: int = 3
         return list(await asyncio.gather(*(one(*item) for item in items)))
 
     def record(name: str, nbest, form) -> dict[str, Any]:
-        entry = {"file": name} | caption_record(nbest, n_tags=_int_field(form, "tags", 5))  # checked in parse
+        n_tags = _int_field(form, "tags", 5)  # checked in parse
+        entry = {"file": name} | caption_record(nbest, n_tags, LOW_CONFIDENCE)
         if attention_model and form.get("attention") in ("1", "true") and nbest[0].attention is not None:
             best = nbest[0]
             weights = [[round(x, 4) for x in row] for row in best.attention.tolist()]  # (words, R)
@@ -252,7 +254,7 @@ def create_app(model: ModelBundle, limits: Limits = Limits(), max_batch: int = 3
                           files=[{"file": n, "error": p.reason} for n, p in bad])  # fmt: skip
         frames = torch.stack(pixels)  # (F, 3, S, S)
         nbest = await batcher.run(lambda: model.decode(model.encode_sequences([frames]), **options)[0])
-        entry = {"files": [name for name, _, _ in items]} | caption_record(nbest, n_tags=0)
+        entry = {"files": [name for name, _, _ in items]} | caption_record(nbest, 0, LOW_CONFIDENCE)
         return JSONResponse(entry)
 
     return app

@@ -109,7 +109,7 @@ function fill(card, r) {
   }
   const meta = $(".meta", card);
   if (r.confidence !== null && r.confidence !== undefined) {
-    const low = r.confidence < 0.2;
+    const low = r.low_confidence;  // below the server's mark (guidance.LOW_CONFIDENCE)
     meta.innerHTML = "";
     const span = document.createElement("span");
     span.className = low ? "low" : "";
