@@ -17,6 +17,7 @@ from torch import Tensor
 from .bundle import ModelBundle
 from .concepts import word_kinds
 from .data import CaptionCorpus
+from .errors import UsageError
 from .features import FeatureCache, ItemFeatures
 from .guidance import ACCEPTABLE, Guidance, _logistic, fit_centroids, fit_person
 from .metrics import cider_d, normalize, normalize_corpus, split_words
@@ -34,7 +35,7 @@ def corpus_pooled(
 ) -> tuple[Tensor, list[int]]:
     """(N, D) pooled features of a corpus' readable photos and their indices in the corpus."""
     if model.is_sequence_model or model.encoder.head is None:
-        raise ValueError("guidance needs a single-image model whose encoder has its ImageNet classifier")
+        raise UsageError("guidance needs a single-image model whose encoder has its ImageNet classifier")
     feats, kept, _ = model.corpus_inputs(corpus, cache, quiet=quiet)
     return _pooled(model, feats), kept
 
