@@ -147,20 +147,30 @@ class Guidance:
             return None
         return torch.sigmoid(pooled.float().cpu() @ self.state["person_weight"] + self.state["person_bias"])
 
+    def evidence(self, probs: Tensor) -> Tensor:
+        """ImageNet probabilities (B, 1000) -> the classifier's belief in each caption word (B, V)."""
+        return (probs.float().cpu() @ self.tag_words).clamp(max=1.0)
+
+    def familiarity(self, pooled: Tensor) -> Tensor | None:
+        """The novelty factor (B,) when typicality was fitted, else None."""
+        return self.novelty_factor(pooled) if "val_typicality" in self.state else None
+
     def bias(self, pooled: Tensor, probs: Tensor, boost: float, suppress: float) -> Tensor:
         """Pooled features (B, D) and ImageNet probabilities (B, 1000) -> log-prob bias (B, V)."""
         probs = probs.float().cpu()
-        out = boost * (probs @ self.tag_words).clamp(max=1.0)  # (B, V) the classifier's belief in each word
+        out = boost * self.evidence(probs)  # (B, V)
         if suppress:
+            familiar = self.familiarity(pooled)  # (B,) or None
             # animals and vehicles: only on photos unlike the training photos (on the others the
-            # decoder knows better: ImageNet misses many a Flickr8k dog that the decoder sees)
-            familiar = self.novelty_factor(pooled) if "val_typicality" in self.state else torch.zeros(len(probs))
+            # decoder knows better: ImageNet misses many a Flickr8k dog that the decoder sees);
+            # everywhere when the model has no typicality fitted
+            unfamiliar = torch.ones(len(probs)) if familiar is None else 1.0 - familiar  # (B,)
             seen = (probs @ self.class_kinds).clamp(max=1.0)  # (B, K)
-            missing = (1.0 - seen / SEEN).clamp(min=0.0) * (1.0 - familiar)[:, None]  # (B, K)
+            missing = (1.0 - seen / SEEN).clamp(min=0.0) * unfamiliar[:, None]  # (B, K)
             out = out - suppress * missing @ self.kind_words  # (B, V)
             p = self.p_person(pooled)
             if p is not None:  # trusted less on photos unlike the ones it was trained on
-                p = p * familiar if "val_typicality" in self.state else p
+                p = p if familiar is None else p * familiar
                 out = out - (suppress * (1.0 - p / SEEN_PERSON).clamp(min=0.0))[:, None] * self.person_words
         return out
 
@@ -169,11 +179,11 @@ class Guidance:
         at least `threshold` sure of one caption word: the caption's forced start "a <word>"
         (B, 2) word ids, -1 for the other photos; None when no photo qualifies (or no typicality
         was fitted)."""
-        if not threshold or "val_typicality" not in self.state or self.unk_id in self.article_ids.tolist():
+        familiar = self.familiarity(pooled) if threshold else None  # (B,)
+        if familiar is None or self.unk_id in self.article_ids.tolist():
             return None  # (a vocabulary without "a" and "an": not English, no subject to force)
-        evidence = (probs.float().cpu() @ self.tag_words).clamp(max=1.0)  # (B, V)
-        best, word = evidence.max(-1)  # (B,)
-        use = (best >= threshold) & (self.novelty_factor(pooled) < 1.0)  # (B,)
+        best, word = self.evidence(probs).max(-1)  # (B,)
+        use = (best >= threshold) & (familiar < 1.0)  # (B,)
         if not bool(use.any()):
             return None
         article = torch.where(self.vowel_start[word], self.article_ids[1], self.article_ids[0])  # (B,)

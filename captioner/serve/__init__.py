@@ -17,7 +17,6 @@ def app_from_env():
 
     s = json.loads(os.environ[ENV])
     model = Captioner.load(s["model"], device=s["device"])
-    model.max_pixels = s["max_pixels"]
     limits = Limits(max_upload_mb=s["max_upload_mb"], max_files=s["max_files"], max_pixels=s["max_pixels"])
     return create_app(model, limits, max_batch=s["batch_size"], max_wait_ms=s["batch_wait_ms"])
 

@@ -165,7 +165,8 @@ def create_app(model: ModelBundle, limits: Limits = Limits(), max_batch: int = 3
             raise _BadRequest(400, "no images: send them in the repeatable field 'files'")
         return form, items
 
-    def decoding_options(form) -> dict[str, Any]:
+    def decoding_options(form) -> tuple[dict[str, Any], int]:
+        """The decoding settings a request asks for, and how many tags it wants; UsageError for nonsense."""
         given = {"beam_size": _int_field(form, "beam_size", None), "max_len": _int_field(form, "max_len", None)}
         n_best = _int_field(form, "n_best", 1)
         options = model.resolve_decoding(n_best=n_best, **given)  # UsageError for nonsense
@@ -175,7 +176,7 @@ def create_app(model: ModelBundle, limits: Limits = Limits(), max_batch: int = 3
         tags = _int_field(form, "tags", 5)
         if not 0 <= tags <= 20:
             raise UsageError(f"tags must be 0 to 20, not {tags}")
-        return options | {"n_best": n_best}
+        return options | {"n_best": n_best}, tags
 
     def to_pixels(name: str, data: bytes):
         return model.preprocess(image_from_bytes(data, name, limits.max_pixels))
@@ -194,8 +195,7 @@ def create_app(model: ModelBundle, limits: Limits = Limits(), max_batch: int = 3
 
         return list(await asyncio.gather(*(one(*item) for item in items)))
 
-    def record(name: str, nbest, form) -> dict[str, Any]:
-        n_tags = _int_field(form, "tags", 5)  # checked in parse
+    def record(name: str, nbest, form, n_tags: int) -> dict[str, Any]:
         entry = {"file": name} | caption_record(nbest, n_tags, LOW_CONFIDENCE)
         if attention_model and form.get("attention") in ("1", "true") and nbest[0].attention is not None:
             best = nbest[0]
@@ -208,17 +208,17 @@ def create_app(model: ModelBundle, limits: Limits = Limits(), max_batch: int = 3
             }
         return entry
 
-    async def parse(request: Request) -> tuple[Any, list, dict[str, Any], list[Any]] | JSONResponse:
-        """(form, its files, the decoding settings, each file's pixels or ImageError), or the
-        JSON error that answers a request that cannot be taken."""
+    async def parse(request: Request) -> tuple[Any, list, dict[str, Any], int, list[Any]] | JSONResponse:
+        """(form, its files, the decoding settings, tags wanted, each file's pixels or ImageError),
+        or the JSON error that answers a request that cannot be taken."""
         try:
             form, items = await read_form(request)
-            options = decoding_options(form)
+            options, n_tags = decoding_options(form)
         except _BadRequest as e:
             return _error(e.status, e.message)
         except UsageError as e:
             return _error(400, str(e))
-        return form, items, options, await prepare(items)
+        return form, items, options, n_tags, await prepare(items)
 
     @app.post("/api/caption")
     async def caption(request: Request) -> JSONResponse:
@@ -228,7 +228,7 @@ def create_app(model: ModelBundle, limits: Limits = Limits(), max_batch: int = 3
         parsed = await parse(request)
         if isinstance(parsed, JSONResponse):
             return parsed
-        form, items, options, pixels = parsed
+        form, items, options, n_tags, pixels = parsed
         ok = [p for p in pixels if not isinstance(p, ImageError)]
         results = iter(await asyncio.gather(*(batcher.caption(p, **options) for p in ok)))
         entries = []
@@ -236,7 +236,7 @@ def create_app(model: ModelBundle, limits: Limits = Limits(), max_batch: int = 3
             if isinstance(p, ImageError):
                 entries.append({"file": name, "error": p.reason})
             else:
-                entries.append(record(name, next(results), form))
+                entries.append(record(name, next(results), form, n_tags))
         if not ok:
             return _error(422, "no image could be read", results=entries)
         return JSONResponse(entries)
@@ -247,7 +247,7 @@ def create_app(model: ModelBundle, limits: Limits = Limits(), max_batch: int = 3
         parsed = await parse(request)
         if isinstance(parsed, JSONResponse):
             return parsed
-        form, items, options, pixels = parsed
+        _, items, options, _, pixels = parsed
         bad = [(name, p) for (name, _, _), p in zip(items, pixels) if isinstance(p, ImageError)]
         if bad:
             return _error(422, f"{bad[0][0]}: {bad[0][1].reason} (sequence not captioned)",
