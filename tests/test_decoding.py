@@ -366,3 +366,76 @@ def test_prefix_forces_the_start_and_leaves_free_rows_alone():
     assert hyps[0][0].tokens == [B, C] and hyps[0][0].logprob == pytest.approx(math.log(0.27))
     [free] = beam_search(FakeModel(), images(1), beam_size=2, n_best=1)
     assert [h.tokens for h in hyps[1]] == [h.tokens for h in free]
+
+
+# ---- constrained beam search (Anderson et al. 2017) ---------------------------------------------
+def exhaustive_constrained(tables, image, max_len, alpha, n_best, sets, need):
+    """The exhaustive ranking constrained search promises: captions meeting `need` sets first, then
+    by how many they meet, then by score."""
+    every = exhaustive(tables, image, max_len, alpha, 10**6)
+    met = lambda words: sum(bool(set(words) & s) for s in sets)  # noqa: E731
+    need = len(sets) if need is None else min(need, len(sets))
+    return sorted(every, key=lambda x: (-min(met(x[0]), need), -x[1]))[:n_best]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+@pytest.mark.parametrize("need", [None, 1, 2])
+def test_constrained_search_wide_enough_finds_the_exhaustive_best(alpha, need):
+    tables = random_tables(2, 6)
+    sets = [[{3}, {5, 6}], [{4}], [], [{6}, {3}, {4}], [{5}, {6}], [{3, 4}, {5}]]
+    hyps = beam_search(
+        TableModel(tables), images(*range(6)), beam_size=W**4, n_best=4, max_len=4, length_alpha=alpha,
+        constraints=sets, need=need,
+    )  # fmt: skip
+    for image, hs in enumerate(hyps):
+        want = exhaustive_constrained(tables, image, 4, alpha, 4, sets[image], need)
+        every = dict((tuple(w), s) for w, s in exhaustive_constrained(tables, image, 4, alpha, 10**6, [], 0))
+        assert [h.score for h in hs] == pytest.approx([s for _, s in want], abs=1e-5)
+        # the same captions, up to the order of exact ties (these tables make some)
+        assert all(every[tuple(h.tokens)] == pytest.approx(h.score, abs=1e-5) for h in hs)
+        assert [h.met for h in hs] == [sum(bool(set(w) & s) for s in sets[image]) for w, _ in want]
+        k = len(sets[image]) if need is None else min(need, len(sets[image]))
+        assert hs[0].met >= k  # a caption meeting them exists within 4 words for every image here
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_constrained_early_stop_changes_nothing_but_the_work(alpha):
+    tables = random_tables(3, 12)
+    sets = [[{3 + i % W}, {3 + (i + 1) % W}] if i % 3 else [] for i in range(12)]
+    kw = dict(beam_size=3, n_best=2, max_len=8, length_alpha=alpha, constraints=sets, need=1)
+    fast, full = TableModel(tables), TableModel(tables)
+    a = beam_search(fast, images(*range(12)), **kw)
+    b = beam_search(full, images(*range(12)), early_stop=False, **kw)
+    assert [[h.tokens for h in hs] for hs in a] == [[h.tokens for h in hs] for hs in b]
+    assert [h.score for hs in a for h in hs] == pytest.approx([h.score for hs in b for h in hs])
+    assert sum(fast.rows) < sum(full.rows)
+
+
+def test_images_without_constraints_decode_as_plain_beam_search():
+    tables = random_tables(4, 5)
+    kw = dict(beam_size=3, n_best=2, max_len=6, length_alpha=0.5)
+    plain = beam_search(TableModel(tables), images(*range(5)), **kw)
+    mixed = beam_search(TableModel(tables), images(*range(5)), constraints=[[], [{4}], [], [{5}, {6}], []], **kw)
+    for i in (0, 2, 4):
+        assert [h.tokens for h in mixed[i]] == [h.tokens for h in plain[i]]
+        assert [h.score for h in mixed[i]] == pytest.approx([h.score for h in plain[i]])
+    assert 4 in mixed[1][0].tokens and {5, 6} <= set(mixed[3][0].tokens)
+
+
+def test_a_constraint_brings_in_a_word_the_decoder_would_not_choose():
+    # image 0 prefers "a <end>" (.31); constrained to hold "c": "b c <end>" (.27), then "c <end>" (.2)
+    [hyps] = beam_search(FakeModel(), images(0), beam_size=2, n_best=2, constraints=[[{C}]])
+    assert [h.tokens for h in hyps] == [[B, C], [C]]
+    assert [h.logprob for h in hyps] == pytest.approx([math.log(0.27), math.log(0.2)], abs=1e-6)
+    assert all(h.met == 1 for h in hyps)
+
+
+def test_an_unreachable_constraint_falls_back_to_the_unconstrained_best():
+    # "c" is suppressed, so no caption can meet the constraint: the best caption, meeting none
+    [hyps] = beam_search(FakeModel(), images(1), beam_size=2, constraints=[[{C}]], suppress=[C])
+    assert hyps[0].tokens == [B] and hyps[0].met == 0
+
+
+def test_too_many_constraints_are_refused():
+    with pytest.raises(ValueError, match="at most"):
+        beam_search(FakeModel(), images(0), constraints=[[{A}, {B}, {C}, {A}, {B}]])
