@@ -28,9 +28,10 @@ from .features import (
     prepared_batches,
     split_batch,
 )
-from .guidance import Guidance, Tag, top_tags
+from .guidance import CONSTRAIN_SHARE, Guidance, Tag, top_tags
 from .images import ImageError, Preprocess, check_size, from_array, load_image, to_rgb
 from .models import CaptionModel, SequenceModel, build_model
+from .naming import Naming
 from .paths import bundled_model_path
 from .vocab import Vocabulary
 
@@ -93,6 +94,9 @@ DEFAULT_DECODING = {
     "tag_boost": 0.0,
     "suppress_unseen": 0.0,
     "tag_subject": 0.0,
+    "constrain": 0.0,
+    "max_constraints": 2,
+    "constraints_needed": 1,
 }
 
 
@@ -121,6 +125,14 @@ class ModelBundle:
         self.decoding = DEFAULT_DECODING | config.get("decoding", {})
         self.max_pixels: int | None = None  # images over this many pixels are refused (None: DEFAULT_MAX_PIXELS)
         self.guidance = Guidance(vocab, guidance)  # tags, word prior, confidence (see guidance.py)
+        self._naming: Naming | None = None
+
+    @property
+    def naming(self) -> Naming:
+        """Concepts, constraints and the extended vocabulary (naming.py), built on first use."""
+        if self._naming is None or self._naming.base is not self.vocab:
+            self._naming = Naming(self.vocab)
+        return self._naming
 
     # ---- persistence -------------------------------------------------------------------------
     @classmethod
@@ -285,11 +297,17 @@ class ModelBundle:
         tag_boost: float | None = None,
         suppress_unseen: float | None = None,
         tag_subject: float | None = None,
+        constrain: float | None = None,
+        max_constraints: int | None = None,
+        constraints_needed: int | None = None,
     ) -> list[list[Caption]]:
         """The decoder's input for B images or sequences (see `encode`) -> for each its n-best Captions,
         best first, with the photo's tags and each caption's confidence when the model has them.
         Settings left None come from `self.decoding`; tag_boost / suppress_unseen: the word prior
-        of guidance.py, tag_subject: its forced subject for unfamiliar photos (0 = off)."""
+        of guidance.py, tag_subject: its forced subject for unfamiliar photos (0 = off); constrain:
+        the ImageNet confidence at which a concept becomes a constraint the caption must meet
+        (constrained beam search, naming.py; 0 = off), the surest `max_constraints` of them, of
+        which the caption must meet `constraints_needed` (when it can)."""
         o = self.resolve_decoding(
             n_best=n_best,
             beam_size=beam_size,
@@ -300,32 +318,35 @@ class ModelBundle:
             tag_boost=tag_boost,
             suppress_unseen=suppress_unseen,
             tag_subject=tag_subject,
+            constrain=constrain,
+            max_constraints=max_constraints,
+            constraints_needed=constraints_needed,
         )
         pooled = self.pooled(features)  # (B, D) or None
         probs = self.imagenet_probs(pooled)  # (B, 1000) or None
         bias = None
         if probs is not None and (o["tag_boost"] or o["suppress_unseen"]):
             bias = self.guidance.bias(pooled, probs, o["tag_boost"], o["suppress_unseen"])  # (B, V)
+        constrained = probs is not None and bool(o["constrain"])
         prefix = self.guidance.subject(pooled, probs, o["tag_subject"]) if probs is not None else None  # (B, 2)
+        if prefix is not None and constrained:  # never "a coffee": such photos are left to the constraints
+            prefix = prefix.masked_fill(torch.isin(prefix[:, 1], self.naming.mass_ids)[:, None], -1)
+        inputs = self._decoder_input(features)
         was_training = self.decoder.training
         self.decoder.eval()
         try:
-            hyps = beam_search(
-                self.decoder,
-                self._decoder_input(features),
-                beam_size=max(o["beam_size"], n_best),
-                max_len=o["max_len"],
-                min_len=o["min_len"],
-                length_alpha=o["length_alpha"],
-                no_repeat_ngram=o["no_repeat_ngram"],
-                n_best=n_best,
-                suppress=[self.vocab.unk_id],  # "<unk>" is never a useful word to print
-                bias=bias,
-                prefix=prefix,
-            )
+            hyps = self._search(self.decoder, inputs, o, n_best, bias=bias, prefix=prefix)
+            vocab, naming = self.vocab, None
+            if constrained:
+                naming, vocab = self.naming, self.naming.vocab
+                self._constrained_search(hyps, inputs, o, n_best, pooled, probs, bias)
         finally:
             self.decoder.train(was_training)
-        texts = [[self.vocab.decode(h.tokens) for h in hs] for hs in hyps]
+        if naming is not None:
+            for hs in hyps:
+                for h in hs:
+                    h.tokens = naming.fix_articles(h.tokens)
+        texts = [[vocab.decode(h.tokens) for h in hs] for hs in hyps]
         tags = top_tags(probs) if probs is not None else [()] * len(hyps)
         conf = None
         if probs is not None:
@@ -333,13 +354,74 @@ class ModelBundle:
             conf = self.guidance.confidence(pooled, probs, captions)
         return [
             [
-                Caption(
-                    t, h.score, h.attention, self.vocab.words(h.tokens), tags[b], None if conf is None else conf[b][j]
-                )
+                Caption(t, h.score, h.attention, vocab.words(h.tokens), tags[b], None if conf is None else conf[b][j])
                 for j, (t, h) in enumerate(zip(texts[b], hs))
             ]
             for b, hs in enumerate(hyps)
         ]
+
+    def _search(self, decoder: CaptionModel, inputs: Any, o: dict[str, Any], n_best: int, **kw: Any) -> list:
+        """beam_search with the resolved settings `o`."""
+        return beam_search(
+            decoder,
+            inputs,
+            beam_size=max(o["beam_size"], n_best),
+            max_len=o["max_len"],
+            min_len=o["min_len"],
+            length_alpha=o["length_alpha"],
+            no_repeat_ngram=o["no_repeat_ngram"],
+            n_best=n_best,
+            suppress=[self.vocab.unk_id],  # "<unk>" is never a useful word to print
+            **kw,
+        )
+
+    def _constrained_search(
+        self,
+        hyps: list,
+        inputs: Any,
+        o: dict[str, Any],
+        n_best: int,
+        pooled: Tensor,
+        probs: Tensor,
+        bias: Tensor | None,
+    ) -> None:
+        """Decode again, under constraints (naming.py), the photos whose free caption does not name
+        the concepts the classifier is sure of; their hypotheses in `hyps` are replaced. A caption
+        that already names them stays as the free search wrote it: a constrained search keeps
+        separate beams per state and would rank other, shorter captions first."""
+        naming = self.naming
+        share = self.guidance.typical_share(pooled)  # (B,) or None
+        threshold = torch.full((len(probs),), float(o["constrain"]))  # (B,)
+        if share is not None:
+            # only on photos less like the training photos: on the others the decoder knows better
+            # what people mention (guidance.CONSTRAIN_SHARE)
+            threshold = threshold.masked_fill(share.cpu() >= CONSTRAIN_SHARE, float("inf"))
+        constraints = naming.constraints(probs, threshold, o["max_constraints"])
+        need = o["constraints_needed"]
+        redo = [
+            b
+            for b, (hs, sets) in enumerate(zip(hyps, constraints))
+            if sets and sum(bool(ws & set(hs[0].tokens)) for ws in sets) < min(need, len(sets))
+        ]
+        if not redo or not isinstance(inputs, Tensor):
+            return
+        idx = torch.tensor(redo)
+        sub = [constraints[b] for b in redo]
+        allowed = naming.allowed_bias(sub)  # (R, V + E): borrowed words only where a photo asks for them
+        if bias is not None:
+            allowed = allowed + torch.nn.functional.pad(bias[idx], (0, naming.V - naming.V0))
+        again = self._search(
+            naming.wrap(self.decoder),
+            inputs[idx.to(inputs.device)],
+            o,
+            n_best,
+            bias=allowed,
+            constraints=sub,
+            need=need,
+            banned_bigrams=naming.banned_bigrams(),
+        )
+        for b, hs in zip(redo, again):
+            hyps[b] = hs
 
     def generate(
         self, inputs: Sequence[ImageInput], batch_size: int = 32, num_workers: int | None = None, **decode_opts: Any

@@ -21,6 +21,7 @@ from .errors import UsageError
 from .features import FeatureCache, ItemFeatures
 from .guidance import ACCEPTABLE, Guidance, _logistic, fit_centroids, fit_person
 from .metrics import cider_d, normalize, normalize_corpus, split_words
+from .objects import COCO_OBJECTS, kind_shares
 
 log = logging.getLogger("captioner")
 
@@ -56,9 +57,14 @@ def person_labels(captions: Sequence[Sequence[str]]) -> Tensor:
 
 
 def fit_photo_state(train_pooled: Tensor, train_refs: list[list[str]]) -> dict[str, Tensor]:
-    """The person classifier and the typicality centroids, from the training photos."""
+    """The person classifier, the typicality centroids and how often the training captions name
+    each COCO kind, from the training photos."""
     labels = person_labels(train_refs)
-    return fit_person(train_pooled, labels) | {"centroids": fit_centroids(train_pooled)}
+    shares = kind_shares(normalize(c) for refs in train_refs for c in refs)
+    return fit_person(train_pooled, labels) | {
+        "centroids": fit_centroids(train_pooled),
+        "object_shares": torch.tensor([shares[k] for k in COCO_OBJECTS]),  # what "novel" means for this model
+    }
 
 
 def confidence_data(
@@ -101,9 +107,11 @@ def calibrate(
     model.guidance = Guidance(model.vocab, state)
     val_feats, val_kept, _ = model.corpus_inputs(val, cache, quiet=quiet)
     val_refs = [val.captions[k] for k in val_kept]
+    # typicality first: the val captions the confidence is fitted on must be decoded as the model
+    # will decode them, and the decoding's guidance depends on how typical each photo is
+    state |= {"val_typicality": model.guidance.typicality(_pooled(model, val_feats)).sort().values}
+    model.guidance = Guidance(model.vocab, state)
     x, quality, val_pooled = confidence_data(model, val_feats, val_refs, **decoding)
-    typical = model.guidance.typicality(val_pooled).sort().values
-    state |= {"val_typicality": typical}
     # 5-fold cross-validated confidence on val: what the report (and the README's plot) shows
     folds = torch.arange(len(x)) % 5
     held_out = torch.empty(len(x))

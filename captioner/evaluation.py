@@ -15,7 +15,8 @@ from .checkpoint import atomic_write
 from .data import CaptionCorpus, DataError, check_file, load_karpathy
 from .features import FeatureCache, ItemFeatures
 from .images import ImageError
-from .metrics import diversity, evaluate
+from .metrics import diversity, evaluate, normalize
+from .objects import kind_shares, novel_kinds
 
 
 def caption_corpus(
@@ -76,12 +77,26 @@ def load_references(
     return by_key, (files if groups is None else {})
 
 
-def score(refs: Mapping[Any, list[str]], results: Mapping[Any, str], use_meteor: bool = True) -> dict[str, Any]:
-    """Metrics of `results` against `refs`; every result must have references."""
+def score(
+    refs: Mapping[Any, list[str]], results: Mapping[Any, str], use_meteor: bool = True, novel: set[str] | None = None
+) -> dict[str, Any]:
+    """Metrics of `results` against `refs`; every result must have references. `novel`: the COCO
+    kinds the training captions rarely name (`training_novel_kinds`), for novel_object_recall."""
     unknown = [k for k in results if k not in refs]
     if unknown:
         raise DataError(f"{len(unknown)} result(s) name images without references, e.g. image_id {unknown[0]!r}")
-    return evaluate(refs, results, use_meteor=use_meteor) | diversity(results)
+    return evaluate(refs, results, use_meteor=use_meteor, novel=novel) | diversity(results)
+
+
+def training_object_shares(annotations: str | os.PathLike) -> dict[str, float]:
+    """For each COCO kind, the share of a training caption file's captions that name it."""
+    refs, _ = load_references(annotations)
+    return kind_shares(normalize(c) for cs in refs.values() for c in cs)
+
+
+def training_novel_kinds(annotations: str | os.PathLike) -> set[str]:
+    """The COCO kinds a training caption file's captions rarely or never name (objects.NOVEL_SHARE)."""
+    return novel_kinds(training_object_shares(annotations))
 
 
 def write_results(path: str | os.PathLike, results: Mapping[Any, str]) -> None:

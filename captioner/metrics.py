@@ -23,6 +23,7 @@ from typing import Any
 
 from .concepts import CATEGORIES, invented, kinds_named
 from .errors import DataError
+from .objects import object_naming
 from .paths import cache_dir
 from .ptb import coco_tokens, coco_tokens_in_order
 
@@ -314,8 +315,12 @@ def meteor(
     return sum(meteor_score(r_tok[k], c_tok[k], wordnet=wn) for k in keys) / max(len(keys), 1)
 
 
-def evaluate(refs: Mapping[Any, list[str]], cands: Mapping[Any, str], use_meteor: bool = True) -> dict[str, Any]:
-    """All COCO caption metrics for raw strings; keys as in METRICS plus 'METEOR_backend' and counts."""
+def evaluate(
+    refs: Mapping[Any, list[str]], cands: Mapping[Any, str], use_meteor: bool = True, novel: set[str] | None = None
+) -> dict[str, Any]:
+    """All COCO caption metrics for raw strings; keys as in METRICS plus 'METEOR_backend', counts,
+    the hallucination measures and the object-naming ones (objects.py; `novel`: the COCO kinds the
+    model's training captions rarely name, for novel_object_recall)."""
     missing = [k for k in cands if k not in refs]
     if missing:
         raise DataError(f"{len(missing)} candidate(s) have no references, e.g. image id {missing[0]!r}")
@@ -335,6 +340,7 @@ def evaluate(refs: Mapping[Any, list[str]], cands: Mapping[Any, str], use_meteor
     cider = cider_d(r_words, c_words)
     out["CIDEr-D"] = sum(cider.values()) / len(cider)
     out.update(hallucination(r_tok, c_tok))
+    out.update(object_naming(r_tok, c_tok, novel))
     out["METEOR_backend"] = backend
     out["images"] = len(cands)
     out["references"] = sum(len(refs[k]) for k in cands)

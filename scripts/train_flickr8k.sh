@@ -56,7 +56,7 @@ python scripts/calibrate.py --model "$MODEL" "${CAL[@]}" --out "$OUT/calibrated.
 setting() { python -c "import json, sys; print(json.load(open('$OUT/decoding.json'))[sys.argv[1]])" "$1"; }
 python scripts/tune_decoding.py --model "$OUT/calibrated.pt" --annotations "$F/captions_val.json" \
   --images "$F/images" --beam-sizes "$(setting beam_size)" --length-penalties "$(setting length_alpha)" \
-  --no-repeat-ngrams "$(setting no_repeat_ngram)" --suppress-unseen 0,10,20,40 --tag-subjects 0,0.3,0.5 \
+  --no-repeat-ngrams "$(setting no_repeat_ngram)" --suppress-unseen 0,10,20,40 --tag-subjects 0,0.3,0.5 --constrain 0,0.2,0.3,0.5 \
   --out "$OUT/guidance.json" | tee "$OUT/guidance.md"
 python scripts/calibrate.py --model "$OUT/calibrated.pt" "${CAL[@]}" --decoding "$OUT/guidance.json" \
   --out "$MODEL" | tee "$OUT/calibration.md"

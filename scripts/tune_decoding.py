@@ -18,7 +18,7 @@ import time
 
 from captioner import Captioner
 from captioner.data import load_coco
-from captioner.evaluation import caption_features, references, score
+from captioner.evaluation import caption_features, references, score, training_novel_kinds
 
 
 def main() -> None:
@@ -32,6 +32,8 @@ def main() -> None:
     p.add_argument("--tag-boosts", default="0", help="guidance.py's word prior: tag boost values")
     p.add_argument("--suppress-unseen", default="0", help="unseen-object penalties")
     p.add_argument("--tag-subjects", default="0", help="tag-subject thresholds (a calibrated model)")
+    p.add_argument("--constrain", default="0", help="constraint thresholds (naming.py; a calibrated model)")
+    p.add_argument("--train-annotations", help="the training captions: novel_object_recall is reported")
 
     p.add_argument("--out", help="write the best setting here (JSON)")
     a = p.parse_args()
@@ -44,9 +46,11 @@ def main() -> None:
     rows = []
     print(
         "| beam | length penalty | no-repeat n-gram | tag boost | suppress unseen | tag subject | BLEU-4 | METEOR "
-        "| ROUGE-L | CIDEr-D | hallucinated | person invented | distinct captions | unique | words used | s |"
+        "| ROUGE-L | CIDEr-D | hallucinated | person invented | constrain | object recall | novel object recall "
+        "| object precision | distinct captions | unique | words used | s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    novel = training_novel_kinds(a.train_annotations) if a.train_annotations else model.guidance.novel_kinds()
     grid = itertools.product(
         [int(x) for x in a.beam_sizes.split(",")],
         [float(x) for x in a.length_penalties.split(",")],
@@ -54,21 +58,23 @@ def main() -> None:
         [float(x) for x in a.tag_boosts.split(",")],
         [float(x) for x in a.suppress_unseen.split(",")],
         [float(x) for x in a.tag_subjects.split(",")],
+        [float(x) for x in a.constrain.split(",")],
     )
-    for beam, alpha, ngram, boost, sup, subject in grid:
+    for beam, alpha, ngram, boost, sup, subject, constrain in grid:
         if beam == 1 and alpha:
             continue  # greedy keeps one hypothesis: nothing to re-rank
         t0 = time.time()
         setting = {"beam_size": beam, "length_alpha": alpha, "no_repeat_ngram": ngram}
-        setting |= {"tag_boost": boost, "suppress_unseen": sup, "tag_subject": subject}
-        s = score(refs, caption_features(model, ids, feats, **setting))
+        setting |= {"tag_boost": boost, "suppress_unseen": sup, "tag_subject": subject, "constrain": constrain}
+        s = score(refs, caption_features(model, ids, feats, **setting), novel=novel)
         rows.append((s["CIDEr-D"], setting))
         meteor = "n/a" if s["METEOR"] is None else f"{s['METEOR']:.3f}"
         print(
             f"| {beam} | {alpha:g} | {ngram or 'off'} | {boost:g} | {sup:g} | {subject:g} | {s['BLEU-4']:.3f} | "
             f"{meteor} | {s['ROUGE-L']:.3f} | {s['CIDEr-D']:.3f} | {s['hallucinated']:.3f} | "
-            f"{_pct(s['person_invented'])} | {s['distinct_captions']} | {s['unique_fraction']:.2f} | "
-            f"{s['words_used']} | {time.time() - t0:.0f} |",
+            f"{_pct(s['person_invented'])} | {constrain:g} | {_pct(s['object_recall'])} | "
+            f"{_pct(s['novel_object_recall'])} | {_pct(s['object_precision'])} | {s['distinct_captions']} | "
+            f"{s['unique_fraction']:.2f} | {s['words_used']} | {time.time() - t0:.0f} |",
             flush=True,
         )
     best = max(rows, key=lambda r: r[0])

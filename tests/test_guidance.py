@@ -26,6 +26,9 @@ def vocab() -> Vocabulary:
     return Vocabulary(WORDS)
 
 
+RETRIEVER = next(i for i, c in enumerate(imagenet_classes()) if c["label"] == "golden retriever")
+
+
 def one_hot(*classes: int, p: float = 1.0) -> torch.Tensor:
     probs = torch.zeros(len(classes), 1000)
     for i, c in enumerate(classes):
@@ -73,10 +76,12 @@ def test_unseen_kinds_are_suppressed_on_unfamiliar_photos_only() -> None:
     familiar = pooled[:1]  # like the training photos
     odd = torch.zeros(1, 8)
     odd[0, 0] = -5.0  # no person, and nothing like the training photos
-    probs = one_hot(ESPRESSO, ESPRESSO)
+    probs = one_hot(ESPRESSO, ESPRESSO, p=0.97)
+    probs[0, RETRIEVER] = 0.03  # a little evidence of a dog
     bias = g.bias(torch.cat([familiar, odd]), probs, boost=0.0, suppress=10.0)
     assert g.novelty_factor(familiar).item() > 0.5 and g.novelty_factor(odd).item() == 0.0
-    assert bias[0, v.stoi["dog"]] == 0.0  # familiar photo: the decoder is trusted about animals
+    # familiar photo: the decoder is trusted about animals, unless the classifier sees none at all
+    assert bias[0, v.stoi["dog"]] == 0.0 and bias[0, v.stoi["bus"]] == -10.0
     assert bias[1, v.stoi["dog"]] == -10.0 and bias[1, v.stoi["bus"]] == -10.0
     assert bias[1, v.stoi["man"]] == -10.0 and bias[1, v.stoi["woman"]] == -10.0
     assert bias[1, v.stoi["coffee"]] == 0.0 and bias[1, v.stoi["on"]] == 0.0
@@ -142,6 +147,12 @@ def test_calibrated_model_saves_loads_and_prints_confidence(trained_run, shapes,
     val = load_coco(shapes["test_json"], shapes["test_images"])
     report = calibrate(model, train, val, model.feature_cache(tmp_path / "cache"))
     assert len(report["confidence"]) == len(val) and all(0.0 <= c <= 1.0 for c in report["confidence"])
+    # the confidence was fitted on the captions the calibrated model writes (typicality included)
+    captions = dict(enumerate(model.caption([str(p) for p in val.paths])))
+    quality = caption_quality(dict(enumerate(val.captions)), captions)
+    assert [quality[i] for i in range(len(val))] == pytest.approx(report["quality"])
+    assert {"val_typicality", "object_shares"} <= set(model.guidance.state)
+    assert model.guidance.novel_kinds() >= {"zebra", "pizza"}  # the shapes captions name no COCO object
     path = tmp_path / "calibrated.pt"
     model.save(path)
     loaded = Captioner.load(path, device="cpu")

@@ -142,6 +142,15 @@ DECODING_FLAGS = (
         "on photos unlike the training photos, start the caption with the word the ImageNet classifier "
         "is at least this sure of (a cat, a bus), 0 = off",
     ),
+    (
+        "--constrain",
+        "constrain",
+        float,
+        "make the caption name what the ImageNet classifier is at least this sure of (constrained beam "
+        "search; words the decoder never learnt are borrowed from related ones), 0 = off",
+    ),
+    ("--max-constraints", "max_constraints", int, "with --constrain: the surest this many concepts per photo"),
+    ("--constraints-needed", "constraints_needed", int, "with --constrain: how many of them the caption must name"),
 )
 
 

@@ -25,6 +25,11 @@ def add(sub) -> None:
     decoding_args(e)
     e.add_argument("--batch-size", type=int, default=32, help="images encoded and beam-searched together")
     e.add_argument("--results", help="also write the captions here, in the COCO results format")
+    e.add_argument(
+        "--train-annotations",
+        help="the model's training caption file, for novel_object_recall (default: the kinds the "
+        "model's calibration recorded, if any)",
+    )
     e.add_argument("--device", default="auto", help="auto | cpu | cuda")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     cache_args(e)
@@ -33,7 +38,7 @@ def add(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..api import Captioner
-    from ..evaluation import caption_corpus, references, score, write_results
+    from ..evaluation import caption_corpus, references, score, training_novel_kinds, write_results
 
     if args.results:
         check_output_file(args.results)  # before captioning everything, not after
@@ -43,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
     corpus = corpus_of(args)
     if corpus is None:
         raise DataError("give --annotations (or --sequences) and --images, or --karpathy-json and --split")
+    novel = training_novel_kinds(args.train_annotations) if args.train_annotations else None
     model = Captioner.load(args.model, device=args.device)
     settings = decoding(model, args)  # checked before any image is read
+    novel = novel if novel is not None else model.guidance.novel_kinds()
     cache = None if args.no_cache else model.feature_cache(args.cache_dir)
     results, failed = caption_corpus(
         model, corpus, batch_size=args.batch_size, quiet=args.quiet, cache=cache, **settings
@@ -58,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         "decoding": settings,
         "failed": len(failed),
         "skipped_missing": corpus.skipped_missing,
-        **score(references(corpus), results),
+        **score(references(corpus), results, novel=novel),
     }
     print(json.dumps(report))
     return 1 if failed else 0

@@ -23,15 +23,25 @@ def add(sub) -> None:
         action="store_true",
         help="score results that cover only some of the reference images (refused otherwise)",
     )
+    s.add_argument(
+        "--train-annotations",
+        help="the model's training caption file: the COCO kinds it rarely names are reported as novel "
+        "(novel_object_recall)",
+    )
     s.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import check_coverage, load_references, read_results, score
+    from ..evaluation import check_coverage, load_references, read_results, score, training_novel_kinds
 
     refs, files = load_references(args.annotations, args.karpathy_json, args.split)
     results = read_results(args.results, files)
     check_coverage(refs, results, str(args.results), args.allow_partial)
-    report = {"results": str(args.results), "reference_images": len(refs), **score(refs, results)}  # + "images" scored
+    novel = training_novel_kinds(args.train_annotations) if args.train_annotations else None
+    report = {
+        "results": str(args.results),
+        "reference_images": len(refs),
+        **score(refs, results, novel=novel),
+    }  # + "images" scored
     print(json.dumps(report))
     return 0
