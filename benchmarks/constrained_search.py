@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from captioner import Captioner
+from captioner import Captioner, bundle
 from captioner.data import load_coco
+from captioner.guidance import CONSTRAIN_SHARE
 from captioner.images import list_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,18 +51,18 @@ def main() -> None:
         "constrained on every sure photo": dict(constrain=c, _everywhere=True),
     }
     times = dict.fromkeys(ways, float("inf"))
-    share = model.guidance.typical_share
     model.decode(feats[:32])  # warm-up: first calls build the concept tables
-    for _ in range(a.repeats):  # interleaved, best of N: the machine's noise hits all alike
-        for way, opts in ways.items():
-            opts = dict(opts)
-            if opts.pop("_everywhere", False):  # every photo counts as unlike the training photos
-                model.guidance.typical_share = lambda pooled: torch.zeros(len(pooled))
+    order = list(ways)
+    for r in range(a.repeats):  # interleaved, in turn first, best of N: the machine's noise hits all alike
+        for way in order[r % len(order) :] + order[: r % len(order)]:
+            opts = dict(ways[way])
+            if opts.pop("_everywhere", False):  # constraints on every photo, however typical
+                bundle.CONSTRAIN_SHARE = float("inf")
             t = time.perf_counter()
             for s in range(0, n, 32):
                 model.decode(feats[s : s + 32], **opts)
             times[way] = min(times[way], time.perf_counter() - t)
-            model.guidance.typical_share = share
+            bundle.CONSTRAIN_SHARE = CONSTRAIN_SHARE
     print(f"{n} photos of {name}, batches of 32, beam {model.decoding['beam_size']}, best of {a.repeats}")
     print("| decoding | ms per image | x plain |\n|---|---|---|")
     base = times["plain beam search"]

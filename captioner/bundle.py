@@ -100,6 +100,13 @@ DEFAULT_DECODING = {
 }
 
 
+def _rows(inputs: Any, idx: Tensor) -> Any:
+    """The rows `idx` of a decoder input: a (B, ...) tensor, or a tuple of them (an ensemble's)."""
+    if isinstance(inputs, tuple):
+        return tuple(_rows(x, idx) for x in inputs)
+    return inputs[idx.to(inputs.device)]
+
+
 class ModelBundle:
     """A captioning model: encoder + decoder + vocabulary + config, ready to describe images.
 
@@ -327,19 +334,21 @@ class ModelBundle:
         bias = None
         if probs is not None and (o["tag_boost"] or o["suppress_unseen"]):
             bias = self.guidance.bias(pooled, probs, o["tag_boost"], o["suppress_unseen"])  # (B, V)
-        constrained = probs is not None and bool(o["constrain"])
+        constraints = self._constraints(pooled, probs, o) if probs is not None and o["constrain"] else None
         prefix = self.guidance.subject(pooled, probs, o["tag_subject"]) if probs is not None else None  # (B, 2)
-        if prefix is not None and constrained:  # never "a coffee": such photos are left to the constraints
-            prefix = prefix.masked_fill(torch.isin(prefix[:, 1], self.naming.mass_ids)[:, None], -1)
+        if prefix is not None and constraints is not None:  # never "a coffee": the constraint names it instead
+            mass = [bool(w in self.naming.mass_ids and any(w in ws for ws in sets)) for w, sets in
+                    zip(prefix[:, 1].tolist(), constraints)]  # fmt: skip
+            prefix = prefix.masked_fill(torch.tensor(mass, device=prefix.device)[:, None], -1)
         inputs = self._decoder_input(features)
         was_training = self.decoder.training
         self.decoder.eval()
         try:
             hyps = self._search(self.decoder, inputs, o, n_best, bias=bias, prefix=prefix)
             vocab, naming = self.vocab, None
-            if constrained:
+            if constraints is not None:
                 naming, vocab = self.naming, self.naming.vocab
-                self._constrained_search(hyps, inputs, o, n_best, pooled, probs, bias)
+                self._constrained_search(hyps, inputs, o, n_best, constraints, bias)
         finally:
             self.decoder.train(was_training)
         if naming is not None:
@@ -375,35 +384,33 @@ class ModelBundle:
             **kw,
         )
 
+    def _constraints(self, pooled: Tensor, probs: Tensor, o: dict[str, Any]) -> list[list[set[int]]]:
+        """Each photo's constraints (naming.py): none on photos much like the training photos, where
+        the decoder knows better what people mention (guidance.CONSTRAIN_SHARE)."""
+        share = self.guidance.typical_share(pooled)  # (B,) or None
+        threshold = torch.full((len(probs),), float(o["constrain"]))  # (B,)
+        if share is not None:
+            threshold = threshold.masked_fill(share.cpu() >= CONSTRAIN_SHARE, float("inf"))
+        return self.naming.constraints(probs, threshold, o["max_constraints"])
+
     def _constrained_search(
         self,
         hyps: list,
         inputs: Any,
         o: dict[str, Any],
         n_best: int,
-        pooled: Tensor,
-        probs: Tensor,
+        constraints: list[list[set[int]]],
         bias: Tensor | None,
     ) -> None:
-        """Decode again, under constraints (naming.py), the photos whose free caption does not name
-        the concepts the classifier is sure of; their hypotheses in `hyps` are replaced. A caption
-        that already names them stays as the free search wrote it: a constrained search keeps
-        separate beams per state and would rank other, shorter captions first."""
-        naming = self.naming
-        share = self.guidance.typical_share(pooled)  # (B,) or None
-        threshold = torch.full((len(probs),), float(o["constrain"]))  # (B,)
-        if share is not None:
-            # only on photos less like the training photos: on the others the decoder knows better
-            # what people mention (guidance.CONSTRAIN_SHARE)
-            threshold = threshold.masked_fill(share.cpu() >= CONSTRAIN_SHARE, float("inf"))
-        constraints = naming.constraints(probs, threshold, o["max_constraints"])
-        need = o["constraints_needed"]
-        redo = [
-            b
-            for b, (hs, sets) in enumerate(zip(hyps, constraints))
-            if sets and sum(bool(ws & set(hs[0].tokens)) for ws in sets) < min(need, len(sets))
-        ]
-        if not redo or not isinstance(inputs, Tensor):
+        """Decode again, under constraints, the photos whose free caption does not name the
+        concepts the classifier is sure of; their hypotheses in `hyps` are replaced when the new
+        best caption names more of them. A caption that already names them stays as the free
+        search wrote it: a constrained search keeps separate beams per state and would rank
+        other, shorter captions first."""
+        naming, need = self.naming, o["constraints_needed"]
+        met = [sum(bool(ws & set(hs[0].tokens)) for ws in sets) for hs, sets in zip(hyps, constraints)]
+        redo = [b for b, sets in enumerate(constraints) if sets and met[b] < min(need, len(sets))]
+        if not redo:
             return
         idx = torch.tensor(redo)
         sub = [constraints[b] for b in redo]
@@ -412,16 +419,17 @@ class ModelBundle:
             allowed = allowed + torch.nn.functional.pad(bias[idx], (0, naming.V - naming.V0))
         again = self._search(
             naming.wrap(self.decoder),
-            inputs[idx.to(inputs.device)],
+            _rows(inputs, idx),  # an ensemble's inputs are a tuple, one per member
             o,
             n_best,
             bias=allowed,
             constraints=sub,
             need=need,
-            banned_bigrams=naming.banned_bigrams(),
+            banned_bigrams=naming.banned_bigrams(sub),
         )
         for b, hs in zip(redo, again):
-            hyps[b] = hs
+            if hs and hs[0].met > met[b]:
+                hyps[b] = hs
 
     def generate(
         self, inputs: Sequence[ImageInput], batch_size: int = 32, num_workers: int | None = None, **decode_opts: Any

@@ -181,6 +181,7 @@ _IRREGULAR = {
     "man": "men", "woman": "women", "child": "children", "person": "persons", "policeman": "policemen",
     "gentleman": "gentlemen", "fisherman": "fishermen", "goose": "geese", "ox": "oxen", "mouse": "mice",
     "sheep": "sheep", "deer": "deer", "fish": "fish", "cattle": "cattle", "people": "peoples",
+    "knife": "knives", "scissors": "scissors", "skis": "skis", "glasses": "glasses", "dice": "dice",
 }  # fmt: skip
 
 

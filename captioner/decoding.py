@@ -107,9 +107,11 @@ def _constrain(
         banned = torch.zeros_like(logp).scatter_add_(1, windows[:, :, -1], match.to(logp.dtype)) > 0  # (N, V)
         logp = logp.masked_fill(banned, float("-inf"))
     if banned_bigrams is not None and t > 0:
-        firsts, seconds = (x.to(logp.device) for x in banned_bigrams)
+        firsts, seconds = (x.to(logp.device) for x in banned_bigrams)  # seconds: (N, V) mask, or (S,) ids
+        if seconds.dim() == 1:
+            seconds = torch.isin(torch.arange(logp.size(1), device=logp.device), seconds)[None]  # (1, V)
         after = torch.isin(history[:, -1], firsts)  # (N,)
-        logp[after[:, None] & torch.isin(torch.arange(logp.size(1), device=logp.device), seconds)[None]] = -math.inf
+        logp[after[:, None] & seconds] = -math.inf
     dead = torch.isinf(logp).all(dim=-1)  # (N,) nothing allowed: end the caption here, at a heavy cost
     logp[dead, END_ID] = DEAD_END_LOGP
     return logp
@@ -252,8 +254,8 @@ def beam_search(
     above all others; among them, and among the others by how many they meet, the score decides.
     Each state of met constraints keeps `beam_size` beams, so the search is exact in the same
     sense as without constraints; images without constraints cost what they cost without.
-    `banned_bigrams` (firsts, seconds): none of the word ids `seconds` may follow any of `firsts`
-    (no "a coffee": naming.py).
+    `banned_bigrams` (firsts, seconds): none of the word ids `seconds` (S,) — or, per image, the
+    words of a (B, V) mask — may follow any of `firsts` (no "a coffee": naming.py).
 
     As in the standard implementations (GNMT, fairseq), a caption that ends is set aside with its
     penalised score and the search goes on with `beam_size` live beams: of each step's best
@@ -297,6 +299,8 @@ def beam_search(
         bias = bias.to(dev, torch.float32).repeat_interleave(S * K, dim=0)  # (N, V)
     if prefix is not None:
         prefix = prefix.to(dev).repeat_interleave(S * K, dim=0)  # (N, P)
+    if banned_bigrams is not None and banned_bigrams[1].dim() == 2:  # per image (B, V) -> per row (N, V)
+        banned_bigrams = (banned_bigrams[0], banned_bigrams[1].to(dev).repeat_interleave(S * K, dim=0))
 
     def done(b: int, seq: list[int], logprob: float, ended: bool, attn: Tensor | None) -> Hypothesis:
         h = _hypothesis(seq, logprob, ended, length_alpha, attn)

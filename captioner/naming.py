@@ -58,7 +58,7 @@ MASS_NOUNS = frozenset(
 #: (COCO kinds 84-88 %), and classes named by a word the decoder never learnt (maypole,
 #: tandem) 0-5 %: those never become constraints
 OTHER_CONCEPT_MIN = 0.9
-_AN_EXCEPTIONS = ("one", "uni", "use", "usu", "eu", "ewe")  # vowel letters, consonant sound: "a unicycle"
+_AN_EXCEPTIONS = ("one", "uni", "use", "usu", "ut", "eu", "ewe")  # vowel letters, consonant sound: "a unicycle"
 _A_EXCEPTIONS = ("hour", "honest", "honor", "honour", "heir")  # consonant letter, vowel sound: "an hour"
 
 
@@ -167,7 +167,7 @@ class Naming:
         self.concept_ids = [{self.vocab.stoi[w] for w in ws} for ws in words_of.values()]
         V = len(self.vocab)
         every = {w for ws in words_of.values() for w in ws}
-        plurals = {plural(w) for w in every} & every
+        plurals = {p for w in every if (p := plural(w)) != w} & every  # not "sheep": its plural is itself
         no_article = MASS_NOUNS | plurals  # "a coffee", "a zebras"
         self.mass_ids = torch.tensor([i for w, i in self.vocab.stoi.items() if w in no_article], dtype=torch.long)
         self.article_ids = torch.tensor([self.vocab.stoi[a] for a in ("a", "an") if a in self.vocab.stoi])
@@ -217,11 +217,18 @@ class Naming:
                 bias[b, ids] = 0.0
         return bias
 
-    def banned_bigrams(self) -> tuple[Tensor, Tensor] | None:
-        """(articles, mass nouns and the concepts' plurals): none of them right after "a"/"an"."""
-        if not len(self.article_ids) or not len(self.mass_ids):
+    def banned_bigrams(self, constraints: Sequence[Sequence[set[int]]]) -> tuple[Tensor, Tensor] | None:
+        """(articles (F,), banned (B, V)): for each photo, its constraint words that are mass nouns
+        or plurals may not come right after "a"/"an" ("a coffee", "a zebras"). Only the photo's own:
+        "a coffee cup" or "a water bottle" stays writable where coffee is not what it must name."""
+        if not len(self.article_ids):
             return None
-        return self.article_ids, self.mass_ids
+        banned = torch.zeros(len(constraints), self.V, dtype=torch.bool)
+        no_article = set(self.mass_ids.tolist())
+        for b, sets in enumerate(constraints):
+            ids = [i for ws in sets for i in ws if i in no_article]
+            banned[b, ids] = True
+        return self.article_ids, banned
 
     def fix_articles(self, tokens: list[int]) -> list[int]:
         """'a' / 'an' made to agree with the word after them (same length: attention rows still line up)."""

@@ -101,15 +101,13 @@ COCO_OBJECTS: dict[str, tuple[str, ...]] = {
     "hair drier": ("hair drier", "hair dryer", "hairdryer", "blow dryer"),
     "toothbrush": ("toothbrush",),
 }
-_PLURALS = {"knife": "knives", "mouse": "mice", "scissors": "scissors", "skis": "skis", "wine glass": "wine glasses"}
 NOVEL_SHARE = 0.005  # a kind named in fewer than this share of the training captions is "novel"
 MAJORITY = 0.5  # an object "most references name": named by more than this share of them (3 of 5)
 
 
 def _forms(name: str) -> tuple[str, ...]:
     words = name.split()
-    last = _PLURALS.get(name, plural(words[-1]))
-    return (name, " ".join(words[:-1] + [last.split()[-1]]))
+    return (name, " ".join(words[:-1] + [plural(words[-1])]))
 
 
 @cache

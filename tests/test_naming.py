@@ -110,9 +110,12 @@ def test_articles_agree_and_no_mass_noun_or_plural_follows_one() -> None:
         ("cup", "of", 1.0), ("of", "coffee", 1.0), ("coffee", "<end>", 1.0),
     ]:  # fmt: skip
         logp[naming.vocab.stoi[prev], naming.vocab.stoi[nxt]] = math.log(p)
-    model = Table(logp.log_softmax(-1))
+    model = naming.wrap(Table(logp.log_softmax(-1)))  # as decoded: with the borrowed words
     free = beam_search(model, torch.zeros(1), beam_size=2)[0][0].tokens
-    banned = beam_search(model, torch.zeros(1), beam_size=2, banned_bigrams=naming.banned_bigrams())[0][0].tokens
+    coffee = {naming.vocab.stoi["coffee"]}
+    banned = naming.banned_bigrams([[coffee]])
+    assert naming.banned_bigrams([[{naming.vocab.stoi["dog"]}]])[1].sum() == 0  # only a photo's own mass nouns
+    banned = beam_search(model, torch.zeros(1), beam_size=2, banned_bigrams=banned)[0][0].tokens
     assert naming.vocab.decode(free) == "a coffee"
     assert naming.vocab.decode(banned) == "a cup of coffee"
 
