@@ -62,7 +62,7 @@ class Captioner(ModelBundle):
         return_confidence=True the caption's confidence (P(acceptable caption), None when the
         model is not calibrated): the result is then a tuple (caption[, weights][, tags][, confidence]).
         decode_opts: min_len, length_alpha, no_repeat_ngram, tag_boost, suppress_unseen,
-        tag_subject, batch_size, num_workers.
+        tag_subject, constrain, max_constraints, constraints_needed, batch_size, num_workers.
         """
         if return_attention and self.decoder.attends_over != "regions":
             raise UsageError(

@@ -438,7 +438,8 @@ class ModelBundle:
 
         A bad input never stops the others. Images are decoded in worker processes (when there is
         more than one batch), then encoded and beam-searched a batch at a time.
-        decode_opts: beam_size, n_best, max_len, min_len, length_alpha, no_repeat_ngram (see `decode`).
+        decode_opts: beam_size, n_best, max_len, min_len, length_alpha, no_repeat_ngram, tag_boost,
+        suppress_unseen, tag_subject, constrain, max_constraints, constraints_needed (see `decode`).
         """
         whole_number(batch_size, 1, "batch size (--batch-size, batch_size=)")
         if num_workers is not None:

@@ -135,7 +135,6 @@ class Naming:
         known = set(base.stoi)
         concepts = class_concepts(known)
         neighbours = word_neighbours()
-        names: dict[str, int] = {}
         union: dict[str, list[str]] = {}  # concept -> its words over all the classes that name it
         cls_idx: list[tuple[int, str]] = []
         for c, concept in enumerate(concepts):
