@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import CaptionCorpus
-from .decoding import beam_search, check_options, whole_number
+from .decoding import beam_search, check_options, constraints_met, whole_number
 from .device import resolve_device
 from .encoders import Encoder, build_encoder
 from .features import (
@@ -337,7 +337,7 @@ class ModelBundle:
         constraints = self._constraints(pooled, probs, o) if probs is not None and o["constrain"] else None
         prefix = self.guidance.subject(pooled, probs, o["tag_subject"]) if probs is not None else None  # (B, 2)
         if prefix is not None and constraints is not None:  # never "a coffee": the constraint names it instead
-            mass = [bool(w in self.naming.mass_ids and any(w in ws for ws in sets)) for w, sets in
+            mass = [bool(w in self.naming.no_article_ids and any(w in ws for ws in sets)) for w, sets in
                     zip(prefix[:, 1].tolist(), constraints)]  # fmt: skip
             prefix = prefix.masked_fill(torch.tensor(mass, device=prefix.device)[:, None], -1)
         inputs = self._decoder_input(features)
@@ -408,7 +408,7 @@ class ModelBundle:
         search wrote it: a constrained search keeps separate beams per state and would rank
         other, shorter captions first."""
         naming, need = self.naming, o["constraints_needed"]
-        met = [sum(bool(ws & set(hs[0].tokens)) for ws in sets) for hs, sets in zip(hyps, constraints)]
+        met = [constraints_met(sets, hs[0].tokens) for hs, sets in zip(hyps, constraints)]
         redo = [b for b, sets in enumerate(constraints) if sets and met[b] < min(need, len(sets))]
         if not redo:
             return

@@ -107,9 +107,7 @@ def _constrain(
         banned = torch.zeros_like(logp).scatter_add_(1, windows[:, :, -1], match.to(logp.dtype)) > 0  # (N, V)
         logp = logp.masked_fill(banned, float("-inf"))
     if banned_bigrams is not None and t > 0:
-        firsts, seconds = (x.to(logp.device) for x in banned_bigrams)  # seconds: (N, V) mask, or (S,) ids
-        if seconds.dim() == 1:
-            seconds = torch.isin(torch.arange(logp.size(1), device=logp.device), seconds)[None]  # (1, V)
+        firsts, seconds = (x.to(logp.device) for x in banned_bigrams)  # (F,) ids, (N, V) mask
         after = torch.isin(history[:, -1], firsts)  # (N,)
         logp[after[:, None] & seconds] = -math.inf
     dead = torch.isinf(logp).all(dim=-1)  # (N,) nothing allowed: end the caption here, at a heavy cost
@@ -153,6 +151,12 @@ def _length_penalty(words_and_end: int, alpha: float) -> float:
     return ((5.0 + words_and_end) / 6.0) ** alpha
 
 
+def constraints_met(sets: Sequence[Collection[int]], tokens: Sequence[int]) -> int:
+    """How many of the word-id sets a caption's tokens meet (a set is met by any one of its words)."""
+    present = set(tokens)
+    return sum(bool(present.intersection(ws)) for ws in sets)
+
+
 class _Constraints:
     """Constrained beam search's finite-state machine (Anderson et al. 2017) as tensors. A state is
     the set of constraints met so far, as a bit mask; every state keeps its own beams. States
@@ -191,8 +195,7 @@ class _Constraints:
 
     def met(self, b: int, tokens: Sequence[int]) -> int:
         """How many of image b's constraints the tokens meet."""
-        present = set(tokens)
-        return sum(bool(ws & present) for ws in self.sets[b])
+        return constraints_met(self.sets[b], tokens)
 
     def candidates(self, cand: Tensor, B: int, K: int) -> tuple[Tensor, Tensor, Tensor]:
         """Every beam's continuations cand (B*S*K, V) (beam log-prob + word log-prob) -> for each
@@ -254,8 +257,8 @@ def beam_search(
     above all others; among them, and among the others by how many they meet, the score decides.
     Each state of met constraints keeps `beam_size` beams, so the search is exact in the same
     sense as without constraints; images without constraints cost what they cost without.
-    `banned_bigrams` (firsts, seconds): none of the word ids `seconds` (S,) — or, per image, the
-    words of a (B, V) mask — may follow any of `firsts` (no "a coffee": naming.py).
+    `banned_bigrams` (firsts (F,), seconds (B, V) bool): in image b no word of seconds[b] may
+    follow any of the word ids `firsts` (no "a coffee": naming.py).
 
     As in the standard implementations (GNMT, fairseq), a caption that ends is set aside with its
     penalised score and the search goes on with `beam_size` live beams: of each step's best
@@ -299,7 +302,7 @@ def beam_search(
         bias = bias.to(dev, torch.float32).repeat_interleave(S * K, dim=0)  # (N, V)
     if prefix is not None:
         prefix = prefix.to(dev).repeat_interleave(S * K, dim=0)  # (N, P)
-    if banned_bigrams is not None and banned_bigrams[1].dim() == 2:  # per image (B, V) -> per row (N, V)
+    if banned_bigrams is not None:  # per image (B, V) -> per row (N, V)
         banned_bigrams = (banned_bigrams[0], banned_bigrams[1].to(dev).repeat_interleave(S * K, dim=0))
 
     def done(b: int, seq: list[int], logprob: float, ended: bool, attn: Tensor | None) -> Hypothesis:

@@ -168,7 +168,8 @@ class Naming:
         every = {w for ws in words_of.values() for w in ws}
         plurals = {p for w in every if (p := plural(w)) != w} & every  # not "sheep": its plural is itself
         no_article = MASS_NOUNS | plurals  # "a coffee", "a zebras"
-        self.mass_ids = torch.tensor([i for w, i in self.vocab.stoi.items() if w in no_article], dtype=torch.long)
+        # words that take no "a"/"an" (mass nouns, the concepts' plurals)
+        self.no_article_ids = torch.tensor([i for w, i in self.vocab.stoi.items() if w in no_article], dtype=torch.long)
         self.article_ids = torch.tensor([self.vocab.stoi[a] for a in ("a", "an") if a in self.vocab.stoi])
         self._an = torch.tensor([takes_an(w) for w in self.vocab.itos])  # (V,)
         self.V0, self.V = len(base), V
@@ -223,7 +224,7 @@ class Naming:
         if not len(self.article_ids):
             return None
         banned = torch.zeros(len(constraints), self.V, dtype=torch.bool)
-        no_article = set(self.mass_ids.tolist())
+        no_article = set(self.no_article_ids.tolist())
         for b, sets in enumerate(constraints):
             ids = [i for ws in sets for i in ws if i in no_article]
             banned[b, ids] = True
