@@ -108,7 +108,7 @@ def relation_models(relations):
             dropout=0.2,
             lr_schedule="constant",
         )
-        trainer = Trainer(train, None, out / decoder, opts, device="cpu", quiet=True)
+        trainer = Trainer(train, None, out / decoder, opts, device="cpu")
         models[decoder] = Captioner.load(trainer.fit(), device="cpu")  # no val set: best.pt is the last epoch
     return models
 

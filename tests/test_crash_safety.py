@@ -94,7 +94,7 @@ def test_sigint_and_sigterm_save_the_weights_and_exit_cleanly(shapes, tmp_path, 
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(shapes, tmp_path):
     train = load_coco(shapes["train_json"], shapes["train_images"])
     opts = TrainOptions(decoder="lstm", epochs=1, batch_size=32, hidden_size=32, embed_size=16, min_word_count=1)
-    trainer = Trainer(train, None, tmp_path, opts, device="cpu", quiet=True)
+    trainer = Trainer(train, None, tmp_path, opts, device="cpu")
     trainer.fit()
     good = load_checkpoint(tmp_path / "last.pt")["decoder"]
     trainer.opts.epochs = 2

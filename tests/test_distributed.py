@@ -82,7 +82,7 @@ def test_ranks_shard_each_global_batch_and_reshuffle_every_epoch(shapes, tmp_pat
     twice the size; epochs are shuffled differently."""
     train = load_coco(shapes["train_json"], shapes["train_images"])
     opts = TrainOptions(decoder="lstm", epochs=1, batch_size=20, hidden_size=16, embed_size=8, min_word_count=1)
-    trainer = Trainer(train, None, tmp_path, opts, device="cpu", quiet=True)
+    trainer = Trainer(train, None, tmp_path, opts, device="cpu")
     dataset = trainer.train_data[0]
 
     def batches(epoch: int) -> list[list[int]]:  # caption indices of each batch
@@ -234,7 +234,7 @@ def test_torch_distributed_is_not_needed_for_one_process(shapes, tmp_path):
     """Without torchrun nothing joins a process group and the trainer is a single process."""
     train = load_coco(shapes["train_json"], shapes["train_images"])
     opts = TrainOptions(decoder="lstm", epochs=1, hidden_size=16, embed_size=8, min_word_count=1)
-    trainer = Trainer(train, None, tmp_path, opts, device="cpu", quiet=True)
+    trainer = Trainer(train, None, tmp_path, opts, device="cpu")
     assert not torch.distributed.is_initialized() and trainer.dist == Dist() and trainer.wrapped is trainer.core
 
 
@@ -256,7 +256,7 @@ def test_compile_trains_like_eager(shapes, tmp_path):
         lr=0.05,
     )
     for name, compile in (("eager", False), ("compiled", True)):
-        trainer = Trainer(train, None, tmp_path / name, opts, device="cpu", quiet=True, compile=compile)
+        trainer = Trainer(train, None, tmp_path / name, opts, device="cpu", compile=compile)
         assert hasattr(trainer.model.decoder._advance, "_torchdynamo_orig_callable") == compile
         trainer.fit()
     assert _epochs(tmp_path / "compiled")[0]["train_loss"] == pytest.approx(

@@ -77,7 +77,7 @@ def test_only_the_fine_tuned_blocks_are_saved_and_they_are_used_to_caption(shape
         encoder_lr=1e-2,
         num_workers=0,
     )
-    trainer = Trainer(train, None, tmp_path, opts, device="cpu", quiet=True)
+    trainer = Trainer(train, None, tmp_path, opts, device="cpu")
     package = {k: v.clone() for k, v in trainer.model.encoder.state_dict().items()}
     trainer.fit()
     saved = load_checkpoint(tmp_path / "last.pt")["encoder"]
@@ -102,12 +102,14 @@ def test_only_the_fine_tuned_blocks_are_saved_and_they_are_used_to_caption(shape
 def test_a_run_cannot_drop_blocks_its_init_fine_tuned(shapes, tmp_path):
     train = load_coco(shapes["test_json"], shapes["test_images"])
     small = dict(decoder="lstm", epochs=1, batch_size=24, hidden_size=16, embed_size=8, min_word_count=1)
-    Trainer(train, None, tmp_path / "a", TrainOptions(**small, fine_tune_encoder=2), "cpu", quiet=True).fit()
+    Trainer(train, None, tmp_path / "a", TrainOptions(**small, fine_tune_encoder=2), "cpu").fit()
     init = str(tmp_path / "a" / "last.pt")
     with pytest.raises(UsageError, match="--fine-tune-encoder 2 or more"):
-        Trainer(train, None, tmp_path / "b", TrainOptions(**small, fine_tune_encoder=1, init_from=init), "cpu")
+        Trainer(
+            train, None, tmp_path / "b", TrainOptions(**small, fine_tune_encoder=1, init_from=init), "cpu"
+        ).prepare()
     with pytest.raises(UsageError, match="has 8 blocks"):
-        Trainer(train, None, tmp_path / "c", TrainOptions(**small, fine_tune_encoder=9), "cpu")
+        Trainer(train, None, tmp_path / "c", TrainOptions(**small, fine_tune_encoder=9), "cpu").prepare()
 
 
 def test_the_trunk_cache_is_keyed_by_its_frozen_part_and_holds_a_mirrored_view(shapes, tmp_path):
@@ -115,8 +117,8 @@ def test_the_trunk_cache_is_keyed_by_its_frozen_part_and_holds_a_mirrored_view(s
     enc.unfreeze_last(2)
     images = sorted(shapes["test_images"].iterdir())[:3]
     cache = FeatureCache(enc, tmp_path, cut=enc.cut(2))
-    assert cache.fill(images, num_workers=0, quiet=True) == []
-    assert cache.fill(images, num_workers=0, quiet=True, mirror=True) == []
+    assert cache.fill(images, num_workers=0) == []
+    assert cache.fill(images, num_workers=0, mirror=True) == []
     with torch.no_grad():
         enc.trunk[9].weight.mul_(2)  # training the blocks above the cut leaves the cache valid
     assert FeatureCache(enc, tmp_path, cut=enc.cut(2)).dir == cache.dir
@@ -179,7 +181,7 @@ def test_flip_training_reads_both_cached_views(shapes, tmp_path):
     opts = TrainOptions(
         decoder="lstm", epochs=2, batch_size=24, hidden_size=16, embed_size=8, min_word_count=1, flip=True
     )
-    trainer = Trainer(train, None, tmp_path / "run", opts, device="cpu", quiet=True, cache_dir=tmp_path / "cache")
+    trainer = Trainer(train, None, tmp_path / "run", opts, device="cpu", cache_dir=tmp_path / "cache")
     dataset, feats = trainer.train_data
     assert isinstance(dataset, Mirrored) and len(feats) == 2 * len(train)
     (cache,) = (tmp_path / "cache" / "features").iterdir()
@@ -188,4 +190,4 @@ def test_flip_training_reads_both_cached_views(shapes, tmp_path):
     # the two views differ, and a mirrored item reads the mirrored row
     assert not torch.equal(feats[[0]], feats[[len(train)]])
     with pytest.raises(UsageError, match="drop --flip"):
-        Trainer(train, None, tmp_path / "scst", TrainOptions(flip=True, self_critical=True), "cpu")
+        Trainer(train, None, tmp_path / "scst", TrainOptions(flip=True, self_critical=True), "cpu").prepare()

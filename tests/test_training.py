@@ -110,7 +110,7 @@ def test_real_photos_loss_falls(tmp_path):
     opts = TrainOptions(
         decoder="lstm", epochs=5, batch_size=16, hidden_size=256, embed_size=128, min_word_count=2, lr=1e-3, dropout=0.2
     )
-    trainer = Trainer(corpus, None, tmp_path, opts, device="cpu", quiet=True)
+    trainer = Trainer(corpus, None, tmp_path, opts, device="cpu")
     trainer.fit()
     log = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first, last = log[0]["train_loss"], log[-1]["train_loss"]
@@ -183,7 +183,7 @@ def test_self_critical_training_raises_cider_of_a_weak_model(shapes, tmp_path, c
     for run in ("xe", "sc"):
         model = Captioner.load(tmp_path / run / "best.pt", device="cpu")
         assert model.config["decoder_hparams"]["hidden_size"] == 128  # taken from the start
-        results, _ = caption_corpus(model, test, quiet=True, beam_size=1)
+        results, _ = caption_corpus(model, test, beam_size=1)
         cider[run] = score(references(test), results, use_meteor=False)["CIDEr-D"]
     log = [json.loads(l) for l in (tmp_path / "sc" / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["train_CIDEr-D"] > log[0]["train_CIDEr-D"]

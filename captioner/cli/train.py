@@ -5,23 +5,27 @@ dataset and run flags, and runs the Trainer."""
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
-import sys
 from dataclasses import MISSING, fields
 
-from ..errors import DataError
-from ..training.options import CLI_UNSET, DATA, MODEL, OPTIM, VALIDATION, TrainOptions, flag
 from .common import cache_args, err, load_corpus, rank_prefix
+
+log = logging.getLogger("captioner")
 
 
 def add_option_flags(groups: dict[str, argparse._ArgumentGroup]) -> None:
     """One flag per TrainOptions field (except those the trainer sets), in its group."""
+    from ..training.options import CLI_UNSET, TrainOptions, flag  # pure: no torch
+
     for f in fields(TrainOptions):
         if f.name in CLI_UNSET:
             continue
         meta, default = f.metadata, f.default if f.default is not MISSING else None
         kwargs = {"help": meta["help"], "default": default}
-        if isinstance(default, bool):
+        if default is True:  # a switch that is on unless --no-NAME
+            kwargs |= {"action": "store_false", "dest": f.name}
+        elif isinstance(default, bool):
             kwargs["action"] = "store_true"
         else:
             kwargs["type"] = type(default)
@@ -33,6 +37,8 @@ def add_option_flags(groups: dict[str, argparse._ArgumentGroup]) -> None:
 
 
 def add(sub) -> None:
+    from ..training.options import DATA, MODEL, OPTIM, VALIDATION  # pure: no torch
+
     t = sub.add_parser(
         "train", help="train a captioning model on a COCO-style or Karpathy-split dataset", allow_abbrev=False
     )  # (flags are matched whole: --resume checks which ones were given)
@@ -84,12 +90,14 @@ def add(sub) -> None:
         help="torch.compile the decoder's per-word step and a fine-tuned encoder (pays on GPUs; "
         "the first batches are slow while it compiles)",
     )
-    r.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    r.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines (warnings still show)")
     cache_args(r)
     t.set_defaults(func=run)
 
 
 def corpora(args: argparse.Namespace):
+    from ..errors import DataError
+
     train = load_corpus(
         args.train_annotations,
         args.train_images,
@@ -113,8 +121,8 @@ def corpora(args: argparse.Namespace):
         args.skip_bad,
     )
     for name, c in (("train", train), ("val", val)):
-        if c is not None and c.skipped_missing and not args.quiet:
-            err(f"{name}: skipped {c.skipped_missing} missing image(s) from {c.source}")
+        if c is not None and c.skipped_missing:
+            log.info(f"{name}: skipped {c.skipped_missing} missing image(s) from {c.source}")
     return train, val
 
 
@@ -130,9 +138,12 @@ def stop_on_sigterm() -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..training import Trainer, TrainingInterrupted
+    from ..training.options import CLI_UNSET, TrainOptions
 
     stop_on_sigterm()
     dist = distributed.init(args.device)  # under torchrun: join the job (gloo on CPUs, nccl on GPUs)
+    if not dist.is_main:  # one display per job, rank 0's: the others report only errors
+        logging.getLogger("captioner").setLevel(logging.ERROR)
     train, val = corpora(args)
     opts = TrainOptions(**{f.name: getattr(args, f.name) for f in fields(TrainOptions) if f.name not in CLI_UNSET})
     trainer = Trainer(
@@ -142,7 +153,6 @@ def run(args: argparse.Namespace) -> int:
         opts,
         device=args.device,
         resume=args.resume,
-        quiet=args.quiet,
         use_cache=not args.no_cache,
         cache_dir=args.cache_dir,
         skip_bad=args.skip_bad,
@@ -151,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         given=args.given,
     )
+    trainer.prepare()  # plan, build or restore, features: errors surface before any epoch
     if trainer.finished:
         err(trainer.finished)
         return 0
@@ -160,6 +171,5 @@ def run(args: argparse.Namespace) -> int:
         err(rank_prefix() + (str(e) if dist.is_main else "interrupted"))
         return 130
     distributed.shutdown()
-    if not args.quiet and dist.is_main:
-        print(f"best checkpoint: {best}", file=sys.stderr)
+    log.info(f"best checkpoint: {best}")
     return 0

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..bundle import ModelBundle
+from ..api import Captioner
 from ..data import Batch, CaptionCorpus, CaptionDataset, DataError, collate
 from ..distributed import Dist
 from ..errors import UsageError
@@ -58,13 +58,12 @@ class Mirrored(Dataset):
 
 
 def item_data(
-    model: ModelBundle,
+    model: Captioner,
     corpus: CaptionCorpus,
     opts: TrainOptions,
     device: torch.device,
     cache: FeatureCache | None,
     skip_bad: bool,
-    quiet: bool,
     desc: str,
     cut: int | None = None,
     mirror: bool = False,
@@ -84,7 +83,6 @@ def item_data(
         cache,
         device=device,
         num_workers=opts.num_workers,
-        quiet=quiet,
         desc=desc,
         cut=cut,
         mirror=mirror,
@@ -95,8 +93,7 @@ def item_data(
             raise DataError(
                 f"{corpus.source}: {len(failed)} image(s) could not be read: {shown} (use --skip-bad to leave them out)"
             )
-        if not quiet:
-            log.warning(f"{corpus.source}: left out {len(corpus) - len(kept)} item(s) with unreadable images: {shown}")
+        log.warning(f"{corpus.source}: left out {len(corpus) - len(kept)} item(s) with unreadable images: {shown}")
         corpus = corpus.keep(kept)  # the features were gathered for these items, in this order
     dataset = CaptionDataset(corpus, model.vocab, opts.max_caption_len)
     if mirror:

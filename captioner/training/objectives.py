@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
-from tqdm import tqdm
 
 from ..data import Batch
 from ..decoding import sample
@@ -21,6 +20,7 @@ from ..errors import TrainingDiverged
 from ..features import ItemFeatures, pool
 from ..metrics import CiderD, normalize
 from ..models import CaptionModel, Frames, LossTerms
+from ..progress import progress
 from ..vocab import Vocabulary
 
 
@@ -79,30 +79,35 @@ class Update:
         self.scaler.update()
 
 
+@dataclass
+class EpochContext:
+    """What every epoch takes from the run: the step to run (DDP-wrapped when training on several
+    processes), where it runs, the job, the optimizer step (None: evaluation only) and the
+    autocast of the run's --amp."""
+
+    step: nn.Module
+    device: torch.device
+    dist: Dist
+    update: Update | None
+    autocast: Callable[[], AbstractContextManager]
+
+
 def cross_entropy_epoch(
-    step: nn.Module,
-    batches: Iterable[Batch],
-    to_inputs: Callable[[Batch], Tensor | Frames],
-    device: torch.device,
-    dist: Dist,
-    update: Update | None,
-    autocast: Callable[[], AbstractContextManager],
-    desc: str,
-    quiet: bool,
+    ctx: EpochContext, batches: Iterable[Batch], to_inputs: Callable[[Batch], Tensor | Frames], desc: str
 ) -> float:
-    """Teacher forcing over the batches, a step per batch when `update` is given (else evaluation).
+    """Teacher forcing over the batches, a step per batch when `ctx.update` is given (else evaluation).
 
     Returns the loss over the whole set (all ranks' shards when training): per-token NLL + the
     mean regulariser, each averaged over everything, so it is the same for any number of ranks."""
-    train = update is not None
+    train, dist = ctx.update is not None, ctx.dist
     nll, tokens, reg, items = 0.0, 0, 0.0, 0
-    bar = tqdm(batches, desc=desc, unit="batch", disable=quiet, leave=False)
+    bar = progress(batches, desc=desc, unit="batch")
     for batch in bar:
-        with torch.set_grad_enabled(train), autocast():
-            terms = step(to_inputs(batch), batch.captions.to(device), batch.lengths)
+        with torch.set_grad_enabled(train), ctx.autocast():
+            terms = ctx.step(to_inputs(batch), batch.captions.to(ctx.device), batch.lengths)
         if train:  # normalised by the global batch's tokens; DDP's gradient average undoes the x world
             global_tokens = dist.sum([terms.tokens])[0]
-            update(terms.nll_sum * (dist.world_size / global_tokens) + terms.reg)
+            ctx.update(terms.nll_sum * (dist.world_size / global_tokens) + terms.reg)
         nll, tokens = nll + terms.nll_sum.item(), tokens + terms.tokens
         reg, items = reg + terms.reg.item() * len(batch.lengths), items + len(batch.lengths)
         bar.set_postfix(loss=f"{nll / max(tokens, 1) + reg / max(items, 1):.3f}")
@@ -124,45 +129,45 @@ def scst_rewards(cider: CiderD, images: list[int], tokens: Tensor, vocab: Vocabu
     )  # (N,)
 
 
-def self_critical_epoch(
-    step: nn.Module,
-    feats: ItemFeatures,
-    cider: CiderD,
-    vocab: Vocabulary,
-    samples: int,
-    max_len: int,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    device: torch.device,
-    dist: Dist,
-    update: Update,
-    autocast: Callable[[], AbstractContextManager],
-    desc: str,
-    quiet: bool,
-) -> tuple[float, float]:
-    """One pass over the training images: sample `samples` captions per image, reward each with
+@dataclass
+class SelfCritical:
+    """What self-critical training samples from and rewards against: the training images' features,
+    their references' CIDEr-D, and the run's sampling settings."""
+
+    feats: ItemFeatures
+    cider: CiderD
+    vocab: Vocabulary
+    samples: int  # captions sampled per image (each one's baseline: the mean reward of the others)
+    max_len: int  # most words per sample
+    batch_size: int  # images per step (per process)
+    seed: int  # with the epoch: the shuffle of the images
+
+
+def self_critical_epoch(ctx: EpochContext, scst: SelfCritical, epoch: int, desc: str) -> tuple[float, float]:
+    """One pass over the training images: sample `scst.samples` captions per image, reward each with
     its CIDEr-D against the image's references, baseline = the mean reward of the image's other
     samples, and raise the log-probability of the captions that beat it (Rennie et al. 2017, with
     the leave-one-out baseline of Luo 2020 instead of a greedy decode).
     Returns (mean loss, mean sampled-caption CIDEr-D)."""
-    n, world = samples, dist.world_size
-    shard = DistributedSampler(range(len(feats)), num_replicas=world, rank=dist.rank, shuffle=True, seed=seed)
+    if ctx.update is None:
+        raise ValueError("self-critical training needs an optimizer step (ctx.update)")
+    n, dist, world = scst.samples, ctx.dist, ctx.dist.world_size
+    shard = DistributedSampler(range(len(scst.feats)), num_replicas=world, rank=dist.rank, shuffle=True, seed=scst.seed)
     shard.set_epoch(epoch)
     order = torch.tensor(list(shard), dtype=torch.long)
     total_loss, total_reward, batches = 0.0, 0.0, 0
-    bar = tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=quiet, leave=False)
+    bar = progress(range(0, len(order), scst.batch_size), desc=desc, unit="batch")
     for s in bar:
-        idx = order[s : s + batch_size]  # (B,) images
-        with autocast():
-            features = feats[idx].to(device).float()
-            tokens, logp, mask = step(features, samples=n, max_len=max_len)  # (B*n, T)
-        reward = scst_rewards(cider, idx.repeat_interleave(n).tolist(), tokens, vocab).view(-1, n)  # (B, n)
+        idx = order[s : s + scst.batch_size]  # (B,) images
+        with ctx.autocast():
+            features = scst.feats[idx].to(ctx.device).float()
+            tokens, logp, mask = ctx.step(features, samples=n, max_len=scst.max_len)  # (B*n, T)
+        reward = scst_rewards(scst.cider, idx.repeat_interleave(n).tolist(), tokens, scst.vocab).view(-1, n)  # (B, n)
         baseline = (reward.sum(1, keepdim=True) - reward) / (n - 1)  # (B, n) mean of the other samples
-        advantage = (reward - baseline).view(-1, 1).to(device)  # (B*n, 1)
+        advantage = (reward - baseline).view(-1, 1).to(ctx.device)  # (B*n, 1)
         global_tokens = dist.sum([mask.sum().item()])[0]
         loss = -(advantage * logp * mask).sum() * (world / global_tokens)
-        update(loss)
+        ctx.update(loss)
         total_loss, total_reward = total_loss + loss.item(), total_reward + reward.mean().item()
         batches += 1
         bar.set_postfix(cider=f"{total_reward / batches:.3f}")

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..errors import UsageError
+from .objectives import Update
 from .options import TrainOptions
 
 
@@ -65,3 +69,55 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp in ("bf16", "fp16"):
         return torch.bfloat16 if amp == "bf16" else torch.float16
     raise UsageError(f"unknown --amp {amp!r}: auto, off, bf16 or fp16")
+
+
+@dataclass
+class Optimisation:
+    """A run's optimizer, LR schedule, fp16 gradient scaler and mixed-precision dtype, and the
+    update step built from them; saved into and restored from every checkpoint together."""
+
+    optim: torch.optim.Optimizer
+    sched: Any  # a torch LR scheduler (ReduceLROnPlateau is not an LRScheduler)
+    scaler: torch.amp.GradScaler
+    amp: torch.dtype | None  # autocast dtype, None: full fp32
+    update: Update
+
+    @classmethod
+    def build(
+        cls, opts: TrainOptions, groups: list[dict], device: torch.device, mode: str, last_good: Path
+    ) -> Optimisation:
+        """mode: "max" when a higher selection score is better, else "min" (for plateau decay)."""
+        optim = build_optimizer(opts, groups)
+        amp = amp_dtype(opts.amp, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        sched = build_scheduler(opts, optim, mode)
+        return cls(optim, sched, scaler, amp, Update(optim, scaler, opts.grad_clip, last_good))
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        return torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+
+    def step_schedule(self, score: float) -> None:
+        """After an epoch: plateau decay follows the selection score, the other schedules the epoch."""
+        if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.sched.step(score)
+        else:
+            self.sched.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps to continue exactly."""
+        return {
+            "optimizer": self.optim.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any], epochs: int) -> None:
+        """From a checkpoint written after epoch ckpt["epoch"]; the cosine schedule stretched to
+        `epochs` (a resume may train longer)."""
+        self.optim.load_state_dict(ckpt["optimizer"])
+        if isinstance(self.sched, torch.optim.lr_scheduler.LambdaLR) and "lr_lambdas" not in ckpt["scheduler"]:
+            self.sched.last_epoch = ckpt["scheduler"]["last_epoch"]  # a cosine run saved by an older version
+        else:
+            self.sched.load_state_dict(ckpt["scheduler"])
+        stretch_cosine(self.sched, self.optim, epochs, ckpt["epoch"])
+        self.scaler.load_state_dict(ckpt.get("scaler") or {})

@@ -93,6 +93,12 @@ class TrainOptions:
     )
     patience: int = _opt(0, "stop after N epochs without improvement of the selection metric (0: never)", VALIDATION)
     val_beam_size: int = _opt(1, "beam for val captions (1: greedy)", VALIDATION)
+    calibrate: bool = _opt(
+        True,
+        "at the end of a run with val data, fit best.pt's tags guidance and confidence on the training and "
+        "val photos (single-image models whose encoder has its ImageNet classifier; as `captioner calibrate`)",
+        VALIDATION,
+    )
     temporal: str = _opt(
         "auto",
         "sequences: RNN over the frames (auto: gru for sequence data, none for images); "
@@ -218,13 +224,16 @@ ARCHITECTURE = (
     "max_caption_len",
 )
 
-#: what --resume may change: how far to go, when to stop early, how many processes read images
-RESUMABLE = ("epochs", "patience", "num_workers")
+#: what --resume may change: how far to go, when to stop early, how many processes read images,
+#: whether best.pt is calibrated at the end
+RESUMABLE = ("epochs", "patience", "num_workers", "calibrate")
 
 
 def flag(name: str) -> str:
-    """The command-line flag of a TrainOptions field."""
-    return "--" + name.replace("_", "-")
+    """The command-line flag of a TrainOptions field (`--no-NAME` for a switch that is on by default)."""
+    field_ = TrainOptions.__dataclass_fields__.get(name)
+    on_by_default = field_ is not None and field_.default is True
+    return ("--no-" if on_by_default else "--") + name.replace("_", "-")
 
 
 _METRIC_NAMES = {

@@ -1,6 +1,7 @@
-"""The Trainer: resolves a run's options once, builds or restores the model, then runs the
-epochs — train (every rank), validate (rank 0), log and checkpoint (rank 0) — until the last
-epoch or early stopping; exact resume."""
+"""The Trainer: records a run's inputs; `prepare()` plans the run (plan.py), builds or restores the
+model and reads its features; `fit()` runs the epochs — train (every rank), validate (rank 0), log
+and checkpoint (rank 0) — until the last epoch or early stopping (exact resume), then fits best.pt's
+guidance and confidence when the run has val data (calibration.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 import random
 import time
 from collections.abc import Collection
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +19,23 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ..bundle import ModelBundle, load_encoder_weights
-from ..checkpoint import CheckpointError, load_checkpoint, signals_held
+from ..api import Captioner
+from ..checkpoint import CheckpointError, signals_held
 from ..data import CaptionCorpus, CaptionDataset, DataError
 from ..device import resolve_device
 from ..distributed import Dist, current
 from ..encoders import build_encoder
 from ..errors import UsageError
 from ..features import FeatureCache
-from ..metrics import CiderD, meteor_backend, normalize
+from ..metrics import CiderD, normalize
+from ..model import load_encoder_weights
 from ..models import build_model
 from ..vocab import SPECIALS, Vocabulary, word_counts
 from .batches import item_data, loader, seed_epoch, to_inputs
-from .objectives import TrainStep, Update, cross_entropy_epoch, self_critical_epoch
-from .optim import amp_dtype, build_optimizer, build_scheduler, stretch_cosine
-from .options import ARCHITECTURE, RESUMABLE, TrainOptions, canonical_metric, chosen_fields, refuse_clashes
+from .objectives import EpochContext, SelfCritical, TrainStep, cross_entropy_epoch, self_critical_epoch
+from .optim import Optimisation
+from .options import TrainOptions
+from .plan import RunPlan, plan_run
 from .run_folder import RunFolder
 from .validation import AboveCut, val_scores
 
@@ -57,17 +60,29 @@ def training_vocabulary(train: CaptionCorpus, min_count: int) -> Vocabulary:
     return vocab
 
 
+@dataclass
+class Standing:
+    """Where a run stands: whole epochs done (what last.pt holds), the best selection score so far
+    and the epochs since it last improved."""
+
+    epoch: int
+    best_score: float
+    bad_epochs: int = 0
+
+
 class Trainer:
     """Owns one run folder (see run_folder.py): best.pt follows `select_metric` (with no val set:
     the latest epoch).
 
-    resume=True continues RUN/last.pt with the run's own settings: options in `given` (the CLI's
-    flags; by default, those of `opts` that differ from the defaults) other than RESUMABLE ones
-    must agree with the run, and the training and val data must be the same.
+    Constructing a Trainer only records its inputs; `prepare()` (which `fit()` calls when it has not
+    run) claims the run folder, checks the options, builds or restores the model and extracts the
+    features. resume=True continues RUN/last.pt with the run's own settings (see plan.plan_run).
 
     Under torchrun (a `Dist` of several processes) every process trains on its shard of each
     epoch with DistributedDataParallel; rank 0 alone validates, logs and writes checkpoints, and
     hands the epoch's record to the others so that LR schedules and early stopping agree.
+
+    Progress bars and per-epoch lines go through the `captioner` logger (see progress.py).
     """
 
     def __init__(
@@ -78,7 +93,6 @@ class Trainer:
         opts: TrainOptions | None = None,
         device: str = "auto",
         resume: bool = False,
-        quiet: bool = False,
         use_cache: bool = True,
         cache_dir: str | Path | None = None,
         skip_bad: bool = False,
@@ -88,113 +102,127 @@ class Trainer:
         given: Collection[str] | None = None,
         cached_trunk: bool = True,
     ) -> None:
+        self.train, self.val = train, val
         self.out = Path(out_dir)
-        self.cached_trunk = cached_trunk  # False: fine-tuning runs the whole encoder every step (for comparison)
-        self.run = RunFolder(self.out)
-        self.skip_bad = skip_bad  # leave out images that cannot be read instead of refusing to train
+        self.run = RunFolder(self.out)  # paths only: nothing is touched before prepare()
+        self.options, self.given = opts, given  # as asked for; the run's own: `opts`, after prepare()
+        self.resume, self.overwrite = resume, overwrite
+        self.device_name = device
         self.use_cache, self.cache_dir = use_cache, cache_dir
-        self.dist = dist or current(resolve_device(device))  # a process group set up by the caller is used
-        self.device = self.dist.device
-        self.quiet = quiet or not self.dist.is_main  # one display per job: rank 0's
-        if self.dist.is_main:
-            self.run.create()
-        self._stale = [] if resume else self.dist.on_main(lambda: self.run.claim(overwrite))
-        ckpt, init, self.opts = self._resolve(opts, given, resume, train, val)
-        self._check_inputs(train, val)
-        torch.manual_seed(self.opts.seed)  # the same initial weights on every rank (DDP checks them, too)
-        random.seed(self.opts.seed)
-        self._build(ckpt or init, train)
-        self.start_epoch = self.epochs_done = 0
-        self.finished: str | None = None  # why a resumed run has nothing left to do
-        self.best_score = -math.inf if self.higher_is_better else math.inf
-        self.bad_epochs = 0  # epochs since the selection metric last improved
-        if init:
-            load_encoder_weights(self.model.encoder, init)
-            self.model.decoder.load_state_dict(init["decoder"])
-        if ckpt:
-            self._restore(ckpt)
-        if self.dist.is_main and resume:
-            self.run.trim(self.start_epoch)  # lines a crash wrote past the checkpoint
-        if not self.finished:  # (with nothing left to do, fit() needs no features)
-            self._prepare(train, val, compile)
+        self.skip_bad = skip_bad  # leave out images that cannot be read instead of refusing to train
+        self.compile = compile
+        self.cached_trunk = cached_trunk  # False: fine-tuning runs the whole encoder every step (for comparison)
+        self._dist = dist  # a process group set up by the caller is used
+        self._prepared = False
 
-    # ---- options: resolved once ------------------------------------------------------------------
-    def _resolve(
-        self,
-        opts: TrainOptions | None,
-        given: Collection[str] | None,
-        resume: bool,
-        train: CaptionCorpus,
-        val: CaptionCorpus | None,
-    ) -> tuple[dict | None, dict | None, TrainOptions]:
-        """(checkpoint to resume, checkpoint to start from, the run's options, checked)."""
-        given = set(given) & set(TrainOptions.__dataclass_fields__) if given is not None else chosen_fields(opts)
-        ckpt = init = None
-        if resume:  # rank 0 reads it and hands it to every rank: all resume from the same bytes
-            ckpt = self.dist.on_main(self.run.load_last)
-            saved = TrainOptions(**ckpt["config"]["train"])
-            if opts is not None:
-                refuse_clashes(
-                    saved,
-                    opts,
-                    given - set(RESUMABLE),
-                    f"{self.out}: --resume continues the run with its own settings",
-                    f"or start a new run from its weights with --init-from {self.run.last}",
-                )
-                saved = replace(saved, **{k: getattr(opts, k) for k in RESUMABLE if k in given})
-            self._check_same_data(ckpt.get("data") or {}, train, val)
-            opts = self._keep_global_batch(saved)
-        opts = replace(opts or TrainOptions(), world_size=self.dist.world_size)
-        if opts.init_from and not ckpt:
-            init = self.dist.on_main(lambda: load_checkpoint(opts.init_from, map_location="cpu"))
-            saved = TrainOptions(**init["config"]["train"])
-            refuse_clashes(
-                saved,
-                opts,
-                given & set(ARCHITECTURE),
-                f"--init-from {opts.init_from} takes its architecture and vocabulary from that checkpoint",
-                "or train a new model without it",
+    # ---- what prepare() makes, available on first use ----------------------------------------------
+    @property
+    def dist(self) -> Dist:
+        if self._dist is None:
+            self._dist = current(resolve_device(self.device_name))
+        return self._dist
+
+    @dist.setter
+    def dist(self, value: Dist) -> None:
+        self._dist = value
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def plan(self) -> RunPlan:
+        self.prepare()
+        return self._plan
+
+    @property
+    def opts(self) -> TrainOptions:
+        """The run's options, resolved (a resumed run's own, --init-from's architecture)."""
+        return self.plan.opts
+
+    @opts.setter
+    def opts(self, value: TrainOptions) -> None:
+        self.plan.opts = value
+
+    @property
+    def model(self) -> Captioner:
+        self.prepare()
+        return self._model
+
+    @property
+    def finished(self) -> str | None:
+        """Why a resumed run has nothing left to do (None: it goes on)."""
+        self.prepare()
+        return self._finished
+
+    @property
+    def train_data(self):
+        """(training dataset, its features) (see batches.item_data)."""
+        self.prepare()
+        return self._train_data
+
+    @property
+    def val_data(self):
+        self.prepare()
+        return self._val_data
+
+    @property
+    def core(self) -> TrainStep:
+        """The trainable step; `wrapped` is what trains: the step, in DDP when several processes train."""
+        self.prepare()
+        return self._core
+
+    @property
+    def wrapped(self) -> nn.Module:
+        self.prepare()
+        return self._wrapped
+
+    # ---- preparation: plan, model, features ---------------------------------------------------------
+    def prepare(self) -> None:
+        """Everything before the first epoch, once: plan the run (claim the folder, read the
+        checkpoints, check the options), build or restore the model and its optimisation, then
+        (unless a resumed run has nothing left to do) the features, the step, --compile and DDP."""
+        if self._prepared:
+            return
+        self._prepared = True  # the properties above read what the steps below set, in order
+        try:
+            self._plan = plan_run(
+                self.run, self.dist, self.train, self.val, self.options, self.given, self.resume, self.overwrite
             )
-            opts = replace(opts, **{k: getattr(saved, k) for k in ARCHITECTURE})
-            if opts.fine_tune_encoder < saved.fine_tune_encoder:
-                raise UsageError(
-                    f"--init-from {opts.init_from} fine-tuned {saved.fine_tune_encoder} encoder block(s): give "
-                    f"--fine-tune-encoder {saved.fine_tune_encoder} or more (fewer would drop those weights)"
-                )
-        opts.check()
-        if opts.temporal == "auto":  # resolved once; the checkpoint keeps the resolved value
-            opts = replace(opts, temporal="gru" if train.frames is not None else "none")
-        return ckpt, init, opts
+            self._start()
+            if not self._finished:  # with nothing left to do, fit() needs no features
+                self._prepare_steps()
+        except BaseException:
+            self._prepared = False  # a failed preparation is not half-kept: the next call starts again
+            raise
 
-    def _check_inputs(self, train: CaptionCorpus, val: CaptionCorpus | None) -> None:
-        """Refuse data and option combinations that cannot train; decide what best.pt follows."""
-        opts = self.opts
-        self.data = {"train": train.fingerprint(), "val": val.fingerprint() if val is not None else None}
-        for corpus in (train, val):
-            if corpus is not None and len(corpus) == 0:
-                what = "train" if corpus is train else "validate"
-                raise DataError(f"{corpus.source}: no captioned images to {what} on")
-        if opts.fine_tune_encoder and (train.frames is not None or opts.temporal != "none"):
-            raise UsageError(
-                "--fine-tune-encoder works for single images only: sequence training reads "
-                "its frames from the feature cache"
-            )
-        if opts.fine_tune_encoder and opts.self_critical:
-            raise UsageError("--self-critical trains the decoder from cached features: drop --fine-tune-encoder")
-        if opts.flip and opts.self_critical:
-            raise UsageError("--self-critical rewards captions of the photos as they are: drop --flip")
-        self.has_val = val is not None and len(val) > 0
-        self.select = canonical_metric(opts.select_metric) if self.has_val else "train_loss"
-        self.higher_is_better = self.select not in ("val_loss", "train_loss")
-        if self.select == "METEOR" and meteor_backend() == "unavailable":
-            raise UsageError("--select-metric METEOR, but no METEOR is available here (see README: Metrics)")
+    def _start(self) -> None:
+        """The model where the run starts: built and seeded, from --init-from's weights or restored
+        with its optimisation and standing from RUN/last.pt."""
+        plan = self._plan
+        torch.manual_seed(plan.opts.seed)  # the same initial weights on every rank (DDP checks them, too)
+        random.seed(plan.opts.seed)
+        self._model, self.cut, self.optimisation = self._build(plan.resume or plan.init)
+        self.standing = Standing(0, plan.start_score())
+        self._finished: str | None = None
+        if plan.init:
+            load_encoder_weights(self.model.encoder, plan.init)
+            self.model.decoder.load_state_dict(plan.init["decoder"])
+        if plan.resume:
+            self._restore(plan.resume)
+        if self.dist.is_main and self.resume:
+            self.run.trim(self.standing.epoch)  # lines a crash wrote past the checkpoint
+        self._train_data = self._val_data = self._core = self._wrapped = None
+        self.cider: CiderD | None = None  # self-critical reward over the training references, built on first use
 
-    # ---- the model and its optimisation ------------------------------------------------------------
-    def _build(self, source: dict | None, train: CaptionCorpus) -> None:
+    def _build(self, source: dict | None) -> tuple[Captioner, int | None, Optimisation]:
         """The model (vocabulary from `source` when starting from a checkpoint, else from the
-        training captions), its optimizer, LR schedule, AMP scaler and update step."""
-        opts = self.opts
-        vocab = Vocabulary.from_dict(source["vocab"]) if source else training_vocabulary(train, opts.min_word_count)
+        training captions), the cut of a cached trunk, and the optimisation."""
+        plan = self._plan
+        opts = plan.opts
+        vocab = (
+            Vocabulary.from_dict(source["vocab"]) if source else training_vocabulary(self.train, opts.min_word_count)
+        )
         encoder = build_encoder(opts.encoder)
         config = {
             "encoder": opts.encoder,
@@ -208,85 +236,21 @@ class Trainer:
         decoder = build_model(config, len(vocab), encoder.feature_dim)
         encoder_params = encoder.unfreeze_last(opts.fine_tune_encoder)
         # fine-tuning: the frozen trunk below the trained blocks runs once, into the cache
-        self.cut = encoder.cut(opts.fine_tune_encoder) if self.cached_trunk else None
-        self.model = ModelBundle(encoder, decoder, vocab, config, self.device)
+        cut = encoder.cut(opts.fine_tune_encoder) if self.cached_trunk else None
+        model = Captioner(encoder, decoder, vocab, config, self.device)
         groups = [{"params": list(decoder.parameters())}]
         if encoder_params:
             groups.append({"params": encoder_params, "lr": opts.encoder_lr})
-        self.optim = build_optimizer(opts, groups)
-        self.amp = amp_dtype(opts.amp, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
-        self.sched = build_scheduler(opts, self.optim, "max" if self.higher_is_better else "min")
-        self.update = Update(self.optim, self.scaler, opts.grad_clip, self.run.last)
-
-    def _prepare(self, train: CaptionCorpus, val: CaptionCorpus | None, compile: bool) -> None:
-        """Features (each process fills the cache; the first to take its lock extracts, the others
-        wait on the lock, not on a collective, so a long extraction cannot time out, and read),
-        the trainable step, --compile, and DDP around the step."""
-        self.train_data = self._data(train, "train features", mirror=self.opts.flip)
-        self.cider: CiderD | None = None  # self-critical reward over the training references, built on first use
-        self.val_data = self._data(val, "val features") if self.has_val and self.dist.is_main else None
-        encoder = self.model.encoder
-        self.core = TrainStep(encoder if encoder.trainable else None, self.model.decoder, self.cut or 0)
-        if compile:
-            self._compile()
-        self.wrapped: nn.Module = self.core
-        if self.dist.enabled:
-            self.wrapped = DistributedDataParallel(
-                self.core, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-
-    def _check_same_data(self, saved: dict, train: CaptionCorpus, val: CaptionCorpus | None) -> None:
-        """A resumed run trains on the data it started with: its vocabulary, data order and best
-        score belong to that data (checkpoints from before this check carry no fingerprint)."""
-        for name, corpus in (("training", train), ("val", val)):
-            was = saved.get("train" if name == "training" else "val", "unknown")
-            now = corpus.fingerprint() if corpus is not None else None
-            if was == "unknown" or (was or {}).get("sha1") == (now or {}).get("sha1"):
-                continue
-            had = f"{was['source']} ({was['items']} items)" if was else "none"
-            got = f"{now['source']} ({now['items']} items)" if now else "none"
-            raise UsageError(
-                f"{self.out}: --resume needs the run's own {name} data, {had}, but got {got}: its "
-                f"vocabulary and {'data order' if name == 'training' else 'best score'} belong to "
-                f"that data. To train on other data, start a new run from its weights with "
-                f"--init-from {self.run.last}"
-            )
-
-    def _keep_global_batch(self, saved: TrainOptions) -> TrainOptions:
-        """A run resumed on another number of processes keeps its global batch, and with it the
-        learning rate it was tuned for and the data order: the per-process batch changes instead."""
-        world = self.dist.world_size
-        if saved.world_size == world:
-            return saved
-        total = saved.batch_size * saved.world_size
-        per = max(1, round(total / world))
-        if not self.quiet:
-            kept = (
-                f"global batch {total} kept"
-                if per * world == total
-                else f"global batch {total} -> {per * world}: {total} is not a multiple of {world}"
-            )
-            log.info(
-                f"resuming a {saved.world_size}-process run on {world} process(es): per-process batch "
-                f"{saved.batch_size} -> {per} ({kept})"
-            )
-        return replace(saved, batch_size=per, world_size=world)
+        mode = "max" if plan.higher_is_better else "min"
+        return model, cut, Optimisation.build(opts, groups, self.device, mode, self.run.last)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        """Weights, optimizer, schedule, scaler and the run's progress from RUN/last.pt."""
+        """Weights, optimisation and the run's standing from RUN/last.pt."""
         load_encoder_weights(self.model.encoder, ckpt)
         self.model.decoder.load_state_dict(ckpt["decoder"])
-        self.optim.load_state_dict(ckpt["optimizer"])
-        if isinstance(self.sched, torch.optim.lr_scheduler.LambdaLR) and "lr_lambdas" not in ckpt["scheduler"]:
-            self.sched.last_epoch = ckpt["scheduler"]["last_epoch"]  # a cosine run saved by an older version
-        else:
-            self.sched.load_state_dict(ckpt["scheduler"])
-        stretch_cosine(self.sched, self.optim, self.opts.epochs, ckpt["epoch"])
-        self.scaler.load_state_dict(ckpt.get("scaler") or {})
-        self.start_epoch = self.epochs_done = ckpt["epoch"]
-        self.best_score, self.bad_epochs = ckpt["best_score"], ckpt["bad_epochs"]
-        self.finished = self._nothing_left(ckpt["epoch"])
+        self.optimisation.load_state_dict(ckpt, self.opts.epochs)
+        self.standing = Standing(ckpt["epoch"], ckpt["best_score"], ckpt["bad_epochs"])
+        self._finished = self._nothing_left(ckpt["epoch"])
 
     def _nothing_left(self, done: int) -> str | None:
         """Why a resumed run has nothing to train (None: it goes on); asking for fewer epochs than
@@ -299,12 +263,28 @@ class Trainer:
             )
         if opts.epochs == done:
             return f"nothing left to do: {self.out} has trained all {done} epochs (give --epochs above {done} to go on)"
-        if opts.patience and self.bad_epochs >= opts.patience:
+        if opts.patience and self.standing.bad_epochs >= opts.patience:
             return (
-                f"nothing left to do: {self.out} stopped early after epoch {done} ({self.select} had not "
-                f"improved for {self.bad_epochs} epochs; a larger --patience goes on)"
+                f"nothing left to do: {self.out} stopped early after epoch {done} ({self.plan.select} had not "
+                f"improved for {self.standing.bad_epochs} epochs; a larger --patience goes on)"
             )
         return None
+
+    def _prepare_steps(self) -> None:
+        """Features (each process fills the cache; the first to take its lock extracts, the others
+        wait on the lock, not on a collective, so a long extraction cannot time out, and read),
+        the trainable step, --compile, and DDP around the step."""
+        self._train_data = self._data(self.train, "train features", mirror=self.opts.flip)
+        self._val_data = self._data(self.val, "val features") if self.plan.has_val and self.dist.is_main else None
+        encoder = self.model.encoder
+        self._core = TrainStep(encoder if encoder.trainable else None, self.model.decoder, self.cut or 0)
+        if self.compile:
+            self._compile()
+        self._wrapped = self._core
+        if self.dist.enabled:
+            self._wrapped = DistributedDataParallel(
+                self._core, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
 
     def _compile(self) -> None:
         """--compile: torch.compile the decoder's per-word step and a fine-tuned encoder, in place
@@ -312,14 +292,14 @@ class Trainer:
         done = []
         if self.model.decoder.compile_step():
             done.append("the decoder step")
-        if self.core.encoder is not None and self.cut is not None:  # only the blocks above the cut run
-            for layer in self.core.encoder.trunk[self.cut :]:
+        if self._core.encoder is not None and self.cut is not None:  # only the blocks above the cut run
+            for layer in self._core.encoder.trunk[self.cut :]:
                 layer.compile()
             done.append("the fine-tuned encoder blocks")
-        elif self.core.encoder is not None:
-            self.core.encoder.compile()
+        elif self._core.encoder is not None:
+            self._core.encoder.compile()
             done.append("the encoder")
-        if not self.quiet:
+        if self.dist.is_main:
             log.info(
                 "--compile: "
                 + (
@@ -340,32 +320,30 @@ class Trainer:
             if self.use_cache and cacheable
             else None
         )
-        return item_data(
-            self.model, corpus, self.opts, self.device, cache, self.skip_bad, self.quiet, desc, self.cut, mirror
-        )
+        return item_data(self.model, corpus, self.opts, self.device, cache, self.skip_bad, desc, self.cut, mirror)
 
     def _loader(self, dataset: CaptionDataset, train: bool, epoch: int = 0) -> DataLoader:
         return loader(dataset, self.opts, self.dist, self.device, train, epoch)
 
     # ---- the loop ----------------------------------------------------------------------------------
     def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+        return self.optimisation.autocast(self.device)
+
+    def _context(self, train: bool) -> EpochContext:
+        """A training epoch runs on every rank through DDP; the val loss on rank 0 alone, no DDP."""
+        step = self.wrapped if train else self.core
+        update = self.optimisation.update if train else None
+        return EpochContext(step, self.device, self.dist, update, self._autocast)
 
     def _run_epoch(self, data, train: bool, desc: str, epoch: int = 0) -> float:
-        """Cross-entropy over a dataset: a training epoch (every rank, through DDP) or the val loss
-        (rank 0 alone: no DDP)."""
+        """Cross-entropy over a dataset: a training epoch or the val loss."""
         dataset, feats = data
         self.model.decoder.train(train)
         return cross_entropy_epoch(
-            self.wrapped if train else self.core,
+            self._context(train),
             self._loader(dataset, train, epoch),
             lambda batch: to_inputs(batch, feats, self.device),
-            self.device,
-            self.dist,
-            self.update if train else None,
-            self._autocast,
             desc,
-            self.quiet,
         )
 
     def _run_self_critical_epoch(self, desc: str, epoch: int = 0) -> tuple[float, float]:
@@ -374,23 +352,10 @@ class Trainer:
             self.cider = CiderD({i: [normalize(c) for c in caps] for i, caps in enumerate(dataset.corpus.captions)})
         self.model.decoder.train()
         opts = self.opts
-        return self_critical_epoch(
-            self.wrapped,
-            feats,
-            self.cider,
-            self.model.vocab,
-            opts.scst_samples,
-            opts.scst_max_len,
-            opts.batch_size,
-            opts.seed,
-            epoch,
-            self.device,
-            self.dist,
-            self.update,
-            self._autocast,
-            desc,
-            self.quiet,
+        scst = SelfCritical(
+            feats, self.cider, self.model.vocab, opts.scst_samples, opts.scst_max_len, opts.batch_size, opts.seed
         )
+        return self_critical_epoch(self._context(True), scst, epoch, desc)
 
     def _validate(self) -> dict[str, Any]:
         val_loss = self._run_epoch(self.val_data, False, "val")
@@ -402,29 +367,35 @@ class Trainer:
         )
 
     def _better(self, score: float) -> bool:
-        return score > self.best_score if self.higher_is_better else score < self.best_score
+        best = self.standing.best_score
+        return score > best if self.plan.higher_is_better else score < best
 
     def fit(self) -> Path:
-        """Train to `opts.epochs` or until early stopping; returns the path of best.pt.
+        """Train to `opts.epochs` or until early stopping; returns the path of best.pt, calibrated
+        (guidance and confidence, see `calibrate_best`) when the run has val data.
 
         Interrupted (Ctrl-C, or SIGTERM through the CLI), it writes RUN/interrupted.pt, the
         weights of the moment (usable for captioning), and raises TrainingInterrupted; last.pt
         stays the end of the last whole epoch, which is where --resume continues.
         """
+        self.prepare()
         if self.finished:
             return self.run.best
-        if self._stale and self.dist.is_main:
-            self.run.clear(self._stale)
-        epoch = self.start_epoch
+        if self.plan.stale and self.dist.is_main:
+            self.run.clear(self.plan.stale)
+            self.plan.stale = []
+        start = epoch = self.standing.epoch
         try:
-            for epoch in range(self.start_epoch, self.opts.epochs):
+            for epoch in range(start, self.opts.epochs):
                 self._fit_epoch(epoch)
-                if self.opts.patience and self.bad_epochs >= self.opts.patience:
-                    if not self.quiet:
-                        log.info(f"early stop: {self.select} has not improved for {self.bad_epochs} epochs")
+                if self.opts.patience and self.standing.bad_epochs >= self.opts.patience:
+                    if self.dist.is_main:
+                        log.info(
+                            f"early stop: {self.plan.select} has not improved for {self.standing.bad_epochs} epochs"
+                        )
                     break
         except KeyboardInterrupt:
-            done = max(epoch, self.epochs_done)  # the signal may have waited for the epoch's checkpoints
+            done = max(epoch, self.standing.epoch)  # the signal may have waited for the epoch's checkpoints
             if self.dist.is_main:
                 self.run.save_interrupted(self.model.checkpoint_payload() | {"epoch": done})
             when = f"after epoch {done}" if done > epoch else f"during epoch {epoch + 1}"
@@ -435,8 +406,10 @@ class Trainer:
         if self.dist.is_main and not self.run.best.is_file():
             raise CheckpointError(
                 f"{self.out}: no epochs were run, so there is no best.pt "
-                f"(already at epoch {self.start_epoch} of {self.opts.epochs}?)"
+                f"(already at epoch {start} of {self.opts.epochs}?)"
             )
+        if self.dist.is_main:  # the other ranks are done: calibration is rank 0's alone, no collective
+            self.calibrate_best()
         return self.run.best
 
     def _fit_epoch(self, epoch: int) -> None:
@@ -444,7 +417,7 @@ class Trainer:
         checkpoint (rank 0)."""
         t0 = time.time()
         seed_epoch(self.opts.seed, epoch, self.dist.rank)
-        lr = self.optim.param_groups[0]["lr"]
+        lr = self.optimisation.optim.param_groups[0]["lr"]
         desc = f"epoch {epoch + 1}/{self.opts.epochs}"
         if self.opts.self_critical:
             train_loss, reward = self._run_self_critical_epoch(desc, epoch)
@@ -457,41 +430,77 @@ class Trainer:
                 "train_ppl": math.exp(min(train_loss, 50)),
                 "lr": lr,
             }
-        if self.has_val:
+        if self.plan.has_val:
             record |= self.dist.on_main(self._validate)
-        score = record[self.select]
+        score = record[self.plan.select]
         if score is None:  # e.g. METEOR unavailable: cannot happen for the chosen metric (checked above)
-            raise ValueError(f"validation produced no {self.select}")
-        improved = not self.has_val or self._better(score)
+            raise ValueError(f"validation produced no {self.plan.select}")
+        improved = not self.plan.has_val or self._better(score)
         if improved:
-            self.best_score, self.bad_epochs = score, 0
+            self.standing.best_score, self.standing.bad_epochs = score, 0
         else:
-            self.bad_epochs += 1
-        if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.sched.step(score)
-        else:
-            self.sched.step()
+            self.standing.bad_epochs += 1
+        self.optimisation.step_schedule(score)
         record |= {"best": improved, "time_s": round(time.time() - t0, 2)}
         self.dist.on_main(lambda: self._log_and_save(record, improved))
+        self.standing.epoch = record["epoch"]  # every rank: (rank 0 set it when its checkpoints were written)
 
     def _log_and_save(self, record: dict[str, Any], improved: bool) -> None:
-        payload = self.model.checkpoint_payload() | {
-            "optimizer": self.optim.state_dict(),
-            "scheduler": self.sched.state_dict(),
-            "epoch": record["epoch"],
-            "scaler": self.scaler.state_dict(),
-            "best_score": self.best_score,
-            "bad_epochs": self.bad_epochs,
-            "select_metric": self.select,
-            "data": self.data,
-        }
+        payload = (
+            self.model.checkpoint_payload()
+            | self.optimisation.state_dict()
+            | {
+                "epoch": record["epoch"],
+                "best_score": self.standing.best_score,
+                "bad_epochs": self.standing.bad_epochs,
+                "select_metric": self.plan.select,
+                "data": self.plan.data,
+            }
+        )
         with signals_held():  # Ctrl-C waits until the log line, last.pt and best.pt are written
             self.run.record(record, payload, improved)
-            self.epochs_done = record["epoch"]
-        if not self.quiet:
-            shown = " ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in record.items()
-                if k not in ("best", "METEOR_backend")
+            self.standing.epoch = record["epoch"]
+        shown = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in record.items()
+            if k not in ("best", "METEOR_backend")
+        )
+        log.info(shown + (f" * best {self.plan.select}" if improved else ""))
+
+    # ---- the end: guidance and confidence -----------------------------------------------------------
+    def why_not_calibrate(self) -> str | None:
+        """Why best.pt gets no guidance or confidence (None: it does); "" when --no-calibrate asked."""
+        if not self.opts.calibrate:
+            return ""
+        if not self.plan.has_val:
+            return "no validation data to fit the confidence on (give val annotations or a val split)"
+        if self.model.is_sequence_model:
+            return "a sequence model: guidance and confidence are for single-image models"
+        if self.model.encoder.head is None:
+            return f"the {self.opts.encoder} encoder has no ImageNet classifier to give tags"
+        return None
+
+    def calibrate_best(self) -> dict[str, Any] | None:
+        """Fit best.pt's guidance state (tags guidance, person classifier, typicality, confidence:
+        calibration.py) on the run's training and val photos and write it into best.pt, which keeps
+        its training state (atomic). Logs one line: what was fitted, or why nothing was. Returns
+        calibration's report, or None."""
+        why = self.why_not_calibrate()
+        if why is not None:
+            if why:
+                log.info(f"{self.run.best}: no tags guidance or confidence fitted: {why}")
+            return None
+        from ..calibration import calibrate_checkpoint
+
+        try:
+            report = calibrate_checkpoint(
+                self.run.best, self.train, self.val, self.device, self.cache_dir, use_cache=self.use_cache
             )
-            log.info(shown + (f" * best {self.select}" if improved else ""))
+        except UsageError as e:  # e.g. too few readable val photos: the model works as before
+            log.info(f"{self.run.best}: no tags guidance or confidence fitted: {e}")
+            return None
+        log.info(
+            f"{self.run.best}: tags guidance and confidence fitted on {report['train_photos']} training and "
+            f"{report['val_photos']} validation photos (`captioner calibrate` refits them for other settings)"
+        )
+        return report

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..bundle import ModelBundle
+from ..api import Captioner
 from ..data import CaptionCorpus
 from ..evaluation import caption_corpus, caption_features, references
 from ..features import ItemFeatures
@@ -18,7 +18,7 @@ class AboveCut:
     """Decoder inputs from a cached trunk (ItemFeatures of the activations at `cut`): the
     fine-tuned blocks above the cut applied a chunk at a time, without gradients."""
 
-    def __init__(self, trunk: ItemFeatures, model: ModelBundle, cut: int) -> None:
+    def __init__(self, trunk: ItemFeatures, model: Captioner, cut: int) -> None:
         self.trunk, self.model, self.cut = trunk, model, cut
 
     def __len__(self) -> int:
@@ -31,14 +31,14 @@ class AboveCut:
         return grid.mean(dim=1) if self.model.decoder.feature_kind == "pooled" else grid
 
 
-def val_captions(model: ModelBundle, corpus: CaptionCorpus, feats: ItemFeatures | None, beam_size: int) -> dict:
+def val_captions(model: Captioner, corpus: CaptionCorpus, feats: ItemFeatures | None, beam_size: int) -> dict:
     """Decode every val item once (greedy, or beam with beam_size > 1): {image_id: caption}."""
     if feats is None:  # fine-tuning: no cached features, encode the images
-        return caption_corpus(model, corpus, beam_size=beam_size, quiet=True)[0]
+        return caption_corpus(model, corpus, beam_size=beam_size)[0]
     return caption_features(model, corpus.image_ids, feats, beam_size=beam_size)
 
 
-def val_scores(model: ModelBundle, corpus: CaptionCorpus, feats: ItemFeatures | None, beam_size: int) -> dict[str, Any]:
+def val_scores(model: Captioner, corpus: CaptionCorpus, feats: ItemFeatures | None, beam_size: int) -> dict[str, Any]:
     """BLEU-1..4, METEOR (and its backend), ROUGE-L, CIDEr-D and diversity of the val captions."""
     captions = val_captions(model, corpus, feats, beam_size)
     scores = evaluate(references(corpus), captions)
