@@ -84,7 +84,7 @@ def main() -> None:
         if (FLICKR8K / "captions_val.json").is_file():
             paths = load_coco(FLICKR8K / "captions_val.json", FLICKR8K / "images").paths[: a.images]
             cache = FeatureCache(model.encoder)
-            cache.fill(paths, quiet=True)
+            cache.fill(paths)
             store = cache.load(paths, kind)
             features, source = store[list(range(len(paths)))].float(), "Flickr8k val features"
         else:

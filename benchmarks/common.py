@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import platform
 import time
 from pathlib import Path
@@ -10,6 +11,9 @@ import torch
 
 from captioner.models import ShowTellDecoder
 from captioner.vocab import Vocabulary
+
+# the benchmarks print their own lines: the library's progress bars and reports would only interleave
+logging.getLogger("captioner").setLevel(logging.WARNING)
 
 REPO = Path(__file__).resolve().parents[1]
 FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from captioner import Captioner, bundle
+from captioner import Captioner, pipeline
 from captioner.data import load_coco
 from captioner.guidance import CONSTRAIN_SHARE
 from captioner.images import list_images
@@ -37,7 +37,7 @@ def main() -> None:
     model = Captioner.load(a.model, device="cpu")
     if a.annotations:
         corpus = load_coco(a.annotations, a.images)
-        feats, kept, _ = model.corpus_inputs(corpus, model.feature_cache(), quiet=True)
+        feats, kept, _ = model.corpus_inputs(corpus, model.feature_cache())
         name = Path(a.annotations).parent.name
     else:
         paths = list_images(ROOT / "assets" / "examples")
@@ -57,12 +57,12 @@ def main() -> None:
         for way in order[r % len(order) :] + order[: r % len(order)]:
             opts = dict(ways[way])
             if opts.pop("_everywhere", False):  # constraints on every photo, however typical
-                bundle.CONSTRAIN_SHARE = float("inf")
+                pipeline.CONSTRAIN_SHARE = float("inf")
             t = time.perf_counter()
             for s in range(0, n, 32):
                 model.decode(feats[s : s + 32], **opts)
             times[way] = min(times[way], time.perf_counter() - t)
-            bundle.CONSTRAIN_SHARE = CONSTRAIN_SHARE
+            pipeline.CONSTRAIN_SHARE = CONSTRAIN_SHARE
     print(f"{n} photos of {name}, batches of 32, beam {model.decoding['beam_size']}, best of {a.repeats}")
     print("| decoding | ms per image | x plain |\n|---|---|---|")
     base = times["plain beam search"]

@@ -31,7 +31,7 @@ def _run(corpus, opts: TrainOptions, cache_dir: str, cached_trunk: bool = True) 
     try:
         with Timer() as setup:
             trainer = Trainer(
-                corpus, None, out, opts, device="cpu", quiet=True, cache_dir=cache_dir, cached_trunk=cached_trunk
+                corpus, None, out, opts, device="cpu", cache_dir=cache_dir, cached_trunk=cached_trunk
             )
         trainer.fit()
         times = [json.loads(line)["time_s"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]

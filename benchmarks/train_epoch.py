@@ -48,11 +48,11 @@ def main() -> None:
     cache_dir = tempfile.mkdtemp(prefix="captioner-bench-cache-")
     try:
         with Timer() as fill:  # builds the model and fills a fresh cache: the one-time cost
-            trainer = Trainer(corpus, None, tempfile.mkdtemp(), opts, device="cpu", quiet=True, cache_dir=cache_dir)
+            trainer = Trainer(corpus, None, tempfile.mkdtemp(), opts, device="cpu", cache_dir=cache_dir)
         cached = _warm_epoch_seconds(trainer)
         bf16_opts = TrainOptions(**{**opts.__dict__, "amp": "bf16"})
         cached_bf16 = _warm_epoch_seconds(
-            Trainer(corpus, None, tempfile.mkdtemp(), bf16_opts, device="cpu", quiet=True, cache_dir=cache_dir)
+            Trainer(corpus, None, tempfile.mkdtemp(), bf16_opts, device="cpu", cache_dir=cache_dir)
         )  # warm cache: no extraction
 
         # baseline: same decoder recipe, images decoded and encoded at every step

@@ -1,7 +1,10 @@
 """`Captioner`: the Python API — load a checkpoint, caption images (one, a list, a sequence), save.
 
-Loading, saving, encoding and beam search belong to the model bundle (bundle.py), which training
-and evaluation use too; this class adds the conveniences people call."""
+A facade over two parts: the loaded model (model.py; an ensemble.py `Ensemble` for several) and
+the decoding pipeline over it (pipeline.py, with the guidance part when the encoder has its
+ImageNet classifier). Training and evaluation use the same parts; this class adds the
+conveniences people call. Decoding settings are `DecodingConfig`'s fields (settings.py).
+"""
 
 from __future__ import annotations
 
@@ -10,21 +13,41 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from .bundle import DEFAULT_DECODING, Caption, ImageInput, ModelBundle
-from .decoding import whole_number
-from .errors import UsageError
-from .features import default_workers, prepared_batches, split_batch
-from .guidance import Tag, top_tags
-from .images import ImageError
+from .errors import ImageError, UsageError
+from .features import FeatureCache, default_workers, prepared_batches, split_batch
+from .guidance import Guidance, Tag, top_tags
+from .model import ImageInput, Model
+from .pipeline import Caption, Pipeline
+from .settings import DecodingConfig, whole_number
 
-__all__ = ["Caption", "Captioner", "DEFAULT_DECODING", "ImageInput", "Tag"]
+__all__ = ["Caption", "Captioner", "DecodingConfig", "ImageInput", "Tag"]
 
 
-class Captioner(ModelBundle):
+class Captioner:
     """A trained captioning model, ready to describe images: `Captioner.load()` (the bundled model)
     or `Captioner.load(path)`, then `caption`, `caption_nbest`, `caption_sequence`, `generate`.
-    `Captioner.load([a, b, ...])` loads an ensemble (see ensemble.py) with the same methods."""
+    `Captioner.load([a, b, ...])` loads an ensemble with the same methods.
+    `Captioner(encoder, decoder, vocab, config)` wraps parts built in code (training does)."""
+
+    def __init__(
+        self,
+        encoder: Any,
+        decoder: Any,
+        vocab: Any,
+        config: dict[str, Any],
+        device: str | torch.device = "auto",
+        guidance: dict[str, Tensor] | None = None,
+    ) -> None:
+        self.pipeline = Pipeline.for_model(Model(encoder, decoder, vocab, config, device, guidance))
+
+    @classmethod
+    def of(cls, model: Any) -> Captioner:
+        """The facade over a loaded model.Model or ensemble.Ensemble."""
+        self = cls.__new__(cls)
+        self.pipeline = Pipeline.for_model(model)
+        return self
 
     @classmethod
     def load(
@@ -35,17 +58,113 @@ class Captioner(ModelBundle):
         """A checkpoint (None: the bundled model), or a list of them captioning as an ensemble."""
         if isinstance(path, (list, tuple)):
             if len(path) == 1:
-                return super().load(path[0], device)
+                return cls.of(Model.load(path[0], device))
             from .ensemble import Ensemble
 
-            return Ensemble.load_all(path, device)
-        return super().load(path, device)
+            return cls.of(Ensemble.load_all(path, device))
+        return cls.of(Model.load(path, device))
+
+    # ---- the parts ---------------------------------------------------------------------------
+    @property
+    def model(self) -> Any:
+        """The loaded model (model.Model) or ensemble (ensemble.Ensemble)."""
+        return self.pipeline.model
+
+    @property
+    def guidance(self) -> Guidance | None:
+        """The guidance part (tags, word prior, confidence); None when the encoder has no classifier."""
+        return self.pipeline.guidance
+
+    @guidance.setter
+    def guidance(self, guidance: Guidance) -> None:
+        """Plug in newly fitted guidance (calibration.py); the model's checkpoint then carries its state."""
+        self.pipeline.guidance = guidance
+        self.model.guidance_state = dict(guidance.state)
+
+    @property
+    def decoding(self) -> dict[str, Any]:
+        """The decoding defaults (DecodingConfig, as a dict): the checkpoint's, else DecodingConfig's."""
+        return self.pipeline.defaults.model_defaults()
+
+    @decoding.setter
+    def decoding(self, values: dict[str, Any]) -> None:
+        """New defaults, checked, recorded in the config (so `save` keeps them)."""
+        self.model.config["decoding"] = DecodingConfig.from_dict(values).model_defaults()
+
+    @property
+    def calibrated(self) -> bool:
+        """Captions carry a confidence (the guidance state holds a fitted confidence model)."""
+        return self.guidance is not None and self.guidance.calibrated
+
+    # what the model part answers
+    encoder = property(lambda self: self.model.encoder)
+    decoder = property(lambda self: self.model.decoder)
+    vocab = property(lambda self: self.model.vocab)
+    config = property(lambda self: self.model.config)
+    device = property(lambda self: self.model.device)
+    preprocess = property(lambda self: self.model.preprocess)
+    is_sequence_model = property(lambda self: self.model.is_sequence_model)
+
+    @property
+    def max_pixels(self) -> int | None:
+        """Images declaring more pixels are refused before decoding (None: DEFAULT_MAX_PIXELS)."""
+        return self.model.max_pixels
+
+    @max_pixels.setter
+    def max_pixels(self, value: int | None) -> None:
+        self.model.max_pixels = value
+
+    def save(self, path: str | os.PathLike, half: bool = False) -> None:
+        """Write the model (no training state); half=True: fp16 weights (half the size)."""
+        self.model.save(path, half=half)
+
+    def checkpoint_payload(self) -> dict[str, Any]:
+        return self.model.checkpoint_payload()
+
+    def prepare(self, item: ImageInput) -> Tensor:
+        """One input preprocessed for the model; ImageError if it cannot be used."""
+        return self.model.prepare(item)
+
+    def encode(self, pixels: Tensor) -> Any:
+        """Preprocessed images (from `prepare`, stacked) -> the decoder's input."""
+        return self.model.encode(pixels)
+
+    def encode_sequences(self, sequences: Sequence[Tensor], batch_size: int = 32) -> Any:
+        return self.model.encode_sequences(sequences, batch_size)
+
+    def feature_cache(self, root: str | os.PathLike | None = None) -> FeatureCache | list[FeatureCache]:
+        return self.model.feature_cache(root)
+
+    def corpus_inputs(self, corpus: Any, cache: Any, batch_size: int = 32) -> tuple[Any, list[int], list[ImageError]]:
+        """The decoder's inputs for every item of a corpus, through the feature cache."""
+        return self.model.corpus_inputs(corpus, cache, batch_size)
+
+    def pooled(self, features: Any) -> Tensor | None:
+        return self.model.pooled(features)
+
+    def imagenet_probs(self, pooled: Tensor | None) -> Tensor | None:
+        return self.model.imagenet_probs(pooled)
+
+    # ---- what the pipeline answers -----------------------------------------------------------
+    def resolve_decoding(self, **given: Any) -> dict[str, Any]:
+        """The settings a call would get (the defaults with what is set; None: unset), checked:
+        UsageError for an unknown name or nonsense."""
+        return self.pipeline.settings(**given).to_dict()
+
+    def decode(self, features: Any, **settings: Any) -> list[list[Caption]]:
+        """The decoder's input for B images (`encode`, or a feature cache) -> each one's n-best Captions."""
+        return self.pipeline.decode(features, **settings)
+
+    def generate(
+        self, inputs: Sequence[ImageInput], batch_size: int = 32, num_workers: int | None = None, **settings: Any
+    ) -> Iterator[list[Caption] | ImageError]:
+        """For each input, in order: its n-best Captions, or the ImageError it raised (a bad input never
+        stops the others)."""
+        return self.pipeline.generate(inputs, batch_size, num_workers, **settings)
 
     def caption(
         self,
         x: ImageInput | Sequence[ImageInput],
-        beam_size: int | None = None,
-        max_len: int | None = None,
         errors: str = "raise",
         return_attention: bool = False,
         return_tags: bool = False,
@@ -61,8 +180,7 @@ class Captioner(ModelBundle):
         return_tags=True adds the photo's top ImageNet classes (a tuple of Tag(label, p)),
         return_confidence=True the caption's confidence (P(acceptable caption), None when the
         model is not calibrated): the result is then a tuple (caption[, weights][, tags][, confidence]).
-        decode_opts: min_len, length_alpha, no_repeat_ngram, tag_boost, suppress_unseen,
-        tag_subject, constrain, max_constraints, constraints_needed, batch_size, num_workers.
+        decode_opts: batch_size, num_workers, and the decoding settings below.
         """
         if return_attention and self.decoder.attends_over != "regions":
             raise UsageError(
@@ -73,7 +191,7 @@ class Captioner(ModelBundle):
             raise UsageError(f"errors must be 'raise' or 'skip', not {errors!r}")
         single = not isinstance(x, (list, tuple))
         results: list = []
-        for r in self.generate([x] if single else list(x), beam_size=beam_size, max_len=max_len, **decode_opts):
+        for r in self.generate([x] if single else list(x), **decode_opts):
             if isinstance(r, ImageError):
                 if errors != "skip" or single:
                     raise r
@@ -111,7 +229,7 @@ class Captioner(ModelBundle):
     ) -> Iterator[list[Caption] | ImageError]:
         """For each sequence of images (frames in temporal order): its n-best Captions, or the
         ImageError of its first bad frame (a sequence with a bad frame is not captioned; the
-        others still are). decode_opts as for `generate`."""
+        others still are). decode_opts: the decoding settings below."""
         for frames in sequences:
             if len(frames) == 0:
                 yield ImageError("<sequence>", "a sequence needs at least one frame")
@@ -131,8 +249,6 @@ class Captioner(ModelBundle):
     def caption_sequence(
         self,
         frames: Sequence[ImageInput],
-        beam_size: int | None = None,
-        max_len: int | None = None,
         return_attention: bool = False,
         **decode_opts: Any,
     ) -> Any:
@@ -141,13 +257,13 @@ class Captioner(ModelBundle):
         A sequence model reads the frames in order; a single-image model describes their mean
         frame (order-blind). Raises ImageError for a bad frame. return_attention=True (sequence
         models with the attention decoder) gives (caption, weights (words, frames)).
-        decode_opts: n_best, min_len, length_alpha, no_repeat_ngram, batch_size, num_workers.
+        decode_opts: batch_size, num_workers, and the decoding settings below.
         """
         if return_attention and self.decoder.attends_over != "frames":
             raise UsageError(
                 "this model has no attention over frames to return (train on sequences with --decoder attention)"
             )
-        r = next(self.generate_sequences([frames], beam_size=beam_size, max_len=max_len, **decode_opts))
+        r = next(self.generate_sequences([frames], **decode_opts))
         if isinstance(r, ImageError):
             raise r
         return (r[0].text, r[0].attention) if return_attention else r[0].text
@@ -156,17 +272,30 @@ class Captioner(ModelBundle):
         self,
         x: ImageInput | Sequence[ImageInput],
         n: int = 5,
-        beam_size: int | None = None,
-        max_len: int | None = None,
         **decode_opts: Any,
     ) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
-        """The n best (caption, score) pairs, best first; score = summed log-prob (length-penalised if asked)."""
+        """The n best (caption, score) pairs, best first; score = summed log-prob (length-penalised if
+        asked); the beam is at least n wide. decode_opts: as for `caption`."""
         whole_number(n, 1, "n-best (--n-best, n_best= / n=)")
         single = not isinstance(x, (list, tuple))
         out = []
-        beam = max(n, self.decoding["beam_size"]) if beam_size is None else beam_size
-        for r in self.generate([x] if single else list(x), beam_size=beam, n_best=n, max_len=max_len, **decode_opts):
+        if decode_opts.get("beam_size") is None:
+            decode_opts["beam_size"] = max(n, self.decoding["beam_size"])
+        for r in self.generate([x] if single else list(x), n_best=n, **decode_opts):
             if isinstance(r, ImageError):
                 raise r
             out.append([(c.text, c.score) for c in r])
         return out[0] if single else out
+
+
+def _document_settings() -> None:
+    """The decoding settings' list, generated from DecodingConfig, at the end of each method that takes them."""
+    text = "\n\n        Decoding settings (keyword arguments; unset: the model's defaults, see DecodingConfig):\n"
+    lines = [f"        {s.name} ({s.kind.__name__}, {s.default:g}): {s.help}" for s in DecodingConfig.settings()]
+    text += "\n".join(lines)
+    for name in ("caption", "caption_nbest", "caption_sequence", "generate", "generate_sequences", "decode"):
+        method = getattr(Captioner, name)
+        method.__doc__ = (method.__doc__ or "").rstrip() + text + "\n"
+
+
+_document_settings()

@@ -19,56 +19,11 @@ from torch import Tensor
 
 from .errors import UsageError
 from .models.base import CaptionModel, DecoderState
+from .settings import MAX_CONSTRAINTS
 from .vocab import Vocabulary
 
 PAD_ID, START_ID, END_ID = Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.end_id
-MAX_CONSTRAINTS = 4  # constraints per image: 2**4 states of beams at most
 DEAD_END_LOGP = -1e4  # log-prob charged for ending a caption that the constraints left no other way out of
-
-
-def whole_number(value: Any, low: int, name: str) -> int:
-    """`value` if it is an int >= low, else UsageError naming the option (as flag and keyword)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise UsageError(f"{name} must be a whole number >= {low}, not {value!r}")
-    return value
-
-
-def check_options(
-    beam_size: Any,
-    n_best: Any,
-    max_len: Any,
-    min_len: Any,
-    length_alpha: Any,
-    no_repeat_ngram: Any,
-    tag_boost: Any = 0.0,
-    suppress_unseen: Any = 0.0,
-    tag_subject: Any = 0.0,
-    constrain: Any = 0.0,
-    max_constraints: Any = 1,
-    constraints_needed: Any = 1,
-) -> None:
-    """Refuse decoding settings that make no sense (UsageError), rather than quietly decoding
-    some other way (a beam of 0 is not greedy search, a max length of 0 is not a caption)."""
-    whole_number(beam_size, 1, "beam size (--beam-size, beam_size=)")
-    whole_number(n_best, 1, "n-best (--n-best, n_best= / n=)")
-    whole_number(max_len, 1, "max length (--max-len, max_len=)")
-    whole_number(min_len, 0, "min length (--min-len, min_len=)")
-    whole_number(no_repeat_ngram, 0, "no-repeat n-gram size (--no-repeat-ngram, no_repeat_ngram=)")
-    whole_number(max_constraints, 1, "most constraints (--max-constraints, max_constraints=)")
-    whole_number(constraints_needed, 1, "constraints needed (--constraints-needed, constraints_needed=)")
-    if max_constraints > MAX_CONSTRAINTS:
-        raise UsageError(f"most constraints must be at most {MAX_CONSTRAINTS}, not {max_constraints}")
-    if min_len > max_len:
-        raise UsageError(f"min length {min_len} is more than max length {max_len}")
-    for value, name in (
-        (length_alpha, "length penalty (--length-penalty, length_alpha=)"),
-        (tag_boost, "tag boost (--tag-boost, tag_boost=)"),
-        (suppress_unseen, "unseen-object penalty (--suppress-unseen, suppress_unseen=)"),
-        (tag_subject, "tag subject threshold (--tag-subject, tag_subject=)"),
-        (constrain, "constraint threshold (--constrain, constrain=)"),
-    ):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-            raise UsageError(f"{name} must be a number >= 0, not {value!r}")
 
 
 @dataclass

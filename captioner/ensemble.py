@@ -1,7 +1,9 @@
 """Ensembles at decode time: several trained models over one vocabulary caption as one.
 
-Beam search runs over `decoding.EnsembleDecoder` (the mean of the members' log-probabilities at
-every step), so nothing about decoding is written twice. Each image is read once; members whose
+`Ensemble` offers the model interface of model.py (prepare, encode, pooled, corpus_inputs, ...)
+over its members, so the decoding pipeline (pipeline.py) runs over it unchanged. Beam search runs
+over `decoding.EnsembleDecoder` (the mean of the members' log-probabilities at every step), so
+nothing about decoding is written twice. Each image is read once; members whose
 encoders are the same (same encoder, no fine-tuned blocks or the same ones) share one encoder
 pass, and members with another input size get their own preprocessing of the same image.
 """
@@ -15,17 +17,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .api import Captioner
-from .bundle import ModelBundle
 from .checkpoint import CheckpointError
 from .data import CaptionCorpus
 from .decoding import EnsembleDecoder
-from .errors import UsageError
+from .device import resolve_device
+from .errors import ImageError, UsageError
 from .features import FeatureCache, ItemFeatures, corpus_features, encode_pixels, pool
-from .images import ImageError, Preprocess
+from .images import Preprocess
+from .model import ImageInput, Model, read_input
 
 
-def _same_encoder(a: ModelBundle, b: ModelBundle) -> bool:
+def _same_encoder(a: Model, b: Model) -> bool:
     if a.config["encoder"] != b.config["encoder"] or a.preprocess != b.preprocess:
         return False
     sa, sb = a.encoder.state_dict(), b.encoder.state_dict()
@@ -45,11 +47,13 @@ class _Zipped:
         return tuple(p[idx] for p in self.parts)
 
 
-class Ensemble(Captioner):
-    """Models that caption together: `Captioner.load([a, b, ...])`. Decoding defaults are the first
-    model's; captions, n-best lists and evaluation work as for one model (image sequences do not)."""
+class Ensemble:
+    """Models that caption together (`Captioner.load([a, b, ...])`), seen as one model: decoding
+    defaults, vocabulary and guidance are the first model's; image sequences are not taken."""
 
-    def __init__(self, members: Sequence[ModelBundle], sources: Sequence[str] | None = None) -> None:
+    is_sequence_model = False
+
+    def __init__(self, members: Sequence[Model], sources: Sequence[str] | None = None) -> None:
         if len(members) < 2:
             raise UsageError("an ensemble needs at least two models")
         sources = list(sources or [f"model {i + 1}" for i in range(len(members))])
@@ -73,32 +77,39 @@ class Ensemble(Captioner):
             if m.preprocess not in self.preprocesses:
                 self.preprocesses.append(m.preprocess)
         first = self.members[0]
-        config = first.config | {"ensemble": [m.config for m in self.members]}
-        decoder = EnsembleDecoder([m.decoder for m in self.members])
+        self.vocab, self.device, self.preprocess = first.vocab, resolve_device(first.device), first.preprocess
+        self.encoder = first.encoder  # the tags come from the first model's classifier
+        self.config = first.config | {"ensemble": [m.config for m in self.members]}
+        self.decoder = EnsembleDecoder([m.decoder for m in self.members])
         if len(self.preprocesses) > 1:  # grids of different sizes: no one attention map to average
-            decoder.attends_over = None
+            self.decoder.attends_over = None
         # the first model's guidance (tags, person classifier, typicality: its pooled features are
         # what `pooled` gives), but no confidence: that was fitted to the first model's captions
-        state = {k: v for k, v in first.guidance.state.items() if not k.startswith("confidence")}
-        super().__init__(first.encoder, decoder, first.vocab, config, first.device, guidance=state or None)
-        self.decoding = dict(first.decoding)
+        self.guidance_state = {k: v for k, v in first.guidance_state.items() if not k.startswith("confidence")}
+        self.max_pixels: int | None = None
 
     @classmethod
     def load_all(cls, paths: Sequence[str | os.PathLike | None], device: str | torch.device = "auto") -> Ensemble:
-        return cls([ModelBundle.load(p, device) for p in paths], [str(p or "bundled model") for p in paths])
+        return cls([Model.load(p, device) for p in paths], [str(p or "bundled model") for p in paths])
+
+    @property
+    def has_classifier(self) -> bool:
+        return self.members[0].has_classifier
 
     # ---- what differs from one model ----------------------------------------------------------
     def checkpoint_payload(self) -> dict[str, Any]:
         raise UsageError("an ensemble is not one checkpoint: save (and load) its models one by one")
 
-    @property
-    def is_sequence_model(self) -> bool:
-        return False
+    def save(self, path: str | os.PathLike, half: bool = False) -> None:
+        self.checkpoint_payload()
 
-    def prepare(self, item: Any) -> Tensor:
+    def read_input(self, item: ImageInput) -> Any:
+        return read_input(item, self.max_pixels)
+
+    def prepare(self, item: ImageInput) -> Tensor:
         """One input, read once, preprocessed for every input size the members take:
         (P, 3, S, S), each zero-padded to the largest size S."""
-        image = self.read_input(item)
+        image = read_input(item, self.max_pixels)
         views = [p(image) for p in self.preprocesses]  # (3, S_p, S_p) each
         size = max(v.size(-1) for v in views)
         out = views[0].new_zeros((len(views), 3, size, size))
@@ -125,14 +136,17 @@ class Ensemble(Captioner):
         """The first member's pooled features: the tags come from its encoder (self.encoder)."""
         return self.members[0].pooled(features[0]) if isinstance(features, tuple) else None
 
-    def _decoder_input(self, features: tuple) -> tuple:
+    def imagenet_probs(self, pooled: Tensor | None) -> Tensor | None:
+        return self.members[0].imagenet_probs(pooled)
+
+    def decoder_input(self, features: tuple) -> tuple:
         return tuple(f.to(self.device).float() for f in features)
 
     def feature_cache(self, root: str | os.PathLike | None = None) -> list[FeatureCache]:
         return [FeatureCache(self.members[g].encoder, root, self.device) for g in sorted(set(self.groups))]
 
     def corpus_inputs(
-        self, corpus: CaptionCorpus, cache: list[FeatureCache] | None, batch_size: int = 32, quiet: bool = False
+        self, corpus: CaptionCorpus, cache: list[FeatureCache] | None, batch_size: int = 32
     ) -> tuple[_Zipped, list[int], list[ImageError]]:
         if corpus.frames is not None:
             raise UsageError("ensembles caption single images, not image sequences")
@@ -151,7 +165,6 @@ class Ensemble(Captioner):
                     cache[n] if cache else None,
                     batch_size=batch_size,
                     device=self.device,
-                    quiet=quiet,
                     desc=f"features ({n + 1}/{len(distinct)})",
                 ),
             )

@@ -8,6 +8,8 @@ traceback and says so (a bare ValueError from inside torch is never dressed up a
 
 from __future__ import annotations
 
+import os
+
 
 class CaptionerError(Exception):
     """A problem the user can fix; the message says what and where."""
@@ -28,3 +30,15 @@ class TrainingDiverged(CaptionerError, FloatingPointError):
 
 class OutputError(CaptionerError):
     """A path captioner was asked to write cannot be written; the message names the path as given."""
+
+
+class ImageError(CaptionerError):
+    """An input image that cannot be used; carries the path and a one-line reason."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # travels back from DataLoader worker processes
+        return (ImageError, (self.path, self.reason))

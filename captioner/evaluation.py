@@ -8,22 +8,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
-from .bundle import ModelBundle
+from .api import Captioner
 from .checkpoint import atomic_write
 from .data import CaptionCorpus, DataError, check_file, load_karpathy
 from .features import FeatureCache, ItemFeatures
 from .images import ImageError
 from .metrics import diversity, evaluate, normalize
 from .objects import kind_shares, novel_kinds
+from .progress import progress
 
 
 def caption_corpus(
-    model: ModelBundle,
+    model: Captioner,
     corpus: CaptionCorpus,
     batch_size: int = 32,
-    quiet: bool = False,
     cache: FeatureCache | list[FeatureCache] | None = None,
     **decode_opts: Any,
 ) -> tuple[dict[Any, str], list[ImageError]]:
@@ -33,11 +31,11 @@ def caption_corpus(
     a failed frame gets no caption.
     """
     if cache is not None or corpus.frames is not None:
-        feats, kept, failed = model.corpus_inputs(corpus, cache, batch_size=batch_size, quiet=quiet)
-        return caption_features(model, [corpus.image_ids[k] for k in kept], feats, quiet, **decode_opts), failed
+        feats, kept, failed = model.corpus_inputs(corpus, cache, batch_size=batch_size)
+        return caption_features(model, [corpus.image_ids[k] for k in kept], feats, **decode_opts), failed
     results: dict[Any, str] = {}
     failed: list[ImageError] = []
-    with tqdm(total=len(corpus), desc="captioning", unit="img", disable=quiet, leave=False) as bar:
+    with progress(total=len(corpus), desc="captioning", unit="img") as bar:
         for image_id, r in zip(corpus.image_ids, model.generate(corpus.paths, batch_size=batch_size, **decode_opts)):
             if isinstance(r, ImageError):
                 failed.append(r)
@@ -48,11 +46,11 @@ def caption_corpus(
 
 
 def caption_features(
-    model: ModelBundle, image_ids: list, feats: ItemFeatures, quiet: bool = True, step: int = 256, **decode_opts: Any
+    model: Captioner, image_ids: list, feats: ItemFeatures, step: int = 256, **decode_opts: Any
 ) -> dict[Any, str]:
     """Caption items from their features in chunks: {id: best caption}."""
     results: dict[Any, str] = {}
-    for s in tqdm(range(0, len(image_ids), step), desc="captioning", unit="batch", disable=quiet, leave=False):
+    for s in progress(range(0, len(image_ids), step), desc="captioning", unit="batch"):
         for image_id, hyps in zip(image_ids[s : s + step], model.decode(feats[s : s + step], **decode_opts)):
             results[image_id] = hyps[0].text
     return results

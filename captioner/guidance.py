@@ -46,7 +46,6 @@ CONSTRAIN_SHARE = 0.3
 #: precision of named objects 0.693 -> 0.710 (0.05: 28.1 %, 0.724, but val 0.514)
 SEEN_FAMILIAR = 0.01
 TAGS_KEPT = 5  # tags each caption carries (the CLI prints --tags K of them)
-LOW_CONFIDENCE = 0.2  # the default mark (CLI, server, page): a calibrated P(acceptable) under 1 in 5
 CONFIDENCE_FEATURES = ("score", "score_per_token", "top_class_p", "p_person", "names_person", "person_agrees")
 
 
@@ -60,7 +59,7 @@ class Tag:
 
 
 def top_tags(probs: Tensor, k: int = TAGS_KEPT) -> list[tuple[Tag, ...]]:
-    """ImageNet probabilities (B, 1000) -> for each image its k most probable classes."""
+    """ImageNet probabilities (B, C) -> for each image its k most probable classes."""
     classes = imagenet_classes()
     p, idx = probs.float().topk(k, dim=-1)  # (B, k)
     return [
@@ -69,7 +68,7 @@ def top_tags(probs: Tensor, k: int = TAGS_KEPT) -> list[tuple[Tag, ...]]:
     ]
 
 
-def _logistic(x: Tensor, y: Tensor, weight_decay: float, steps: int = 300) -> tuple[Tensor, Tensor]:
+def fit_logistic(x: Tensor, y: Tensor, weight_decay: float, steps: int = 300) -> tuple[Tensor, Tensor]:
     """Full-batch L-BFGS logistic regression on standardised x (N, F) -> (weight (F,), bias ()) for raw x."""
     x = x.float()
     mean, std = x.mean(0), x.std(0) + 1e-6
@@ -91,7 +90,7 @@ def _logistic(x: Tensor, y: Tensor, weight_decay: float, steps: int = 300) -> tu
 
 def fit_person(pooled: Tensor, labels: Tensor, weight_decay: float = 0.1) -> dict[str, Tensor]:
     """The person classifier's weights from pooled features (N, D) and `person_labels` (N,)."""
-    w, b = _logistic(pooled, labels, weight_decay)
+    w, b = fit_logistic(pooled, labels, weight_decay)
     return {"person_weight": w, "person_bias": b}
 
 
@@ -119,9 +118,11 @@ class Guidance:
         kinds = word_kinds()
         kind_list = [(c, k) for c in ("animal", "vehicle") for k in CATEGORIES[c] if k != GENERIC[c]]
         kind_index = {ck: i for i, ck in enumerate(kind_list)}
-        self.tag_words = torch.zeros(1000, V)  # (1000, V) class -> the words its probability boosts
-        self.class_kinds = torch.zeros(1000, len(kind_list))  # (1000, K) class -> the animal/vehicle kind it is
-        for c, entry in enumerate(imagenet_classes()):
+        classes = imagenet_classes()
+        C = len(classes)  # the ImageNet-1k head's classes, as resources/imagenet_words.json lists them
+        self.tag_words = torch.zeros(C, V)  # (C, V) class -> the words its probability boosts
+        self.class_kinds = torch.zeros(C, len(kind_list))  # (C, K) class -> the animal/vehicle kind it is
+        for c, entry in enumerate(classes):
             targets = [w for w in entry["words"] if w in vocab.stoi][:1]  # its most specific word we have
             for w in entry["words"]:
                 if kinds.get(w) in kind_index:  # and the kind it is: a chihuahua is a dog
@@ -167,19 +168,20 @@ class Guidance:
         return torch.sigmoid(pooled.float().cpu() @ self.state["person_weight"] + self.state["person_bias"])
 
     def evidence(self, probs: Tensor) -> Tensor:
-        """ImageNet probabilities (B, 1000) -> the classifier's belief in each caption word (B, V)."""
+        """ImageNet probabilities (B, C) -> the classifier's belief in each caption word (B, V)."""
         return (probs.float().cpu() @ self.tag_words).clamp(max=1.0)
 
-    def familiarity(self, pooled: Tensor) -> Tensor | None:
-        """The novelty factor (B,) when typicality was fitted, else None."""
+    def familiar_factor(self, pooled: Tensor) -> Tensor | None:
+        """How much each photo is like the training photos (B,) in [0, 1] (1: familiar; see
+        `novelty_factor`) when typicality was fitted, else None."""
         return self.novelty_factor(pooled) if "val_typicality" in self.state else None
 
     def bias(self, pooled: Tensor, probs: Tensor, boost: float, suppress: float) -> Tensor:
-        """Pooled features (B, D) and ImageNet probabilities (B, 1000) -> log-prob bias (B, V)."""
+        """Pooled features (B, D) and ImageNet probabilities (B, C) -> log-prob bias (B, V)."""
         probs = probs.float().cpu()
         out = boost * self.evidence(probs)  # (B, V)
         if suppress:
-            familiar = self.familiarity(pooled)  # (B,) or None
+            familiar = self.familiar_factor(pooled)  # (B,) or None
             # animals and vehicles: only on photos unlike the training photos (on the others the
             # decoder knows better: ImageNet misses many a Flickr8k dog that the decoder sees);
             # everywhere when the model has no typicality fitted
@@ -199,7 +201,7 @@ class Guidance:
         at least `threshold` sure of one caption word: the caption's forced start "a <word>"
         (B, 2) word ids, -1 for the other photos; None when no photo qualifies (or no typicality
         was fitted)."""
-        familiar = self.familiarity(pooled) if threshold else None  # (B,)
+        familiar = self.familiar_factor(pooled) if threshold else None  # (B,)
         if familiar is None or self.unk_id in self.article_ids.tolist():
             return None  # (a vocabulary without "a" and "an": not English, no subject to force)
         best, word = self.evidence(probs).max(-1)  # (B,)

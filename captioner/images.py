@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,26 +17,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2 as T
 
-from .errors import CaptionerError
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
-
-
-class ImageError(CaptionerError):
-    """An input image that cannot be used; carries the path and a one-line reason."""
-
-    def __init__(self, path: str | os.PathLike, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
-
-    def __reduce__(self):  # travels back from DataLoader worker processes
-        return (ImageError, (self.path, self.reason))
-
-
-#: images declaring more pixels than this are refused before they are decoded (decompression
-#: bombs); `captioner caption --max-pixels`, `Captioner.max_pixels`, `load_image(max_pixels=)`
-DEFAULT_MAX_PIXELS = 100_000_000
+from .errors import ImageError
+from .paths import IMAGE_EXTENSIONS, list_images, natural_key  # noqa: F401  (their home is paths.py)
+from .settings import DEFAULT_MAX_PIXELS
 
 
 def _gray_to_8bit(img: Image.Image) -> Image.Image:
@@ -210,16 +192,3 @@ class Preprocess:
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
         return cls(d["resize"], d["crop"], tuple(d["mean"]), tuple(d["std"]))
-
-
-def natural_key(name: str) -> list:
-    """Sort key that orders numbers by value: frame2 before frame10, as people number frames."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name) if part]
-
-
-def list_images(directory: str | os.PathLike) -> list[Path]:
-    """Image files directly in a folder, by extension, in natural order of their names."""
-    return sorted(
-        (p for p in Path(directory).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
-        key=lambda p: (natural_key(p.name), p.name),
-    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -65,3 +66,19 @@ def check_output_dir(path: str | os.PathLike) -> None:
     if p.exists() and not p.is_dir():
         raise OutputError(f"{given}: exists and is not a folder; give a folder (it is created if missing)")
     _probe(p if p.is_dir() else _nearest_folder(p, given), given)
+
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders numbers by value: frame2 before frame10, as people number frames."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name) if part]
+
+
+def list_images(directory: str | os.PathLike) -> list[Path]:
+    """Image files directly in a folder, by extension, in natural order of their names."""
+    return sorted(
+        (p for p in Path(directory).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+        key=lambda p: (natural_key(p.name), p.name),
+    )

@@ -6,7 +6,10 @@ Markers a page may hold:
 - `<!-- flags: CMD -->`: the table of CMD's flags (flag, default, help), from
   `captioner.cli.build_parser()`; a command the parser lacks fails the build;
 - `<!-- flags: all -->`: a section (heading, help line, table) for every sub-command the page
-  has no `<!-- flags: CMD -->` marker for, so a new command is documented the moment it exists.
+  has no `<!-- flags: CMD -->` marker for, so a new command is documented the moment it exists;
+- `<!-- decoding-settings -->`: the table of `DecodingConfig`'s settings (keyword, flag, default,
+  help), from captioner/settings.py;
+- `<!-- layers -->`: the package's layers, from captioner/layers.py.
 
 Links from a page to `../assets/FILE` (right when the Markdown is read in the repository) point
 to the copy the site carries; the model card's links to `../docs/PAGE` point to the page.
@@ -33,6 +36,8 @@ EXTERNAL_LINKS = {"../assets/MODEL_CARD.md": "model-card.md", "../assets/confide
 
 FLAGS = re.compile(r"<!--\s*flags:\s*([\w-]+)\s*-->")
 COMMANDS = re.compile(r"<!--\s*commands\s*-->")
+SETTINGS = re.compile(r"<!--\s*decoding-settings\s*-->")
+LAYERS = re.compile(r"<!--\s*layers\s*-->")
 ALL = "all"
 
 
@@ -109,6 +114,27 @@ def command_table() -> str:
     return "\n".join(lines)
 
 
+def settings_table() -> str:
+    """The decoding settings: the API's keyword, the CLI's flag, the default, the help."""
+    from captioner.settings import DecodingConfig
+
+    lines = ["| keyword | flag | default | help |", "|---|---|---|---|"]
+    for s in DecodingConfig.settings():
+        lines.append(f"| `{s.name}` | `{s.flag}` | `{s.default:g}` | {_text(s.help)} |")
+    return "\n".join(lines)
+
+
+def layers_table() -> str:
+    """The layers, top first (as a reader meets them), with their modules."""
+    from captioner.layers import LAYERS as TABLE
+
+    lines = ["| layer | what it holds | modules |", "|---|---|---|"]
+    for name, (modules, what) in reversed(TABLE.items()):
+        names = ", ".join(f"`{m}`" for m in modules if m and m != "__main__")
+        lines.append(f"| {name} | {_text(what)} | {names} |")
+    return "\n".join(lines)
+
+
 def slug(command: str) -> str:
     """The anchor of a command's section on the CLI page (its heading is `captioner CMD`)."""
     return "captioner-" + command
@@ -134,6 +160,8 @@ def expand(markdown: str) -> str:
         return "\n\n".join(command_section(c) for c in rest)
 
     markdown = COMMANDS.sub(lambda _: command_table(), markdown)
+    markdown = SETTINGS.sub(lambda _: settings_table(), markdown)
+    markdown = LAYERS.sub(lambda _: layers_table(), markdown)
     return FLAGS.sub(flags, markdown)
 
 

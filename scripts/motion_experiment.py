@@ -54,7 +54,7 @@ def main() -> None:
             lr_schedule="constant",
         )
         t0 = time.time()
-        model = Trainer(train, None, out / spec.replace(":", "_"), opts, device="cpu", quiet=True).fit()
+        model = Trainer(train, None, out / spec.replace(":", "_"), opts, device="cpu").fit()
         model = Captioner.load(model, device="cpu")
         seconds = time.time() - t0
         seqs = [[test.paths[f] for f in fr] for fr in test.frames]

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import torch
 
-from captioner.bundle import Caption
+from captioner.pipeline import Caption
 from captioner.serve.batcher import Batcher
 
 

@@ -28,7 +28,7 @@ def two_models(shapes, tmp_path_factory):
         "b": TrainOptions(decoder="attention", encoder="efficientnet_lite1", attention_size=32, **common),
     }
     for name, opts in runs.items():
-        Trainer(train, None, out / name, opts, device="cpu", quiet=True).fit()
+        Trainer(train, None, out / name, opts, device="cpu").fit()
     return out / "a" / "best.pt", out / "b" / "best.pt"
 
 
@@ -43,7 +43,7 @@ def test_an_ensemble_of_a_model_with_itself_captions_as_the_model_in_one_encoder
     real = E.encode_pixels
     monkeypatch.setattr(E, "encode_pixels", lambda *args, **kw: calls.append(1) or real(*args, **kw))
     pair = Captioner.load([a, a], device="cpu")
-    assert isinstance(pair, Ensemble) and pair.groups == [0, 0]
+    assert isinstance(pair.model, Ensemble) and pair.model.groups == [0, 0]
     photos = _photos(shapes)
     assert pair.caption(photos) == alone.caption(photos)
     assert len(calls) == 1  # one batch, one encoder pass for both members
@@ -55,7 +55,7 @@ def test_an_ensemble_of_a_model_with_itself_captions_as_the_model_in_one_encoder
 def test_an_ensemble_of_different_encoders_and_decoders_captions_and_evaluates(two_models, shapes, tmp_path, capsys):
     a, b = two_models
     pair = Captioner.load([a, b], device="cpu")
-    assert pair.groups == [0, 1] and [p.crop for p in pair.preprocesses] == [224, 240]
+    assert pair.model.groups == [0, 1] and [p.crop for p in pair.model.preprocesses] == [224, 240]
     assert pair.decoder.attends_over is None  # 7x7 and 8x8 grids: no one attention map
     text, weights = Captioner.load([b, b], device="cpu").caption(_photos(shapes, 1)[0], return_attention=True)
     assert weights.shape == (len(text.split()), 8, 8)  # the members' mean attention over Lite1's 8x8 grid

@@ -45,11 +45,11 @@ def _count_encodes(monkeypatch):
 
 
 def test_cached_features_equal_in_memory_ones_and_are_extracted_once(lite0, images, tmp_path, monkeypatch):
-    ref_pooled, _ = extract_features(lite0, images, "pooled", num_workers=0, quiet=True)
-    ref_grid, _ = extract_features(lite0, images, "grid", num_workers=0, quiet=True)
+    ref_pooled, _ = extract_features(lite0, images, "pooled", num_workers=0)
+    ref_grid, _ = extract_features(lite0, images, "grid", num_workers=0)
     cache = FeatureCache(lite0, tmp_path / "cache")
     calls = _count_encodes(monkeypatch)
-    assert cache.fill(images, batch_size=3, num_workers=0, quiet=True) == []
+    assert cache.fill(images, batch_size=3, num_workers=0) == []
     assert sum(calls) == 8
     pooled = cache.load(images, "pooled")  # (N, D) fp16
     grid = cache.load(images, "grid")
@@ -59,18 +59,18 @@ def test_cached_features_equal_in_memory_ones_and_are_extracted_once(lite0, imag
     assert torch.equal(grid[2:5], ref_grid[2:5])
     # a second run (another object, as in another process) extracts nothing
     again = FeatureCache(lite0, tmp_path / "cache")
-    assert again.fill(list(reversed(images)) + images, num_workers=0, quiet=True) == [] and sum(calls) == 8
+    assert again.fill(list(reversed(images)) + images, num_workers=0) == [] and sum(calls) == 8
     assert torch.equal(again.load(images[::-1], "pooled"), pooled.flip(0))
 
 
 def test_a_changed_image_is_extracted_again(lite0, images, tmp_path, monkeypatch):
     cache = FeatureCache(lite0, tmp_path / "cache")
-    cache.fill(images, num_workers=0, quiet=True)
+    cache.fill(images, num_workers=0)
     before = cache.load(images, "pooled")
     images[3].write_bytes(images[0].read_bytes())  # new content, size and mtime
     os.utime(images[3], ns=(1, 10**18))
     calls = _count_encodes(monkeypatch)
-    cache.fill(images, num_workers=0, quiet=True)
+    cache.fill(images, num_workers=0)
     assert sum(calls) == 1
     after = cache.load(images, "pooled")
     assert torch.allclose(after[3].float(), before[0].float(), atol=1e-2)  # same pixels, other batch
@@ -106,7 +106,7 @@ def test_interrupted_extraction_resumes_where_it_stopped(lite0, images, tmp_path
     monkeypatch.setattr(F, "encode_pixels", dies_on_third_batch)
     cache = FeatureCache(lite0, tmp_path / "cache")
     with pytest.raises(Crash):
-        cache.fill(images, batch_size=2, num_workers=0, quiet=True)
+        cache.fill(images, batch_size=2, num_workers=0)
     # a crash can also leave rows written without their index lines: they must be dropped
     with open(cache.dir / "grid.f16", "ab") as f:
         f.write(b"\x13" * 1000)
@@ -114,10 +114,10 @@ def test_interrupted_extraction_resumes_where_it_stopped(lite0, images, tmp_path
     monkeypatch.setattr(F, "encode_pixels", real)
     calls = _count_encodes(monkeypatch)
     cache = FeatureCache(lite0, tmp_path / "cache")
-    cache.fill(images, batch_size=2, num_workers=0, quiet=True)
+    cache.fill(images, batch_size=2, num_workers=0)
     assert sum(calls) == 4  # only the images that were not done
     fresh = FeatureCache(lite0, tmp_path / "fresh")
-    fresh.fill(images, num_workers=0, quiet=True)
+    fresh.fill(images, num_workers=0)
     resumed, whole = cache.load(images, "grid")[np.arange(8)], fresh.load(images, "grid")[np.arange(8)]
     assert torch.allclose(resumed.float(), whole.float(), atol=1e-2)  # batches of 2 vs one batch of 8
 
@@ -125,7 +125,7 @@ def test_interrupted_extraction_resumes_where_it_stopped(lite0, images, tmp_path
 def test_bad_images_are_reported_and_not_cached(lite0, images, tmp_path):
     images[1].write_bytes(b"not a png")
     cache = FeatureCache(lite0, tmp_path / "cache")
-    failed = cache.fill(images + [tmp_path / "gone.png"], num_workers=1, quiet=True)
+    failed = cache.fill(images + [tmp_path / "gone.png"], num_workers=1)
     assert sorted(os.path.basename(e.path) for e in failed) == sorted([images[1].name, "gone.png"])
     assert all(isinstance(e, ImageError) for e in failed)
     good = [p for i, p in enumerate(images) if i != 1]
@@ -154,7 +154,6 @@ def test_cached_and_uncached_training_agree(shapes, tmp_path):
             tmp_path / name,
             opts,
             device="cpu",
-            quiet=True,
             use_cache=use_cache,
             cache_dir=tmp_path / "cache",
         ).fit()
@@ -172,7 +171,7 @@ def test_a_warm_cache_does_not_change_a_run(shapes, tmp_path):
         decoder="lstm", epochs=1, batch_size=16, hidden_size=32, embed_size=16, min_word_count=1, num_workers=1
     )
     for name in ("cold", "warm"):
-        Trainer(train, None, tmp_path / name, opts, device="cpu", quiet=True, cache_dir=tmp_path / "cache").fit()
+        Trainer(train, None, tmp_path / name, opts, device="cpu", cache_dir=tmp_path / "cache").fit()
     from captioner.checkpoint import load_checkpoint
 
     a, b = (load_checkpoint(tmp_path / n / "last.pt")["decoder"] for n in ("cold", "warm"))
@@ -226,15 +225,15 @@ def test_extract_features_cli_then_train_extracts_nothing(shapes, tmp_path, caps
 
 def test_a_line_cut_by_a_crash_is_repaired_before_the_next_append(lite0, images, tmp_path):
     cache = FeatureCache(lite0, tmp_path / "cache")
-    cache.fill(images[:4], num_workers=0, quiet=True)
+    cache.fill(images[:4], num_workers=0)
     with open(cache.dir / "index.jsonl", "a", encoding="utf-8") as f:
         f.write('{"k": "/somewhere/img.png\\t123\\t4')  # the process died in the middle of a line
     cache = FeatureCache(lite0, tmp_path / "cache")
-    assert cache.fill(images, num_workers=0, quiet=True) == []
+    assert cache.fill(images, num_workers=0) == []
     lines = (cache.dir / "index.jsonl").read_text(encoding="utf-8").split("\n")
     assert lines[-1] == "" and len(lines) == 9 and all(json.loads(l) for l in lines[:-1])
     fresh = FeatureCache(lite0, tmp_path / "fresh")
-    fresh.fill(images, num_workers=0, quiet=True)
+    fresh.fill(images, num_workers=0)
     again = FeatureCache(lite0, tmp_path / "cache")  # as another process reads it
     assert torch.equal(again.load(images, "pooled"), fresh.load(images, "pooled"))
     # a whole record whose newline was never written is cut too (the next append would glue onto it)
@@ -242,14 +241,14 @@ def test_a_line_cut_by_a_crash_is_repaired_before_the_next_append(lite0, images,
         f.write('{"k": "x", "r": 8}')
     images[0].write_bytes(images[1].read_bytes())
     os.utime(images[0], ns=(1, 10**18))  # changed: extracted again, appended
-    assert again.fill(images, num_workers=0, quiet=True) == []
+    assert again.fill(images, num_workers=0) == []
     assert all(json.loads(l) for l in (cache.dir / "index.jsonl").read_text().splitlines())
     now = FeatureCache(lite0, tmp_path / "cache").load(images[:1], "pooled").float()
     assert torch.allclose(now, fresh.load(images[1:2], "pooled").float(), atol=1e-2)  # batch of 1 vs of 8
 
 
 def _fill_in_a_process(root: str, paths: list[str]) -> None:
-    FeatureCache(build_encoder(), root).fill(paths, batch_size=2, num_workers=0, quiet=True)
+    FeatureCache(build_encoder(), root).fill(paths, batch_size=2, num_workers=0)
 
 
 @pytest.mark.slow  # launches processes
@@ -271,7 +270,7 @@ def test_two_processes_fill_one_cache_at_once(lite0, images, tmp_path):
     records = [json.loads(l) for l in (cache.dir / "index.jsonl").read_text().splitlines()]
     assert sorted(r["r"] for r in records) == list(range(8)) and len({r["k"] for r in records}) == 8  # each once
     fresh = FeatureCache(lite0, tmp_path / "fresh")
-    fresh.fill(images, batch_size=2, num_workers=0, quiet=True)
+    fresh.fill(images, batch_size=2, num_workers=0)
     assert torch.allclose(cache.load(images, "pooled").float(), fresh.load(images, "pooled").float(), atol=1e-2)
 
 

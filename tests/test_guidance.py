@@ -186,6 +186,6 @@ def test_calibrated_model_saves_loads_and_prints_confidence(trained_run, shapes,
 
 def test_the_command_lines_default_mark_is_the_librarys() -> None:
     from captioner.cli import build_parser
-    from captioner.guidance import LOW_CONFIDENCE
+    from captioner.settings import LOW_CONFIDENCE
 
     assert build_parser().parse_args(["caption", "x.jpg"]).min_confidence == LOW_CONFIDENCE

@@ -106,9 +106,9 @@ def model():
 
 @pytest.fixture(scope="module")
 def server(model):
-    from captioner.serve import Limits, create_app
+    from captioner.serve import ServeLimits, create_app
 
-    app = create_app(model, Limits(max_upload_mb=2.0, max_files=4), max_batch=16, max_wait_ms=10)
+    app = create_app(model, ServeLimits(max_upload_mb=2.0, max_files=4, batch_size=16, batch_wait_ms=10))
     with Server(app) as s:
         yield s
 

@@ -18,9 +18,8 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 from .. import __version__
-from ..decoding import whole_number
-from ..distributed import PeerFailure, first_line, lost_peer
 from ..errors import CaptionerError
+from ..settings import whole_number
 from . import caption, evaluate, extract, plot, score, serve, train, validate
 from .common import err, expand_inputs, rank_prefix
 
@@ -125,6 +124,8 @@ def _run(args: argparse.Namespace) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's last flush has nowhere to fail
         return 141  # 128 + SIGPIPE: what a shell reports for a tool stopped by a closed pipe
     except Exception as e:
+        from ..distributed import PeerFailure, first_line, lost_peer  # torch: only once something failed
+
         if not rank_prefix():  # a bug: the traceback is the useful report
             traceback.print_exc()
             err(

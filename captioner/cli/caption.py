@@ -6,9 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import UsageError
-from ..images import ImageError, list_images
-from ..paths import check_output_dir
+from ..errors import ImageError, UsageError
+from ..paths import check_output_dir, list_images
+from ..settings import LOW_CONFIDENCE
 from .common import decoding, decoding_args, err, expand_inputs, max_pixels_arg, model_arg
 
 
@@ -34,8 +34,7 @@ def add(sub) -> None:
         "(frame2 before frame10); repeat for several",
     )
     model_arg(c)
-    decoding_args(c)
-    c.add_argument("--n-best", type=int, default=1, help="how many captions per image or sequence (with --json)")
+    decoding_args(c, n_best=True)
     c.add_argument("--batch-size", type=int, default=32, help="images encoded and beam-searched together")
     max_pixels_arg(c)
     c.add_argument(
@@ -54,7 +53,7 @@ def add(sub) -> None:
     c.add_argument(
         "--min-confidence",
         type=float,
-        default=0.2,  # guidance.LOW_CONFIDENCE (not imported here: the CLI starts without torch)
+        default=LOW_CONFIDENCE,
         metavar="C",
         help="mark captions whose confidence (P(acceptable caption), calibrated on validation captions) "
         "is below C, and print the photo's top tags after them; 0 = mark none",
@@ -130,7 +129,7 @@ def _print_caption(args: argparse.Namespace, key: dict, label: str, nbest: list)
     # marked as low-confidence (then the tags are what there is to go on)
     tags = best.tags[: args.tags or (5 if args.json else 3 if low else 0)]
     if args.json:
-        from ..bundle import caption_record
+        from ..pipeline import caption_record
 
         entry = key | caption_record(nbest, len(tags), args.min_confidence, args.omit_low_confidence)
         line = json.dumps(entry, ensure_ascii=False)

@@ -8,8 +8,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import DataError, UsageError
-from ..images import ImageError, list_images
+from ..errors import DataError, ImageError, UsageError
+from ..paths import list_images
+from ..settings import DEFAULT_MAX_PIXELS, DecodingConfig
 
 GLOB_CHARS = set("*?[")
 
@@ -76,8 +77,7 @@ def load_corpus(
 
 def decoding(model, args: argparse.Namespace) -> dict:
     """The model's decoding defaults, with what the command line set; checked before any work."""
-    given = {key: getattr(args, name[2:].replace("-", "_")) for name, key, _, _ in DECODING_FLAGS}
-    return model.resolve_decoding(n_best=getattr(args, "n_best", 1), **given)
+    return model.resolve_decoding(**{s.name: getattr(args, s.name, None) for s in DecodingConfig.settings()})
 
 
 def model_arg(parser) -> None:
@@ -92,8 +92,6 @@ def model_arg(parser) -> None:
 
 
 def max_pixels_arg(parser) -> None:
-    from ..images import DEFAULT_MAX_PIXELS
-
     parser.add_argument(
         "--max-pixels",
         type=int,
@@ -121,45 +119,15 @@ def corpus_of(args: argparse.Namespace):
     )
 
 
-#: the decoding flags: (flag, key in the model's decoding settings, type, help)
-DECODING_FLAGS = (
-    ("--beam-size", "beam_size", int, "beam width, 1 = greedy"),
-    ("--max-len", "max_len", int, "most words per caption"),
-    ("--min-len", "min_len", int, "fewest words per caption"),
-    ("--length-penalty", "length_alpha", float, "GNMT alpha, 0 = off"),
-    ("--no-repeat-ngram", "no_repeat_ngram", int, "forbid repeating n-grams of this size, 0 = off"),
-    ("--tag-boost", "tag_boost", float, "favour the words the encoder's ImageNet classifier recognises, 0 = off"),
-    (
-        "--suppress-unseen",
-        "suppress_unseen",
-        float,
-        "penalise naming people, animals and vehicles the classifiers do not see, 0 = off",
-    ),
-    (
-        "--tag-subject",
-        "tag_subject",
-        float,
-        "on photos unlike the training photos, start the caption with the word the ImageNet classifier "
-        "is at least this sure of (a cat, a bus), 0 = off",
-    ),
-    (
-        "--constrain",
-        "constrain",
-        float,
-        "make the caption name what the ImageNet classifier is at least this sure of (constrained beam "
-        "search; words the decoder never learnt are borrowed from related ones), 0 = off",
-    ),
-    ("--max-constraints", "max_constraints", int, "with --constrain: the surest this many concepts per photo"),
-    ("--constraints-needed", "constraints_needed", int, "with --constrain: how many of them the caption must name"),
-)
-
-
-def decoding_args(parser) -> None:
-    """Decoding options; left unset, each comes from the model (its measured best, or the defaults)."""
-    from ..bundle import DEFAULT_DECODING
-
-    for name, key, kind, text in DECODING_FLAGS:
-        parser.add_argument(name, type=kind, help=f"{text} (default: the model's, else {DEFAULT_DECODING[key]:g})")
+def decoding_args(parser, n_best: bool = False) -> None:
+    """The decoding flags, generated from DecodingConfig (settings.py); left unset, each comes from the
+    model (its measured best, or DecodingConfig's default). n_best: also --n-best (a per-call setting)."""
+    for s in DecodingConfig.settings():
+        if s.model_default:
+            text = f"{s.help} (default: the model's, else {s.default:g})"
+            parser.add_argument(s.flag, dest=s.name, type=s.kind, help=text)
+        elif n_best:
+            parser.add_argument(s.flag, dest=s.name, type=s.kind, default=s.default, help=s.help)
 
 
 def rank_prefix() -> str:

@@ -51,11 +51,10 @@ def run(args: argparse.Namespace) -> int:
     novel = training_novel_kinds(args.train_annotations) if args.train_annotations else None
     model = Captioner.load(args.model, device=args.device)
     settings = decoding(model, args)  # checked before any image is read
-    novel = novel if novel is not None else model.guidance.novel_kinds()
+    if novel is None and model.guidance is not None:
+        novel = model.guidance.novel_kinds()
     cache = None if args.no_cache else model.feature_cache(args.cache_dir)
-    results, failed = caption_corpus(
-        model, corpus, batch_size=args.batch_size, quiet=args.quiet, cache=cache, **settings
-    )
+    results, failed = caption_corpus(model, corpus, batch_size=args.batch_size, cache=cache, **settings)
     for e in failed:
         err(str(e))
     if args.results:

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             "nothing to extract: give image files/folders/globs, --annotations with --images, or --karpathy-json"
         )
     cache = FeatureCache(build_encoder(args.encoder), args.cache_dir, resolve_device(args.device))
-    failed = problems + cache.fill(paths, batch_size=args.batch_size, num_workers=args.num_workers, quiet=args.quiet)
+    failed = problems + cache.fill(paths, batch_size=args.batch_size, num_workers=args.num_workers)
     for e in failed:
         err(str(e))
     if not args.quiet:

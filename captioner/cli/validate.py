@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import DataError
-from ..images import DEFAULT_MAX_PIXELS, ImageError
+from ..errors import DataError, ImageError
+from ..settings import DEFAULT_MAX_PIXELS
 
 
 def add(sub) -> None:

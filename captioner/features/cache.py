@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from ..checkpoint import atomic_write
 from ..encoders import Encoder
 from ..errors import OutputError
 from ..images import ImageError
 from ..paths import cache_dir, check_output_dir
+from ..progress import progress
 from .encoding import compute_dtype, encode_pixels
 from .loading import LoadImage, prepared_batches, split_batch
 
@@ -164,7 +164,6 @@ class FeatureCache:
         paths: Sequence[Path],
         batch_size: int = 32,
         num_workers: int = 1,
-        quiet: bool = False,
         desc: str = "features",
         mirror: bool = False,
     ) -> list[ImageError]:
@@ -194,11 +193,11 @@ class FeatureCache:
             failed = [err for _, _, err in todo if err is not None]
             todo = [(p, k) for p, k, err in todo if err is None]
             if todo:
-                failed += self._extract(todo, batch_size, num_workers, quiet, desc, mirror)
+                failed += self._extract(todo, batch_size, num_workers, desc, mirror)
         return failed
 
     def _extract(
-        self, todo: list[tuple[Path, str]], batch_size: int, num_workers: int, quiet: bool, desc: str, mirror: bool
+        self, todo: list[tuple[Path, str]], batch_size: int, num_workers: int, desc: str, mirror: bool
     ) -> list[ImageError]:
         device = self.device
         encoder = self.encoder.to(device, memory_format=torch.channels_last).eval()
@@ -213,7 +212,7 @@ class FeatureCache:
             open(self.dir / "grid.f16", "ab") as fg,
             open(self.dir / "pooled.f16", "ab") as fp,
             open(self.dir / "index.jsonl", "a", encoding="utf-8") as fi,
-            tqdm(total=len(todo), desc=desc, unit="img", disable=quiet, leave=False) as bar,
+            progress(total=len(todo), desc=desc, unit="img") as bar,
         ):
             paths, start = [p for p, _ in todo], 0
             load = LoadImage(encoder.spec.preprocess, mirror=mirror)

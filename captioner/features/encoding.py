@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from ..encoders import Encoder
 from ..errors import DataError
 from ..images import ImageError
+from ..progress import progress
 from .loading import LoadImage, prepared_batches, split_batch
 
 
@@ -46,7 +46,6 @@ def extract_features(
     batch_size: int = 32,
     device: torch.device = torch.device("cpu"),
     num_workers: int = 1,
-    quiet: bool = False,
     desc: str = "features",
     cut: int | None = None,
     mirror: bool = False,
@@ -60,7 +59,7 @@ def extract_features(
     out: Tensor | None = None
     failed: list[ImageError] = []
     start = 0
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=quiet, leave=False) as bar:
+    with progress(total=len(paths), desc=desc, unit="img") as bar:
         for batch in prepared_batches(
             paths, LoadImage(encoder.spec.preprocess, mirror=mirror), batch_size, num_workers
         ):

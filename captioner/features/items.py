@@ -49,7 +49,6 @@ def corpus_features(
     batch_size: int = 32,
     device: torch.device = torch.device("cpu"),
     num_workers: int = 1,
-    quiet: bool = False,
     desc: str = "features",
     cut: int | None = None,
     mirror: bool = False,
@@ -62,7 +61,7 @@ def corpus_features(
     same items seen in their mirror images (the flip augmentation's second view).
     """
     kind = "trunk" if cut is not None else decoder.feature_kind
-    common = dict(batch_size=batch_size, num_workers=num_workers, quiet=quiet)
+    common = dict(batch_size=batch_size, num_workers=num_workers)
     if cache is not None:
         failed = cache.fill(corpus.paths, desc=desc, **common)
     else:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -19,21 +18,42 @@ from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 
 from .. import __version__
-from ..bundle import ModelBundle, caption_record
-from ..errors import UsageError
-from ..guidance import LOW_CONFIDENCE
-from ..images import ImageError, image_from_bytes
+from ..api import Captioner
+from ..errors import ImageError, UsageError
+from ..images import image_from_bytes
+from ..pipeline import caption_record
+from ..settings import LOW_CONFIDENCE, DecodingConfig, ServeLimits, Setting
 from .batcher import Batcher
 
 STATIC = resources.files("captioner.serve") / "static"
-MAX_SETTING = {"beam_size": 20, "n_best": 20, "max_len": 60}  # one request cannot ask for hours of work
+MAX_TAGS = 20
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_upload_mb: float = 20.0  # one request's body
-    max_files: int = 32  # images in one request
-    max_pixels: int | None = None  # images declaring more are refused from their header (None: the default)
+def form_schema() -> dict[str, Any]:
+    """The OpenAPI request body of the caption routes, generated from DecodingConfig: the files and
+    every decoding setting a request may set (with this server's caps), tags and attention."""
+    props: dict[str, Any] = {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "description": "the images"}
+    }
+    for s in DecodingConfig.settings():
+        high = _cap(s)
+        props[s.name] = {
+            "type": "integer" if s.kind is int else "number",
+            "minimum": s.low,
+            **({"maximum": high} if high is not None else {}),
+            "description": f"{s.help} (default: the model's, else {s.default:g})",
+        }
+    props["tags"] = {"type": "integer", "minimum": 0, "maximum": MAX_TAGS, "default": 5,
+                     "description": "how many of the photo's top ImageNet classes to return"}  # fmt: skip
+    props["attention"] = {"type": "boolean", "default": False,
+                          "description": "attention models: each word's weights over the image grid"}  # fmt: skip
+    body = {"type": "object", "required": ["files"], "properties": props}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": body}}}}
+
+
+def _cap(s: Setting) -> float | None:
+    """The most one request may ask of a setting: one request cannot ask for hours of work."""
+    return s.serve_max if s.serve_max is not None else s.high
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -90,9 +110,19 @@ def _int_field(form, name: str, default: int | None) -> int | None:
     return int(value)
 
 
-def create_app(model: ModelBundle, limits: Limits = Limits(), max_batch: int = 32, max_wait_ms: float = 5.0) -> FastAPI:
+def _number_field(form, name: str) -> float | None:
+    value = form.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"field {name!r} must be a number, not {str(value)[:40]!r}") from None
+
+
+def create_app(model: Captioner, limits: ServeLimits = ServeLimits()) -> FastAPI:
     """The app serving `model`: the page at /, the API under /api, OpenAPI docs at /docs."""
-    batcher = Batcher(model, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    batcher = Batcher(model, max_batch=limits.batch_size, max_wait_ms=limits.batch_wait_ms)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -135,8 +165,8 @@ def create_app(model: ModelBundle, limits: Limits = Limits(), max_batch: int = 3
             "vocabulary": len(model.vocab),
             "sequence_model": model.is_sequence_model,
             "attention": attention_model,
-            "tags": model.encoder.head is not None and not model.is_sequence_model,
-            "confidence": model.guidance.calibrated,
+            "tags": model.model.has_classifier,
+            "confidence": model.calibrated,
             "decoding": model.decoding,
             "limits": {"max_upload_mb": limits.max_upload_mb, "max_files": limits.max_files},
             "summary": c.get("summary")
@@ -166,20 +196,24 @@ def create_app(model: ModelBundle, limits: Limits = Limits(), max_batch: int = 3
         return form, items
 
     def decoding_options(form) -> tuple[dict[str, Any], int]:
-        """The decoding settings a request asks for, and how many tags it wants; UsageError for nonsense."""
-        given = {"beam_size": _int_field(form, "beam_size", None), "max_len": _int_field(form, "max_len", None)}
-        n_best = _int_field(form, "n_best", 1)
-        options = model.resolve_decoding(n_best=n_best, **given)  # UsageError for nonsense
-        for name, value in (("beam_size", options["beam_size"]), ("n_best", n_best), ("max_len", options["max_len"])):
-            if value > MAX_SETTING[name]:
-                raise UsageError(f"{name} {value} is over this server's limit of {MAX_SETTING[name]}")
+        """The decoding settings a request asks for (the fields of DecodingConfig), and how many tags
+        it wants; UsageError for nonsense."""
+        given = {
+            s.name: _int_field(form, s.name, None) if s.kind is int else _number_field(form, s.name)
+            for s in DecodingConfig.settings()
+        }
+        options = model.resolve_decoding(**given)  # UsageError for nonsense
+        for s in DecodingConfig.settings():
+            cap = _cap(s)
+            if cap is not None and options[s.name] > cap:
+                raise UsageError(f"{s.name} {options[s.name]} is over this server's limit of {cap:g}")
         tags = _int_field(form, "tags", 5)
-        if not 0 <= tags <= 20:
-            raise UsageError(f"tags must be 0 to 20, not {tags}")
-        return options | {"n_best": n_best}, tags
+        if not 0 <= tags <= MAX_TAGS:
+            raise UsageError(f"tags must be 0 to {MAX_TAGS}, not {tags}")
+        return options, tags
 
     def to_pixels(name: str, data: bytes):
-        return model.preprocess(image_from_bytes(data, name, limits.max_pixels))
+        return model.prepare(image_from_bytes(data, name, limits.max_pixels))  # an ensemble prepares for each member
 
     async def prepare(items) -> list[Any]:
         """Each upload decoded and preprocessed off the event loop, in parallel: pixels or its ImageError."""
@@ -220,10 +254,10 @@ def create_app(model: ModelBundle, limits: Limits = Limits(), max_batch: int = 3
             return _error(400, str(e))
         return form, items, options, n_tags, await prepare(items)
 
-    @app.post("/api/caption")
+    @app.post("/api/caption", openapi_extra=form_schema())
     async def caption(request: Request) -> JSONResponse:
-        """Caption each uploaded image (field `files`, repeatable; fields beam_size, n_best,
-        max_len, tags, attention): the JSON objects of `captioner caption --json`, in upload
+        """Caption each uploaded image (field `files`, repeatable; fields: every decoding setting,
+        tags, attention): the JSON objects of `captioner caption --json`, in upload
         order, each with its `file` name; a bad file gets {"file", "error"} in its place."""
         parsed = await parse(request)
         if isinstance(parsed, JSONResponse):
@@ -241,7 +275,7 @@ def create_app(model: ModelBundle, limits: Limits = Limits(), max_batch: int = 3
             return _error(422, "no image could be read", results=entries)
         return JSONResponse(entries)
 
-    @app.post("/api/caption-sequence")
+    @app.post("/api/caption-sequence", openapi_extra=form_schema())
     async def caption_sequence(request: Request) -> JSONResponse:
         """One caption for the uploaded images as an ordered sequence (upload order = frame order)."""
         parsed = await parse(request)

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..bundle import Caption, ModelBundle
+from ..api import Captioner
+from ..pipeline import Caption
 
 
 @dataclass
@@ -31,7 +32,7 @@ class _Job:
 class Batcher:
     """`await batcher.caption(pixels, **options)` -> that image's n-best Captions."""
 
-    def __init__(self, model: ModelBundle, max_batch: int = 32, max_wait_ms: float = 5.0) -> None:
+    def __init__(self, model: Captioner, max_batch: int = 32, max_wait_ms: float = 5.0) -> None:
         self.model = model
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0

@@ -1,0 +1,255 @@
+"""The decoding pipeline: images -> features -> beam search -> `Caption`s, over one model or an
+ensemble (anything with the model interface of model.py), with the guidance part (guidance.py,
+naming.py) plugged in when the model's encoder has its ImageNet classifier.
+
+Settings come from `DecodingConfig` (settings.py): the model's recorded defaults, with what a call
+sets on top.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .decoding import beam_search, constraints_met
+from .errors import ImageError
+from .features import default_workers, prepared_batches, split_batch
+from .guidance import CONSTRAIN_SHARE, Guidance, Tag, top_tags
+from .model import ImageInput
+from .naming import Naming
+from .settings import DecodingConfig, whole_number
+
+
+class Caption(NamedTuple):
+    text: str
+    score: float  # summed log-prob (divided by the length penalty when one is set)
+    attention: Tensor | None = None  # (words, R) attention weights, for attention decoders
+    words: tuple[str, ...] = ()  # the caption's tokens, one per attention row (Chinese text has no spaces to split on)
+    tags: tuple[Tag, ...] = ()  # the photo's top ImageNet classes (guidance.py), when the encoder has its classifier
+    confidence: float | None = None  # P(acceptable caption), when the model is calibrated (calibration.py)
+
+    def attention_grid(self) -> Tensor:
+        """The attention as (words, h, w) over the encoder's square grid."""
+        side = round(self.attention.size(1) ** 0.5)
+        return self.attention.view(-1, side, side)
+
+
+def caption_record(
+    nbest: Sequence[Caption], n_tags: int = 5, min_confidence: float = 0.0, omit_low: bool = False
+) -> dict[str, Any]:
+    """An image's n-best Captions as the JSON object `captioner caption --json` prints (and the
+    server answers): caption, confidence, nbest [{caption, score, confidence}], tags [{label, p}];
+    "low_confidence" when `min_confidence` is set (omit_low: the caption is then null)."""
+    best = nbest[0]
+    low = best.confidence is not None and best.confidence < min_confidence
+    entry: dict[str, Any] = {
+        "caption": None if low and omit_low else best.text,
+        "confidence": _rounded(best.confidence),
+    }
+    if min_confidence:
+        entry["low_confidence"] = low
+    entry["nbest"] = [
+        {"caption": c.text, "score": round(c.score, 4), "confidence": _rounded(c.confidence)} for c in nbest
+    ]
+    if n_tags and best.tags:
+        entry["tags"] = [t.to_dict() for t in best.tags[:n_tags]]
+    return entry
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def _rows(inputs: Any, idx: Tensor) -> Any:
+    """The rows `idx` of a decoder input: a (B, ...) tensor, or a tuple of them (an ensemble's)."""
+    if isinstance(inputs, tuple):
+        return tuple(_rows(x, idx) for x in inputs)
+    return inputs[idx.to(inputs.device)]
+
+
+@contextmanager
+def _eval_mode(module: torch.nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+@dataclass
+class _Guide:
+    """What the guidance part makes of one batch of photos."""
+
+    pooled: Tensor  # (B, D)
+    probs: Tensor  # (B, C) ImageNet class probabilities
+    bias: Tensor | None  # (B, V) log-prob bias: the word prior
+    prefix: Tensor | None  # (B, 2) a forced first words (-1: none)
+    constraints: list[list[set[int]]] | None  # per photo, the word sets its caption must meet
+
+
+class Pipeline:
+    """Decodes captions for `model` (a model.Model, or an ensemble.Ensemble of them). `guidance`
+    (None: no tags, word prior, forced subject, constraints or confidence) reads the model's
+    ImageNet classifier; `for_model` plugs it in when the model has one."""
+
+    def __init__(self, model: Any, guidance: Guidance | None = None) -> None:
+        self.model = model
+        self.guidance = guidance
+        self._naming: Naming | None = None
+
+    @classmethod
+    def for_model(cls, model: Any) -> Pipeline:
+        return cls(model, Guidance(model.vocab, model.guidance_state) if model.has_classifier else None)
+
+    @property
+    def defaults(self) -> DecodingConfig:
+        """The model's decoding defaults: measured best on validation data when its checkpoint records
+        them (config["decoding"]), else DecodingConfig's."""
+        return DecodingConfig.from_dict(self.model.config.get("decoding"))
+
+    def settings(self, **given: Any) -> DecodingConfig:
+        """The settings a call gets: the defaults with what it set (None: not set); UsageError for nonsense."""
+        return self.defaults.with_(**given)
+
+    @property
+    def naming(self) -> Naming:
+        """Concepts, constraints and the extended vocabulary (naming.py), built on first use."""
+        if self._naming is None or self._naming.base is not self.model.vocab:
+            self._naming = Naming(self.model.vocab)
+        return self._naming
+
+    # ---- decoding ----------------------------------------------------------------------------
+    def decode(self, features: Any, **settings: Any) -> list[list[Caption]]:
+        """The decoder's input for B images or sequences (model.encode / a feature cache) -> for each
+        its n-best Captions, best first, with the photo's tags and each caption's confidence when the
+        model has them. `settings`: any DecodingConfig field; unset ones are the model's defaults."""
+        o = self.settings(**settings)
+        guide = self._guide(features, o)
+        inputs = self.model.decoder_input(features)
+        vocab = self.model.vocab
+        with _eval_mode(self.model.decoder):
+            hyps = self._search(
+                self.model.decoder,
+                inputs,
+                o,
+                bias=guide.bias if guide else None,
+                prefix=guide.prefix if guide else None,
+            )
+            if guide is not None and guide.constraints is not None:
+                vocab = self.naming.vocab
+                self._constrained_search(hyps, inputs, o, guide)
+                for hs in hyps:
+                    for h in hs:
+                        h.tokens = self.naming.fix_articles(h.tokens)
+        return self._captions(hyps, vocab, guide)
+
+    def _guide(self, features: Any, o: DecodingConfig) -> _Guide | None:
+        """The guidance part's view of a batch: None without guidance or for sequences."""
+        if self.guidance is None:
+            return None
+        pooled = self.model.pooled(features)  # (B, D) or None
+        probs = self.model.imagenet_probs(pooled)  # (B, C) or None
+        if probs is None:
+            return None
+        g = self.guidance
+        bias = g.bias(pooled, probs, o.tag_boost, o.suppress_unseen) if o.tag_boost or o.suppress_unseen else None
+        constraints = self._constraints(pooled, probs, o) if o.constrain else None
+        prefix = g.subject(pooled, probs, o.tag_subject)  # (B, 2) or None
+        if prefix is not None and constraints is not None:  # never "a coffee": the constraint names it instead
+            mass = [bool(w in self.naming.no_article_ids and any(w in ws for ws in sets)) for w, sets in
+                    zip(prefix[:, 1].tolist(), constraints)]  # fmt: skip
+            prefix = prefix.masked_fill(torch.tensor(mass, device=prefix.device)[:, None], -1)
+        return _Guide(pooled, probs, bias, prefix, constraints)
+
+    def _captions(self, hyps: list, vocab: Any, guide: _Guide | None) -> list[list[Caption]]:
+        texts = [[vocab.decode(h.tokens) for h in hs] for hs in hyps]
+        tags = top_tags(guide.probs) if guide is not None else [()] * len(hyps)
+        conf = None
+        if guide is not None:
+            captions = [[(t, h.score, len(h.tokens)) for t, h in zip(ts, hs)] for ts, hs in zip(texts, hyps)]
+            conf = self.guidance.confidence(guide.pooled, guide.probs, captions)
+        return [
+            [
+                Caption(t, h.score, h.attention, vocab.words(h.tokens), tags[b], None if conf is None else conf[b][j])
+                for j, (t, h) in enumerate(zip(texts[b], hs))
+            ]
+            for b, hs in enumerate(hyps)
+        ]
+
+    def _search(self, decoder: Any, inputs: Any, o: DecodingConfig, **kw: Any) -> list:
+        """beam_search with the settings `o`."""
+        return beam_search(
+            decoder,
+            inputs,
+            beam_size=max(o.beam_size, o.n_best),
+            max_len=o.max_len,
+            min_len=o.min_len,
+            length_alpha=o.length_alpha,
+            no_repeat_ngram=o.no_repeat_ngram,
+            n_best=o.n_best,
+            suppress=[self.model.vocab.unk_id],  # "<unk>" is never a useful word to print
+            **kw,
+        )
+
+    def _constraints(self, pooled: Tensor, probs: Tensor, o: DecodingConfig) -> list[list[set[int]]]:
+        """Each photo's constraints (naming.py): none on photos much like the training photos, where
+        the decoder knows better what people mention (guidance.CONSTRAIN_SHARE)."""
+        share = self.guidance.typical_share(pooled)  # (B,) or None
+        threshold = torch.full((len(probs),), float(o.constrain))  # (B,)
+        if share is not None:
+            threshold = threshold.masked_fill(share.cpu() >= CONSTRAIN_SHARE, float("inf"))
+        return self.naming.constraints(probs, threshold, o.max_constraints)
+
+    def _constrained_search(self, hyps: list, inputs: Any, o: DecodingConfig, guide: _Guide) -> None:
+        """Decode again, under constraints, the photos whose free caption does not name the
+        concepts the classifier is sure of; their hypotheses in `hyps` are replaced when the new
+        best caption names more of them. A caption that already names them stays as the free
+        search wrote it: a constrained search keeps separate beams per state and would rank
+        other, shorter captions first."""
+        naming, need, constraints = self.naming, o.constraints_needed, guide.constraints
+        met = [constraints_met(sets, hs[0].tokens) for hs, sets in zip(hyps, constraints)]
+        redo = [b for b, sets in enumerate(constraints) if sets and met[b] < min(need, len(sets))]
+        if not redo:
+            return
+        idx = torch.tensor(redo)
+        sub = [constraints[b] for b in redo]
+        allowed = naming.allowed_bias(sub)  # (R, V + E): borrowed words only where a photo asks for them
+        if guide.bias is not None:
+            allowed = allowed + torch.nn.functional.pad(guide.bias[idx], (0, naming.V - naming.V0))
+        again = self._search(
+            naming.wrap(self.model.decoder),
+            _rows(inputs, idx),  # an ensemble's inputs are a tuple, one per member
+            o,
+            bias=allowed,
+            constraints=sub,
+            need=need,
+            banned_bigrams=naming.banned_bigrams(sub),
+        )
+        for b, hs in zip(redo, again):
+            if hs and hs[0].met > met[b]:
+                hyps[b] = hs
+
+    def generate(
+        self, inputs: Sequence[ImageInput], batch_size: int = 32, num_workers: int | None = None, **settings: Any
+    ) -> Iterator[list[Caption] | ImageError]:
+        """For each input, in order: its n-best Captions, or the ImageError it raised.
+
+        A bad input never stops the others. Images are decoded in worker processes (when there is
+        more than one batch), then encoded and beam-searched a batch at a time.
+        """
+        whole_number(batch_size, 1, "batch size (--batch-size, batch_size=)")
+        if num_workers is not None:
+            whole_number(num_workers, 0, "workers (num_workers=)")
+        self.settings(**settings)  # nonsense is refused before any image is read
+        workers = default_workers(len(inputs), batch_size) if num_workers is None else num_workers
+        for batch in prepared_batches(inputs, self.model.prepare, batch_size, workers):
+            idx, pixels, _ = split_batch(batch)
+            decoded = iter(self.decode(self.model.encode(pixels), **settings) if idx else [])
+            for item in batch:
+                yield item if isinstance(item, ImageError) else next(decoded)
