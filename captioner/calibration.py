@@ -1,5 +1,7 @@
 """Fitting a model's guidance state (guidance.py) from its own data: the person classifier and the
-typicality centroids from the training photos, the confidence from captions of validation photos.
+typicality centroids from the training photos, the confidence from captions of validation photos;
+and measuring how well the confidence is calibrated (`captioner calibrate`, and `captioner train`
+at the end of a run with val data).
 
 Everything is fitted on features the feature cache already holds, in seconds; the result is a
 few tensors saved in the checkpoint under "guidance".
@@ -8,36 +10,58 @@ few tensors saved in the checkpoint under "guidance".
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from .bundle import ModelBundle
+from .checkpoint import load_checkpoint, save_checkpoint
 from .concepts import word_kinds
 from .data import CaptionCorpus
 from .errors import UsageError
 from .features import FeatureCache, ItemFeatures
-from .guidance import ACCEPTABLE, Guidance, _logistic, fit_centroids, fit_person
+from .guidance import ACCEPTABLE, Guidance, fit_centroids, fit_logistic, fit_person
 from .metrics import cider_d, normalize, normalize_corpus, split_words
 from .objects import COCO_OBJECTS, kind_shares
 
+if TYPE_CHECKING:
+    from .api import Captioner
+
 log = logging.getLogger("captioner")
 
+#: fewest readable photos calibration fits on: the confidence's report is 5-fold cross-validated
+MIN_PHOTOS = 5
 
-def _pooled(model: ModelBundle, feats: ItemFeatures, step: int = 256) -> Tensor:
+
+def _pooled(model: Captioner, feats: ItemFeatures, step: int = 256) -> Tensor:
     """Pooled features (N, D) of every item of `feats`."""
     return torch.cat([model.pooled(feats[s : s + step]).cpu() for s in range(0, len(feats), step)])
 
 
-def corpus_pooled(
-    model: ModelBundle, corpus: CaptionCorpus, cache: FeatureCache | None, quiet: bool = True
-) -> tuple[Tensor, list[int]]:
-    """(N, D) pooled features of a corpus' readable photos and their indices in the corpus."""
+def check_calibratable(model: Captioner) -> None:
+    """UsageError unless the model can have guidance: a single-image model whose encoder has its
+    ImageNet classifier (the tags and the word prior come from it)."""
     if model.is_sequence_model or model.encoder.head is None:
         raise UsageError("guidance needs a single-image model whose encoder has its ImageNet classifier")
-    feats, kept, _ = model.corpus_inputs(corpus, cache, quiet=quiet)
+
+
+def readable_inputs(model: Captioner, corpus: CaptionCorpus, cache: FeatureCache | None, what: str):
+    """(decoder inputs, kept indices) of a corpus' readable photos; UsageError when fewer than
+    MIN_PHOTOS can be read."""
+    feats, kept, _ = model.corpus_inputs(corpus, cache)
+    if len(kept) < MIN_PHOTOS:
+        raise UsageError(
+            f"{corpus.source}: {len(kept)} readable {what} photo(s); calibration needs at least {MIN_PHOTOS}"
+        )
+    return feats, kept
+
+
+def corpus_pooled(model: Captioner, corpus: CaptionCorpus, cache: FeatureCache | None) -> tuple[Tensor, list[int]]:
+    """(N, D) pooled features of a corpus' readable photos and their indices in the corpus."""
+    check_calibratable(model)
+    feats, kept = readable_inputs(model, corpus, cache, "training")
     return _pooled(model, feats), kept
 
 
@@ -68,7 +92,7 @@ def fit_photo_state(train_pooled: Tensor, train_refs: list[list[str]]) -> dict[s
 
 
 def confidence_data(
-    model: ModelBundle, val_feats: ItemFeatures, val_refs: list[list[str]], step: int = 250, **decoding: Any
+    model: Captioner, val_feats: ItemFeatures, val_refs: list[list[str]], step: int = 250, **decoding: Any
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Decode the validation photos once: (features (N, F) of each best caption, its CIDEr-D (N,),
     the photos' pooled features (N, D))."""
@@ -87,25 +111,21 @@ def confidence_data(
 
 
 def fit_confidence(x: Tensor, quality: Tensor, weight_decay: float = 0.01) -> dict[str, Tensor]:
-    w, b = _logistic(x, quality >= ACCEPTABLE, weight_decay)
+    w, b = fit_logistic(x, quality >= ACCEPTABLE, weight_decay)
     return {"confidence_weight": w, "confidence_bias": b}
 
 
 def calibrate(
-    model: ModelBundle,
-    train: CaptionCorpus,
-    val: CaptionCorpus,
-    cache: FeatureCache | None,
-    quiet: bool = True,
-    **decoding: Any,
+    model: Captioner, train: CaptionCorpus, val: CaptionCorpus, cache: FeatureCache | None, **decoding: Any
 ) -> dict[str, Any]:
     """Fit the whole guidance state into `model.guidance` (decoding: the settings the confidence is
     for, default the model's); returns a report: the validation captions' calibration measured
-    by 5-fold cross-validation."""
-    train_pooled, kept = corpus_pooled(model, train, cache, quiet)
+    by 5-fold cross-validation ("confidence", "quality", "acceptable") and the photos fitted on
+    ("train_photos", "val_photos")."""
+    train_pooled, kept = corpus_pooled(model, train, cache)
+    val_feats, val_kept = readable_inputs(model, val, cache, "validation")  # (checked before any fitting)
     state = fit_photo_state(train_pooled, [train.captions[k] for k in kept])
     model.guidance = Guidance(model.vocab, state)
-    val_feats, val_kept, _ = model.corpus_inputs(val, cache, quiet=quiet)
     val_refs = [val.captions[k] for k in val_kept]
     # typicality first: the val captions the confidence is fitted on must be decoded as the model
     # will decode them, and the decoding's guidance depends on how typical each photo is
@@ -121,8 +141,63 @@ def calibrate(
     state |= fit_confidence(x, quality)
     model.guidance = Guidance(model.vocab, state)
     held_out = held_out * model.guidance.novelty_factor(val_pooled)
-    log.info("calibrated on %d training and %d validation photos", len(train_pooled), len(x))
-    return {"confidence": held_out.tolist(), "quality": quality.tolist(), "acceptable": ACCEPTABLE}
+    log.debug("calibrated on %d training and %d validation photos", len(train_pooled), len(x))
+    return {
+        "confidence": held_out.tolist(),
+        "quality": quality.tolist(),
+        "acceptable": ACCEPTABLE,
+        "train_photos": len(train_pooled),
+        "val_photos": len(x),
+    }
+
+
+def calibrate_checkpoint(
+    path: str | os.PathLike,
+    train: CaptionCorpus,
+    val: CaptionCorpus,
+    device: str | torch.device = "auto",
+    cache_root: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    **decoding: Any,
+) -> dict[str, Any]:
+    """Fit the guidance state of the model saved at `path` (see `calibrate`) and write it into that
+    file, keeping everything else it holds (a run's best.pt keeps its training state); atomic, so
+    an interruption leaves the file as it was. Returns calibrate's report."""
+    from .api import Captioner
+
+    model = Captioner.load(path, device)
+    check_calibratable(model)
+    report = calibrate(model, train, val, model.feature_cache(cache_root) if use_cache else None, **decoding)
+    ckpt = load_checkpoint(path, map_location="cpu")
+    ckpt["guidance"] = dict(model.guidance.state)
+    save_checkpoint(path, ckpt)
+    return report
+
+
+def record_decoding(model: Captioner, settings: dict[str, Any]) -> None:
+    """Make `settings` (e.g. the best of `captioner tune`) the model's decoding defaults, saved with
+    it; refuses names that are no decoding setting."""
+    if not isinstance(settings, dict):
+        raise UsageError(f"decoding settings must be a JSON object of name: value, not {type(settings).__name__}")
+    unknown = sorted(set(settings) - set(model.decoding))
+    if unknown:
+        raise UsageError(f"unknown decoding setting(s) {', '.join(unknown)}: known are {', '.join(model.decoding)}")
+    model.decoding = model.decoding | settings  # (recorded in the model's config: `save` keeps them)
+
+
+def measure(
+    model: Captioner, corpus: CaptionCorpus, cache: FeatureCache | None, step: int = 250, **decoding: Any
+) -> tuple[Tensor, Tensor]:
+    """(confidence (N,), per-caption CIDEr-D (N,)) of the model's best captions of the readable
+    photos of a set it was not fitted on."""
+    feats, kept, _ = model.corpus_inputs(corpus, cache)
+    conf, texts = [], {}
+    for s in range(0, len(kept), step):
+        for i, hyps in enumerate(model.decode(feats[s : s + step], **decoding)):
+            conf.append(hyps[0].confidence)
+            texts[s + i] = hyps[0].text
+    quality = caption_quality({i: corpus.captions[k] for i, k in enumerate(kept)}, texts)
+    return torch.tensor(conf), torch.tensor([quality[i] for i in range(len(kept))])
 
 
 def reliability(confidence: Tensor, quality: Tensor, bins: int = 5) -> list[dict[str, float]]:
@@ -141,3 +216,44 @@ def reliability(confidence: Tensor, quality: Tensor, bins: int = 5) -> list[dict
                 }
             )
     return out
+
+
+def reliability_table(name: str, confidence: Tensor, quality: Tensor) -> str:
+    """A Markdown reliability table (see `reliability`) under a one-line summary of the set."""
+    lines = [
+        f"{name}: {len(confidence)} captions, {(quality >= ACCEPTABLE).float().mean():.3f} acceptable "
+        f"(CIDEr-D >= {ACCEPTABLE}), mean confidence {confidence.mean():.3f}",
+        "| confidence (bin mean) | acceptable | mean CIDEr-D | captions |",
+        "|---|---|---|---|",
+    ]
+    for b in reliability(confidence, quality):
+        lines.append(f"| {b['confidence']:.3f} | {b['acceptable']:.3f} | {b['cider']:.3f} | {b['n']} |")
+    return "\n".join(lines)
+
+
+def plot_reliability(path: str | os.PathLike, sets: list[tuple[str, Tensor, Tensor]]) -> None:
+    """Reliability diagram (PNG) of (name, confidence, quality) sets against perfect calibration."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_write
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=110)
+    ax.plot([0, 1], [0, 1], color="0.7", lw=1, ls="--", label="perfect calibration")
+    for (name, conf, quality), marker in zip(sets, "os^"):
+        bins = reliability(conf, quality, bins=5 if len(conf) < 200 else 10)
+        ax.plot([b["confidence"] for b in bins], [b["acceptable"] for b in bins], marker=marker, label=name)
+    ax.set_xlabel("confidence (mean of an equal-count bin)")
+    ax.set_ylabel(f"share of captions with CIDEr-D >= {ACCEPTABLE}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))

@@ -2,12 +2,14 @@
 with the COCO caption metrics, best.pt by a chosen metric, early stopping, exact resume.
 
 options.py     TrainOptions: everything that defines a run, resolved and checked once (pure)
-optim.py       optimizers, learning-rate schedules, mixed precision
+plan.py        RunPlan: what a run resumes or starts from and trains with, decided before any work
+optim.py       optimizers, learning-rate schedules, mixed precision (Optimisation holds them)
 batches.py     per-item features or pixels, each epoch's shard and random stream
 objectives.py  the trainable step (what DDP wraps), cross-entropy and self-critical epochs
 validation.py  val captions and their scores
 run_folder.py  RUN/: last.pt, best.pt, interrupted.pt, metrics.jsonl
-trainer.py     Trainer: builds or restores the model, runs the epochs, saves
+trainer.py     Trainer: records its inputs; prepare() plans, builds or restores and reads features;
+               fit() runs the epochs, saves, and calibrates best.pt when there is val data
 
 Names are imported on first use, so `from captioner.training import TrainOptions` (as the CLI
 does to build its flags) does not load the training machinery.
@@ -29,7 +31,12 @@ _HOMES = {
     "build_scheduler": "optim",
     "CosineFactor": "optim",
     "amp_dtype": "optim",
+    "Optimisation": "optim",
+    "RunPlan": "plan",
+    "plan_run": "plan",
     "TrainStep": "objectives",
+    "EpochContext": "objectives",
+    "SelfCritical": "objectives",
     "scst_rewards": "objectives",
     "RunFolder": "run_folder",
     "RunFolderError": "run_folder",

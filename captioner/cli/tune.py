@@ -1,0 +1,87 @@
+"""`captioner tune`: measure decoding settings on a validation set, print a Markdown table (one row per
+setting) and write the best by CIDEr-D as JSON, for `captioner calibrate --decoding`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .common import cache_args, model_arg
+
+#: the grid flags: (flag, Grid field, type, default, help)
+GRID_FLAGS = (
+    ("--beam-sizes", "beam_size", int, "1,3,5", "beam widths (1: greedy)"),
+    ("--length-penalties", "length_alpha", float, "0,1", "GNMT length penalties (alpha)"),
+    ("--no-repeat-ngrams", "no_repeat_ngram", int, "0,2", "sizes of the n-grams a caption may not repeat (0: off)"),
+    ("--tag-boosts", "tag_boost", float, "0", "tag boosts: the ImageNet classifier's word prior (guidance)"),
+    ("--suppress-unseen", "suppress_unseen", float, "0", "unseen-object penalties (a calibrated model)"),
+    ("--tag-subjects", "tag_subject", float, "0", "tag-subject thresholds (a calibrated model)"),
+    ("--constrain", "constrain", float, "0", "constrained-search thresholds (a calibrated model)"),
+)
+
+
+def add(sub) -> None:
+    t = sub.add_parser(
+        "tune",
+        help="measure decoding settings on a validation set and write the best (by CIDEr-D) as JSON",
+        description="Caption a validation set once per combination of the values given (encoder features "
+        "come from the feature cache, so each costs only the decoding); print a Markdown table of the "
+        "scores and write the best setting by CIDEr-D, for `captioner calibrate --decoding`.",
+    )
+    model_arg(t)
+    d = t.add_argument_group("validation data")
+    d.add_argument("--annotations", help="COCO caption JSON with the references")
+    d.add_argument("--images", help="folder of its images")
+    d.add_argument("--karpathy-json", help="Karpathy split file instead of --annotations/--images")
+    d.add_argument("--images-root", help="with --karpathy-json: folder the filepaths are relative to")
+    d.add_argument("--split", default="val", help="with --karpathy-json: which split(s)")
+    d.add_argument("--skip-missing", action="store_true", help="leave out missing image files instead of failing")
+    d.add_argument(
+        "--train-annotations",
+        help="the model's training caption file, for novel_object_recall (default: the kinds the "
+        "model's calibration recorded, if any)",
+    )
+    g = t.add_argument_group("settings tried (comma-separated values; every combination is measured)")
+    for name, _, _, default, text in GRID_FLAGS:
+        g.add_argument(name, default=default, metavar="V[,V...]", help=text)
+    t.add_argument("--out", help="write the best setting here (JSON)")
+    t.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    cache_args(t)
+    t.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..api import Captioner
+    from ..checkpoint import atomic_write
+    from ..errors import DataError
+    from ..evaluation import training_novel_kinds
+    from ..paths import check_output_file
+    from ..tuning import Grid, best, parse_values, table_header, table_row, tune
+    from .common import load_corpus
+
+    grid = Grid(**{field: parse_values(getattr(args, flag[2:].replace("-", "_")), kind, flag)
+                   for flag, field, kind, _, _ in GRID_FLAGS})  # fmt: skip
+    if args.out:
+        check_output_file(args.out)  # before the measuring, not after
+    corpus = load_corpus(
+        args.annotations, args.images, args.karpathy_json, args.images_root, args.split, args.skip_missing
+    )
+    if corpus is None:
+        raise DataError("give --annotations and --images, or --karpathy-json and --split")
+    novel = training_novel_kinds(args.train_annotations) if args.train_annotations else None
+    model = Captioner.load(args.model, device=args.device)
+    cache = None if args.no_cache else model.feature_cache(args.cache_dir)
+    print(table_header(), flush=True)
+    rows = []
+    for row in tune(model, corpus, cache, grid, novel=novel):
+        rows.append(row)
+        print(table_row(row), flush=True)
+    top = best(rows)
+    print(
+        f"best by CIDEr-D: {json.dumps(top.setting)} ({top.cider:.3f}); METEOR: {top.scores['METEOR_backend']}",
+        flush=True,
+    )
+    if args.out:
+        atomic_write(args.out, lambda f: f.write((json.dumps(top.setting) + "\n").encode("utf-8")))
+    return 0
