@@ -49,6 +49,7 @@ def main() -> None:
     try:
         with Timer() as fill:  # builds the model and fills a fresh cache: the one-time cost
             trainer = Trainer(corpus, None, tempfile.mkdtemp(), opts, device="cpu", cache_dir=cache_dir)
+            trainer.prepare()
         cached = _warm_epoch_seconds(trainer)
         bf16_opts = TrainOptions(**{**opts.__dict__, "amp": "bf16"})
         cached_bf16 = _warm_epoch_seconds(

@@ -184,7 +184,7 @@ def motion_models(motion, tmp_path_factory):
             dropout=0.2,
             lr_schedule="constant",
         )
-        trainer = Trainer(motion["train"], None, tmp_path_factory.mktemp(temporal), opts, device="cpu", quiet=True)
+        trainer = Trainer(motion["train"], None, tmp_path_factory.mktemp(temporal), opts, device="cpu")
         models[temporal] = Captioner.load(trainer.fit(), device="cpu")  # no val set: best.pt is the last epoch
     return models
 
@@ -340,7 +340,7 @@ def test_sequences_through_the_cli(motion, motion_models, tmp_path, capsys):
 def test_fine_tuning_the_encoder_on_sequences_is_refused_clearly(motion, tmp_path):
     opts = TrainOptions(fine_tune_encoder=1, epochs=1)
     with pytest.raises(ValueError, match="single images only"):
-        Trainer(motion["train"], None, tmp_path, opts, device="cpu", quiet=True)
+        Trainer(motion["train"], None, tmp_path, opts, device="cpu").prepare()
 
 
 @pytest.mark.slow

@@ -86,3 +86,15 @@ def test_serve_limits_are_its_flags():
         ServeLimits(max_files=0)
     with pytest.raises(UsageError, match="--batch-wait-ms"):
         ServeLimits(batch_wait_ms=-1.0)
+
+
+def test_the_tuning_grid_varies_decoding_settings_by_their_names():
+    from dataclasses import fields
+
+    from captioner.tuning import Grid
+
+    kinds = {s.name: s.kind for s in DecodingConfig.settings()}
+    for f in fields(Grid):
+        assert f.name in kinds and all(type(v) is kinds[f.name] for v in getattr(Grid(), f.name))
+    for setting in Grid().settings():  # every combination is a valid configuration
+        DecodingConfig().with_(**setting)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 
 from ..errors import UsageError
 from ..settings import SERVE_ENV, ServeLimits
-from .common import err, model_arg
+from .common import model_arg
+
+log = logging.getLogger("captioner")  # the CLI shows its reports on stderr
 
 
 def add(sub) -> None:
@@ -38,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
     limits = ServeLimits(**{name: getattr(args, name) for _, name, _, _, _ in ServeLimits.flags()})  # checked
     os.environ[SERVE_ENV] = json.dumps({"model": args.model, "device": args.device, "limits": limits.to_dict()})
     shown = "localhost" if args.host in ("127.0.0.1", "localhost") else args.host
-    err(f"serving on http://{shown}:{args.port}/ (API docs: /docs); Ctrl-C stops")
+    log.info(f"serving on http://{shown}:{args.port}/ (API docs: /docs); Ctrl-C stops")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        err(f"listening on {args.host}: anyone who can reach this machine can use it (no authentication)")
+        log.warning(f"listening on {args.host}: anyone who can reach this machine can use it (no authentication)")
     uvicorn.run(
         "captioner.serve:app_from_env",
         factory=True,
