@@ -50,6 +50,11 @@ class Captioner:
         return self
 
     @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any], device: str | torch.device = "auto", source: str = "checkpoint"):
+        """A checkpoint already read into memory (`checkpoint.load_checkpoint`)."""
+        return cls.of(Model.from_checkpoint(ckpt, device, source))
+
+    @classmethod
     def load(
         cls,
         path: str | os.PathLike | Sequence[str | os.PathLike | None] | None = None,
@@ -90,6 +95,11 @@ class Captioner:
     def decoding(self, values: dict[str, Any]) -> None:
         """New defaults, checked, recorded in the config (so `save` keeps them)."""
         self.model.config["decoding"] = DecodingConfig.from_dict(values).model_defaults()
+
+    @property
+    def naming(self) -> Any:
+        """Concepts, constraints and the extended vocabulary of constrained search (naming.py)."""
+        return self.pipeline.naming
 
     @property
     def calibrated(self) -> bool:
@@ -165,6 +175,8 @@ class Captioner:
     def caption(
         self,
         x: ImageInput | Sequence[ImageInput],
+        beam_size: int | None = None,
+        max_len: int | None = None,
         errors: str = "raise",
         return_attention: bool = False,
         return_tags: bool = False,
@@ -191,7 +203,7 @@ class Captioner:
             raise UsageError(f"errors must be 'raise' or 'skip', not {errors!r}")
         single = not isinstance(x, (list, tuple))
         results: list = []
-        for r in self.generate([x] if single else list(x), **decode_opts):
+        for r in self.generate([x] if single else list(x), beam_size=beam_size, max_len=max_len, **decode_opts):
             if isinstance(r, ImageError):
                 if errors != "skip" or single:
                     raise r
@@ -249,6 +261,8 @@ class Captioner:
     def caption_sequence(
         self,
         frames: Sequence[ImageInput],
+        beam_size: int | None = None,
+        max_len: int | None = None,
         return_attention: bool = False,
         **decode_opts: Any,
     ) -> Any:
@@ -263,7 +277,7 @@ class Captioner:
             raise UsageError(
                 "this model has no attention over frames to return (train on sequences with --decoder attention)"
             )
-        r = next(self.generate_sequences([frames], **decode_opts))
+        r = next(self.generate_sequences([frames], beam_size=beam_size, max_len=max_len, **decode_opts))
         if isinstance(r, ImageError):
             raise r
         return (r[0].text, r[0].attention) if return_attention else r[0].text
@@ -272,6 +286,8 @@ class Captioner:
         self,
         x: ImageInput | Sequence[ImageInput],
         n: int = 5,
+        beam_size: int | None = None,
+        max_len: int | None = None,
         **decode_opts: Any,
     ) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
         """The n best (caption, score) pairs, best first; score = summed log-prob (length-penalised if
@@ -279,9 +295,8 @@ class Captioner:
         whole_number(n, 1, "n-best (--n-best, n_best= / n=)")
         single = not isinstance(x, (list, tuple))
         out = []
-        if decode_opts.get("beam_size") is None:
-            decode_opts["beam_size"] = max(n, self.decoding["beam_size"])
-        for r in self.generate([x] if single else list(x), n_best=n, **decode_opts):
+        beam = max(n, self.decoding["beam_size"]) if beam_size is None else beam_size
+        for r in self.generate([x] if single else list(x), beam_size=beam, n_best=n, max_len=max_len, **decode_opts):
             if isinstance(r, ImageError):
                 raise r
             out.append([(c.text, c.score) for c in r])

@@ -140,7 +140,7 @@ def calibrate(
         held_out[folds == f] = torch.sigmoid(x[folds == f] @ part["confidence_weight"] + part["confidence_bias"])
     state |= fit_confidence(x, quality)
     model.guidance = Guidance(model.vocab, state)
-    held_out = held_out * model.guidance.novelty_factor(val_pooled)
+    held_out = held_out * model.guidance.familiarity(val_pooled)
     log.debug("calibrated on %d training and %d validation photos", len(train_pooled), len(x))
     return {
         "confidence": held_out.tolist(),

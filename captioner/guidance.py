@@ -15,7 +15,7 @@ extra encoder pass), still says "tabby cat". From that:
   words are judged by a small classifier trained on the model's own training captions;
 - confidence: P(the caption is acceptable: per-caption CIDEr-D >= ACCEPTABLE), a logistic
   regression on the caption's score and the classifiers' outputs fitted on validation captions,
-  times a novelty factor: a photo less typical of the training photos than all but a few
+  times the photo's familiarity: a photo less typical of the training photos than all but a few
   validation photos is outside what the model has seen (calibration.py fits all of it).
 """
 
@@ -171,17 +171,16 @@ class Guidance:
         """ImageNet probabilities (B, C) -> the classifier's belief in each caption word (B, V)."""
         return (probs.float().cpu() @ self.tag_words).clamp(max=1.0)
 
-    def familiar_factor(self, pooled: Tensor) -> Tensor | None:
-        """How much each photo is like the training photos (B,) in [0, 1] (1: familiar; see
-        `novelty_factor`) when typicality was fitted, else None."""
-        return self.novelty_factor(pooled) if "val_typicality" in self.state else None
+    def fitted_familiarity(self, pooled: Tensor) -> Tensor | None:
+        """`familiarity` (B,) when typicality was fitted, else None."""
+        return self.familiarity(pooled) if "val_typicality" in self.state else None
 
     def bias(self, pooled: Tensor, probs: Tensor, boost: float, suppress: float) -> Tensor:
         """Pooled features (B, D) and ImageNet probabilities (B, C) -> log-prob bias (B, V)."""
         probs = probs.float().cpu()
         out = boost * self.evidence(probs)  # (B, V)
         if suppress:
-            familiar = self.familiar_factor(pooled)  # (B,) or None
+            familiar = self.fitted_familiarity(pooled)  # (B,) or None
             # animals and vehicles: only on photos unlike the training photos (on the others the
             # decoder knows better: ImageNet misses many a Flickr8k dog that the decoder sees);
             # everywhere when the model has no typicality fitted
@@ -197,11 +196,11 @@ class Guidance:
         return out
 
     def subject(self, pooled: Tensor, probs: Tensor, threshold: float) -> Tensor | None:
-        """For photos outside the training photos' world (novelty factor < 1) whose classifier is
+        """For photos outside the training photos' world (familiarity < 1) whose classifier is
         at least `threshold` sure of one caption word: the caption's forced start "a <word>"
         (B, 2) word ids, -1 for the other photos; None when no photo qualifies (or no typicality
         was fitted)."""
-        familiar = self.familiar_factor(pooled) if threshold else None  # (B,)
+        familiar = self.fitted_familiarity(pooled) if threshold else None  # (B,)
         if familiar is None or self.unk_id in self.article_ids.tolist():
             return None  # (a vocabulary without "a" and "an": not English, no subject to force)
         best, word = self.evidence(probs).max(-1)  # (B,)
@@ -225,9 +224,10 @@ class Guidance:
         ref = self.state["val_typicality"]  # (M,) sorted
         return torch.searchsorted(ref, self.typicality(pooled)).float() / len(ref)  # (B,)
 
-    def novelty_factor(self, pooled: Tensor) -> Tensor:
-        """(B,) in [0, 1]: 1 unless the photo is less typical than all but NOVELTY_ALPHA of the
-        validation photos, then the share of them it beats over NOVELTY_ALPHA."""
+    def familiarity(self, pooled: Tensor) -> Tensor:
+        """How familiar each photo is (B,) in [0, 1]: 1 (familiar) unless it is less typical than all
+        but NOVELTY_ALPHA of the validation photos, then the share of them it beats over NOVELTY_ALPHA
+        (0: stranger than every one)."""
         return (self.typical_share(pooled) / NOVELTY_ALPHA).clamp(max=1.0)
 
     def confidence_features(
@@ -254,6 +254,6 @@ class Guidance:
         if not self.calibrated:
             return None
         w, b = self.state["confidence_weight"], self.state["confidence_bias"]
-        novelty = self.novelty_factor(pooled)  # (B,)
+        familiar = self.familiarity(pooled)  # (B,)
         feats = self.confidence_features(pooled, probs, captions)
-        return [(torch.sigmoid(f @ w + b) * novelty[i]).tolist() for i, f in enumerate(feats)]
+        return [(torch.sigmoid(f @ w + b) * familiar[i]).tolist() for i, f in enumerate(feats)]

@@ -127,7 +127,7 @@ class Naming:
     """One vocabulary's concepts and its extension (see the module docstring).
 
     vocab: the extended vocabulary (the decoder's words, then the borrowed ones); sources (E,): the
-    decoder word each borrowed word copies; class_concept (1000, C): which concept each ImageNet
+    decoder word each borrowed word copies; class_concept (classes, C): which concept each ImageNet
     class names; concept_ids: each concept's word ids in the extended vocabulary."""
 
     def __init__(self, base: Vocabulary) -> None:
@@ -159,7 +159,7 @@ class Naming:
         self.coco = torch.tensor([n in COCO_OBJECTS for n in names], dtype=torch.bool)  # (C,)
         self.vocab = Vocabulary(base.itos[4:] + list(new_words), min_count=base.min_count)
         self.sources = torch.tensor([base.stoi[s] for s in new_words.values()], dtype=torch.long)  # (E,)
-        self.class_concept = torch.zeros(1000, len(names))  # (1000, C)
+        self.class_concept = torch.zeros(len(concepts), len(names))  # (classes, C): one row per ImageNet class
         for c, name in cls_idx:
             if name in names:
                 self.class_concept[c, names[name]] = 1.0

@@ -19,10 +19,11 @@ def showing() -> bool:
     return log.isEnabledFor(logging.INFO)
 
 
-def progress(iterable: Iterable | None = None, **kw: Any):
+def progress(iterable: Iterable | None = None, show: bool = True, **kw: Any):
     """A tqdm bar over `iterable` (or one counted by hand: total=...), shown only while the
-    `captioner` logger reports INFO; it leaves no line behind."""
+    `captioner` logger reports INFO (show=False: never, e.g. on the other processes of a job);
+    it leaves no line behind."""
     from tqdm import tqdm
 
     kw.setdefault("leave", False)
-    return tqdm(iterable, disable=not showing(), **kw)
+    return tqdm(iterable, disable=not (show and showing()), **kw)

@@ -10,6 +10,7 @@ limits (`captioner serve` flags, the app, its worker processes). Training has `T
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -166,6 +167,30 @@ class DecodingConfig:
 
 def _limit(default: Any, help: str, low: float):
     return field(default=default, metadata={"help": help, "low": low})
+
+
+@dataclass
+class Grid:
+    """The values tried for each decoding setting (every combination is measured); each field is
+    named as the model's decoding setting it varies."""
+
+    beam_size: tuple[int, ...] = (1, 3, 5)
+    length_alpha: tuple[float, ...] = (0.0, 1.0)
+    no_repeat_ngram: tuple[int, ...] = (0, 2)
+    tag_boost: tuple[float, ...] = (0.0,)
+    suppress_unseen: tuple[float, ...] = (0.0,)
+    tag_subject: tuple[float, ...] = (0.0,)
+    constrain: tuple[float, ...] = (0.0,)
+
+    def settings(self) -> Iterator[dict[str, Any]]:
+        """Each combination as decoding settings; greedy search (beam 1) is tried without a length
+        penalty only: it keeps one hypothesis, so there is nothing to re-rank."""
+        names = [f.name for f in fields(self)]
+        for values in itertools.product(*(getattr(self, n) for n in names)):
+            setting = dict(zip(names, values))
+            if setting["beam_size"] == 1 and setting["length_alpha"]:
+                continue
+            yield setting
 
 
 SERVE_ENV = "CAPTIONER_SERVE_CONFIG"  # how `captioner serve` hands its settings to uvicorn's worker processes

@@ -6,42 +6,18 @@ The best setting is what `captioner calibrate --decoding` records as a model's d
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .data import CaptionCorpus
 from .errors import DataError, UsageError
+from .settings import Grid
 
 if TYPE_CHECKING:
     from .api import Captioner
     from .features import FeatureCache
-
-
-@dataclass
-class Grid:
-    """The values tried for each decoding setting (every combination is measured); each field is
-    named as the model's decoding setting it varies."""
-
-    beam_size: tuple[int, ...] = (1, 3, 5)
-    length_alpha: tuple[float, ...] = (0.0, 1.0)
-    no_repeat_ngram: tuple[int, ...] = (0, 2)
-    tag_boost: tuple[float, ...] = (0.0,)
-    suppress_unseen: tuple[float, ...] = (0.0,)
-    tag_subject: tuple[float, ...] = (0.0,)
-    constrain: tuple[float, ...] = (0.0,)
-
-    def settings(self) -> Iterator[dict[str, Any]]:
-        """Each combination as decoding settings; greedy search (beam 1) is tried without a length
-        penalty only: it keeps one hypothesis, so there is nothing to re-rank."""
-        names = [f.name for f in fields(self)]
-        for values in itertools.product(*(getattr(self, n) for n in names)):
-            setting = dict(zip(names, values))
-            if setting["beam_size"] == 1 and setting["length_alpha"]:
-                continue
-            yield setting
 
 
 def parse_values(text: str, kind: type, flag: str) -> tuple:

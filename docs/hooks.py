@@ -84,8 +84,10 @@ def flag_rows(command: str) -> list[tuple[str, str, str]]:
 
 def _default(action: argparse.Action) -> str:
     d = action.default
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if isinstance(action, argparse._StoreTrueAction):
         return "on" if d else "off"
+    if isinstance(action, argparse._StoreFalseAction):  # --no-NAME: the switch itself is off unless given
+        return "on" if not d else "off"
     if d is None or d is argparse.SUPPRESS:
         return ""
     if isinstance(d, str) and not d:
@@ -118,9 +120,11 @@ def settings_table() -> str:
     """The decoding settings: the API's keyword, the CLI's flag, the default, the help."""
     from captioner.settings import DecodingConfig
 
-    lines = ["| keyword | flag | default | help |", "|---|---|---|---|"]
+    lines = ["| keyword | flag | default | most a server request may ask | help |", "|---|---|---|---|---|"]
     for s in DecodingConfig.settings():
-        lines.append(f"| `{s.name}` | `{s.flag}` | `{s.default:g}` | {_text(s.help)} |")
+        cap = s.serve_max if s.serve_max is not None else s.high
+        shown = "" if cap is None else f"`{cap:g}`"
+        lines.append(f"| `{s.name}` | `{s.flag}` | `{s.default:g}` | {shown} | {_text(s.help)} |")
     return "\n".join(lines)
 
 

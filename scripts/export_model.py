@@ -1,6 +1,6 @@
 """Turn a training checkpoint into a model file to ship: no optimizer state, fp16 weights
 (--half), and the decoding settings measured on validation data (--decoding JSON from
-scripts/tune_decoding.py) recorded as the model's defaults.
+`captioner tune --out`) recorded as the model's defaults.
 
     python scripts/export_model.py RUN/best.pt assets/model/captioner-flickr8k.pt --half --decoding decoding.json
 """

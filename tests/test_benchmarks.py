@@ -84,3 +84,8 @@ def test_caption_latency_benchmark_runs_on_every_kind_of_checkpoint(checkpoints,
 def test_serve_load_benchmark_runs(checkpoints, kind):
     out = _run("serve_load.py", "--model", checkpoints[kind], "--requests", "8", "--clients", "4")
     assert "throughput ratio" in out and "| 4 concurrent |" in out
+
+
+def test_cli_startup_benchmark_runs():
+    out = _run("cli_startup.py", "--repeats", "1")
+    assert "| captioner --help |" in out and "| python -c 'import torch' |" in out

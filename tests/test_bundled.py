@@ -50,7 +50,7 @@ def test_bundled_model_loads_offline_and_describes_every_example(offline):
     captions = dict(zip((p.name for p in EXAMPLES), model.caption(EXAMPLES)))
     for name, caption in captions.items():
         words = caption.split()
-        known = model.pipeline.naming.vocab.stoi  # the decoder's words and those it may borrow
+        known = model.naming.vocab.stoi  # the decoder's words and those it may borrow
         assert len(words) >= 3 and all(w.isalpha() and w in known for w in words), (name, caption)
     assert "dog" in captions["dog.png"].split(), captions
 

@@ -10,7 +10,6 @@ from captioner.data import CaptionDataset, load_coco
 from captioner.encoders import build_encoder
 from captioner.errors import UsageError
 from captioner.features import FeatureCache, LoadImage
-from captioner.model import Model
 from captioner.models import build_model
 from captioner.training import Trainer, TrainOptions
 from captioner.training.batches import Mirrored
@@ -95,8 +94,9 @@ def test_only_the_fine_tuned_blocks_are_saved_and_they_are_used_to_caption(shape
     pixels = loaded.prepare(photo)[None]
     with torch.no_grad():  # the caption uses the fine-tuned blocks: features differ from the package's
         assert not torch.allclose(loaded.encoder(pixels), build_encoder()(pixels))
-    from_dict = Captioner.of(Model.from_checkpoint(load_checkpoint(tmp_path / "last.pt"), "cpu"))
-    assert loaded.caption(photo) == from_dict.caption(photo)
+    assert loaded.caption(photo) == Captioner.from_checkpoint(load_checkpoint(tmp_path / "last.pt"), "cpu").caption(
+        photo
+    )
 
 
 def test_a_run_cannot_drop_blocks_its_init_fine_tuned(shapes, tmp_path):

@@ -79,7 +79,7 @@ def test_unseen_kinds_are_suppressed_on_unfamiliar_photos_only() -> None:
     probs = one_hot(ESPRESSO, ESPRESSO, p=0.97)
     probs[0, RETRIEVER] = 0.03  # a little evidence of a dog
     bias = g.bias(torch.cat([familiar, odd]), probs, boost=0.0, suppress=10.0)
-    assert g.novelty_factor(familiar).item() > 0.5 and g.novelty_factor(odd).item() == 0.0
+    assert g.familiarity(familiar).item() > 0.5 and g.familiarity(odd).item() == 0.0
     # familiar photo: the decoder is trusted about animals, unless the classifier sees none at all
     assert bias[0, v.stoi["dog"]] == 0.0 and bias[0, v.stoi["bus"]] == -10.0
     assert bias[1, v.stoi["dog"]] == -10.0 and bias[1, v.stoi["bus"]] == -10.0

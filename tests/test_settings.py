@@ -91,7 +91,7 @@ def test_serve_limits_are_its_flags():
 def test_the_tuning_grid_varies_decoding_settings_by_their_names():
     from dataclasses import fields
 
-    from captioner.tuning import Grid
+    from captioner.settings import Grid
 
     kinds = {s.name: s.kind for s in DecodingConfig.settings()}
     for f in fields(Grid):

@@ -41,6 +41,8 @@ class _HelpWithDefaults(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
+        if isinstance(action, argparse._StoreFalseAction):  # --no-NAME: off unless given, like any switch
+            return text
         if not action.option_strings or "default" in text or action.default in (None, False, argparse.SUPPRESS):
             return text
         return f"{text} (default: %(default)s)"
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: whole-number flags shared by several commands, and their least sensible value
-_CLI_COUNTS = {"batch_size": 1, "num_workers": 0, "max_pixels": 1, "show": 0, "n_best": 1}
+_CLI_COUNTS = {"batch_size": 1, "num_workers": 0, "max_pixels": 1, "show": 0}
 
 
 def _given(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> set[str]:

@@ -123,11 +123,12 @@ def decoding_args(parser, n_best: bool = False) -> None:
     """The decoding flags, generated from DecodingConfig (settings.py); left unset, each comes from the
     model (its measured best, or DecodingConfig's default). n_best: also --n-best (a per-call setting)."""
     for s in DecodingConfig.settings():
+        shown = s.flag[2:].upper().replace("-", "_")  # --length-penalty LENGTH_PENALTY, not its keyword
         if s.model_default:
             text = f"{s.help} (default: the model's, else {s.default:g})"
-            parser.add_argument(s.flag, dest=s.name, type=s.kind, help=text)
+            parser.add_argument(s.flag, dest=s.name, type=s.kind, metavar=shown, help=text)
         elif n_best:
-            parser.add_argument(s.flag, dest=s.name, type=s.kind, default=s.default, help=s.help)
+            parser.add_argument(s.flag, dest=s.name, type=s.kind, default=s.default, metavar=shown, help=s.help)
 
 
 def rank_prefix() -> str:

@@ -6,18 +6,20 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..settings import DecodingConfig, Grid
 from .common import cache_args, model_arg
 
-#: the grid flags: (flag, Grid field, type, default, help)
-GRID_FLAGS = (
-    ("--beam-sizes", "beam_size", int, "1,3,5", "beam widths (1: greedy)"),
-    ("--length-penalties", "length_alpha", float, "0,1", "GNMT length penalties (alpha)"),
-    ("--no-repeat-ngrams", "no_repeat_ngram", int, "0,2", "sizes of the n-grams a caption may not repeat (0: off)"),
-    ("--tag-boosts", "tag_boost", float, "0", "tag boosts: the ImageNet classifier's word prior (guidance)"),
-    ("--suppress-unseen", "suppress_unseen", float, "0", "unseen-object penalties (a calibrated model)"),
-    ("--tag-subjects", "tag_subject", float, "0", "tag-subject thresholds (a calibrated model)"),
-    ("--constrain", "constrain", float, "0", "constrained-search thresholds (a calibrated model)"),
-)
+#: the grid's flags (the names scripts/tune_decoding.py had): each varies the decoding setting of
+#: its key; type and meaning come from DecodingConfig, the values tried by default from tuning.Grid
+GRID_FLAGS = {
+    "beam_size": "--beam-sizes",
+    "length_alpha": "--length-penalties",
+    "no_repeat_ngram": "--no-repeat-ngrams",
+    "tag_boost": "--tag-boosts",
+    "suppress_unseen": "--suppress-unseen",
+    "tag_subject": "--tag-subjects",
+    "constrain": "--constrain",
+}
 
 
 def add(sub) -> None:
@@ -42,8 +44,12 @@ def add(sub) -> None:
         "model's calibration recorded, if any)",
     )
     g = t.add_argument_group("settings tried (comma-separated values; every combination is measured)")
-    for name, _, _, default, text in GRID_FLAGS:
-        g.add_argument(name, default=default, metavar="V[,V...]", help=text)
+    for name, flag in GRID_FLAGS.items():
+        setting = next(s for s in DecodingConfig.settings() if s.name == name)
+        default = ",".join(f"{v:g}" for v in getattr(Grid(), name))
+        g.add_argument(
+            flag, dest=name, default=default, metavar="V[,V...]", help=f"values of {setting.flag}: {setting.help}"
+        )
     t.add_argument("--out", help="write the best setting here (JSON)")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -57,11 +63,11 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import DataError
     from ..evaluation import training_novel_kinds
     from ..paths import check_output_file
-    from ..tuning import Grid, best, parse_values, table_header, table_row, tune
+    from ..tuning import best, parse_values, table_header, table_row, tune
     from .common import load_corpus
 
-    grid = Grid(**{field: parse_values(getattr(args, flag[2:].replace("-", "_")), kind, flag)
-                   for flag, field, kind, _, _ in GRID_FLAGS})  # fmt: skip
+    kinds = {s.name: s.kind for s in DecodingConfig.settings()}
+    grid = Grid(**{name: parse_values(getattr(args, name), kinds[name], flag) for name, flag in GRID_FLAGS.items()})
     if args.out:
         check_output_file(args.out)  # before the measuring, not after
     corpus = load_corpus(

@@ -101,7 +101,7 @@ def cross_entropy_epoch(
     mean regulariser, each averaged over everything, so it is the same for any number of ranks."""
     train, dist = ctx.update is not None, ctx.dist
     nll, tokens, reg, items = 0.0, 0, 0.0, 0
-    bar = progress(batches, desc=desc, unit="batch")
+    bar = progress(batches, show=ctx.dist.is_main, desc=desc, unit="batch")  # one display per job
     for batch in bar:
         with torch.set_grad_enabled(train), ctx.autocast():
             terms = ctx.step(to_inputs(batch), batch.captions.to(ctx.device), batch.lengths)
@@ -156,7 +156,7 @@ def self_critical_epoch(ctx: EpochContext, scst: SelfCritical, epoch: int, desc:
     shard.set_epoch(epoch)
     order = torch.tensor(list(shard), dtype=torch.long)
     total_loss, total_reward, batches = 0.0, 0.0, 0
-    bar = progress(range(0, len(order), scst.batch_size), desc=desc, unit="batch")
+    bar = progress(range(0, len(order), scst.batch_size), show=ctx.dist.is_main, desc=desc, unit="batch")
     for s in bar:
         idx = order[s : s + scst.batch_size]  # (B,) images
         with ctx.autocast():

@@ -95,8 +95,9 @@ class TrainOptions:
     val_beam_size: int = _opt(1, "beam for val captions (1: greedy)", VALIDATION)
     calibrate: bool = _opt(
         True,
-        "at the end of a run with val data, fit best.pt's tags guidance and confidence on the training and "
-        "val photos (single-image models whose encoder has its ImageNet classifier; as `captioner calibrate`)",
+        "skip fitting best.pt's tags guidance and confidence on the training and val photos at the end of a "
+        "run with val data (done by default for single-image models whose encoder has its ImageNet "
+        "classifier; as `captioner calibrate`)",
         VALIDATION,
     )
     temporal: str = _opt(

@@ -25,7 +25,7 @@ from ..data import CaptionCorpus, CaptionDataset, DataError
 from ..device import resolve_device
 from ..distributed import Dist, current
 from ..encoders import build_encoder
-from ..errors import UsageError
+from ..errors import CaptionerError, UsageError
 from ..features import FeatureCache
 from ..metrics import CiderD, normalize
 from ..model import load_encoder_weights
@@ -498,6 +498,9 @@ class Trainer:
             )
         except UsageError as e:  # e.g. too few readable val photos: the model works as before
             log.info(f"{self.run.best}: no tags guidance or confidence fitted: {e}")
+            return None
+        except (CaptionerError, OSError) as e:  # the run is done and best.pt intact: never lose it to this step
+            log.warning(f"{self.run.best}: fitting its guidance failed ({e}); the model works without it")
             return None
         log.info(
             f"{self.run.best}: tags guidance and confidence fitted on {report['train_photos']} training and "
