@@ -84,7 +84,7 @@ class Captioner:
     def guidance(self, guidance: Guidance) -> None:
         """Plug in newly fitted guidance (calibration.py); the model's checkpoint then carries its state."""
         self.pipeline.guidance = guidance
-        self.model.guidance_state = dict(guidance.state)
+        self.model.guidance_state = guidance.state  # one dict: saved as the guidance holds it
 
     @property
     def decoding(self) -> dict[str, Any]:

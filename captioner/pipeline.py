@@ -105,7 +105,11 @@ class Pipeline:
 
     @classmethod
     def for_model(cls, model: Any) -> Pipeline:
-        return cls(model, Guidance(model.vocab, model.guidance_state) if model.has_classifier else None)
+        if not model.has_classifier:
+            return cls(model)
+        guidance = Guidance(model.vocab, model.guidance_state)
+        model.guidance_state = guidance.state  # one dict: what the guidance holds is what the model saves
+        return cls(model, guidance)
 
     @property
     def defaults(self) -> DecodingConfig:

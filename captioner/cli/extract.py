@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from pathlib import Path
 
 from ..errors import DataError
 from ..training.options import TrainOptions
 from .common import corpus_of, err, expand_inputs
+
+log = logging.getLogger("captioner")  # the CLI shows its reports on stderr (--quiet: warnings only)
 
 
 def add(sub) -> None:
@@ -48,6 +50,5 @@ def run(args: argparse.Namespace) -> int:
     failed = problems + cache.fill(paths, batch_size=args.batch_size, num_workers=args.num_workers)
     for e in failed:
         err(str(e))
-    if not args.quiet:
-        print(f"{len(paths) - len(failed)} image(s) cached in {cache.dir}", file=sys.stderr)
+    log.info(f"{len(paths) - len(failed)} image(s) cached in {cache.dir}")
     return 1 if failed else 0

@@ -28,10 +28,9 @@ def add(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check a dataset without training: the file's entries, then every image it names."""
-    from tqdm import tqdm
-
     from ..data import DataProblems, check_file
     from ..images import load_image
+    from ..progress import progress
     from ..vocab import tokenize
 
     if not args.file or not args.images:
@@ -43,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
                 problems.add("captions with no words (only punctuation or symbols)", f"{key!r}: {c[:30]!r}")
     used = {i for ids in groups.values() for i in ids} if groups is not None else set(files)
     images = DataProblems(args.file)
-    for iid in tqdm(sorted(used, key=str), desc="images", unit="img", disable=args.quiet, leave=False):
+    for iid in progress(sorted(used, key=str), desc="images", unit="img"):  # --quiet: the logger hides it
         try:
             load_image(Path(args.images) / files[iid], args.max_pixels)
         except ImageError as e:
