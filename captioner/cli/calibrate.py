@@ -8,7 +8,7 @@ import argparse
 import json
 import logging
 
-from .common import cache_args
+from .common import cache_args, train_val_args
 
 log = logging.getLogger("captioner")
 
@@ -25,16 +25,8 @@ def add(sub) -> None:
     )
     c.add_argument("--model", metavar="CKPT", help="checkpoint (default: the bundled model)")
     d = c.add_argument_group("data")
-    d.add_argument("--train-annotations", help="COCO caption JSON of the training photos")
-    d.add_argument("--train-images", help="folder of the training photos (default: --images)")
-    d.add_argument("--val-annotations", help="COCO caption JSON of the validation photos")
-    d.add_argument("--val-images", help="folder of the validation photos (default: --images)")
-    d.add_argument("--images", help="folder of the training and validation photos")
-    d.add_argument("--karpathy-json", help="Karpathy split file instead of the annotations and folders")
-    d.add_argument("--images-root", help="with --karpathy-json: folder the filepaths are relative to")
-    d.add_argument("--split", default="train", help="with --karpathy-json: training split(s), e.g. train,restval")
-    d.add_argument("--val-split", default="val", help="with --karpathy-json: validation split")
-    d.add_argument("--skip-missing", action="store_true", help="leave out missing image files instead of failing")
+    train_val_args(d)
+    d.add_argument("--images", help="folder of the training and validation images (for --train/val-images)")
     d.add_argument("--measure-annotations", help="another set to measure the confidence on (not fitted on)")
     d.add_argument("--measure-images", help="folder of its photos")
     c.add_argument(

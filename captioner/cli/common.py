@@ -100,6 +100,35 @@ def max_pixels_arg(parser) -> None:
     )
 
 
+def dataset_args(group, split: str = "val") -> None:
+    """One captioned set: a COCO caption file and its image folder, or a Karpathy split file's split(s)."""
+    group.add_argument("--annotations", help="COCO caption JSON with the references")
+    group.add_argument("--images", help="folder of its images")
+    group.add_argument("--karpathy-json", help="Karpathy split file instead of --annotations/--images")
+    group.add_argument("--images-root", help="with --karpathy-json: folder the filepaths are relative to")
+    group.add_argument("--split", default=split, help="with --karpathy-json: which split(s)")
+    group.add_argument("--skip-missing", action="store_true", help="leave out missing image files instead of failing")
+
+
+def train_val_args(group, sequences: bool = False) -> None:
+    """A training set and a validation set: COCO caption files (and with `sequences`, sequence
+    files) with their image folders, or a Karpathy split file's splits."""
+    group.add_argument("--train-annotations", help="COCO caption JSON of the training images")
+    group.add_argument("--train-images", help="folder of the training images")
+    group.add_argument("--val-annotations", help="COCO caption JSON of the validation images")
+    group.add_argument("--val-images", help="folder of the validation images")
+    if sequences:
+        group.add_argument(
+            "--train-sequences", help="sequence caption JSON for training (images, sequences, annotations)"
+        )
+        group.add_argument("--val-sequences", help="sequence caption JSON for validation")
+    group.add_argument("--karpathy-json", help="Karpathy split file (dataset_coco.json / dataset_flickr8k.json)")
+    group.add_argument("--images-root", help="with --karpathy-json: folder the filepaths are relative to")
+    group.add_argument("--split", default="train", help="with --karpathy-json: training split(s), e.g. train,restval")
+    group.add_argument("--val-split", default="val", help="with --karpathy-json: validation split ('' for none)")
+    group.add_argument("--skip-missing", action="store_true", help="leave out missing image files instead of failing")
+
+
 def cache_args(group) -> None:
     group.add_argument("--cache-dir", help="feature cache folder (default: $CAPTIONER_CACHE_DIR or ~/.cache/captioner)")
     group.add_argument("--no-cache", action="store_true", help="compute encoder features in memory, cache nothing")

@@ -8,19 +8,14 @@ from pathlib import Path
 
 from ..errors import DataError, UsageError
 from ..paths import check_output_file
-from .common import cache_args, corpus_of, decoding, decoding_args, err, model_arg
+from .common import cache_args, corpus_of, dataset_args, decoding, decoding_args, err, model_arg
 
 
 def add(sub) -> None:
     e = sub.add_parser("evaluate", help="caption a dataset's images and score them (BLEU, METEOR, ROUGE-L, CIDEr-D)")
     model_arg(e)
-    e.add_argument("--annotations", help="COCO caption JSON with the references")
+    dataset_args(e)
     e.add_argument("--sequences", help="sequence caption JSON instead of --annotations (one caption per sequence)")
-    e.add_argument("--images", help="folder of its images")
-    e.add_argument("--karpathy-json", help="Karpathy split file instead of --annotations/--images")
-    e.add_argument("--images-root", help="with --karpathy-json: folder the filepaths are relative to")
-    e.add_argument("--split", default="val", help="with --karpathy-json: which split(s)")
-    e.add_argument("--skip-missing", action="store_true", help="leave out missing image files instead of failing")
     e.add_argument("--skip-bad", action="store_true", help="leave out malformed entries instead of refusing the file")
     decoding_args(e)
     e.add_argument("--batch-size", type=int, default=32, help="images encoded and beam-searched together")

@@ -9,7 +9,7 @@ import logging
 import signal
 from dataclasses import MISSING, fields
 
-from .common import cache_args, err, load_corpus, rank_prefix
+from .common import cache_args, err, load_corpus, rank_prefix, train_val_args
 
 log = logging.getLogger("captioner")
 
@@ -43,17 +43,7 @@ def add(sub) -> None:
         "train", help="train a captioning model on a COCO-style or Karpathy-split dataset", allow_abbrev=False
     )  # (flags are matched whole: --resume checks which ones were given)
     g = t.add_argument_group(DATA)
-    g.add_argument("--train-annotations", help="COCO caption JSON for training")
-    g.add_argument("--train-images", help="folder of the training images")
-    g.add_argument("--val-annotations", help="COCO caption JSON for validation")
-    g.add_argument("--val-images", help="folder of the validation images")
-    g.add_argument("--train-sequences", help="sequence caption JSON for training (images, sequences, annotations)")
-    g.add_argument("--val-sequences", help="sequence caption JSON for validation")
-    g.add_argument("--karpathy-json", help="Karpathy split file (dataset_coco.json / dataset_flickr8k.json)")
-    g.add_argument("--images-root", help="with --karpathy-json: folder the filepaths are relative to")
-    g.add_argument("--split", default="train", help="with --karpathy-json: training split(s), e.g. train,restval")
-    g.add_argument("--val-split", default="val", help="with --karpathy-json: validation split ('' for none)")
-    g.add_argument("--skip-missing", action="store_true", help="leave out missing image files instead of failing")
+    train_val_args(g, sequences=True)
     g.add_argument(
         "--skip-bad",
         action="store_true",

@@ -7,7 +7,7 @@ import argparse
 import json
 
 from ..settings import DecodingConfig, Grid
-from .common import cache_args, model_arg
+from .common import cache_args, dataset_args, model_arg
 
 #: the grid's flags (the names scripts/tune_decoding.py had): each varies the decoding setting of
 #: its key; type and meaning come from DecodingConfig, the values tried by default from tuning.Grid
@@ -32,12 +32,7 @@ def add(sub) -> None:
     )
     model_arg(t)
     d = t.add_argument_group("validation data")
-    d.add_argument("--annotations", help="COCO caption JSON with the references")
-    d.add_argument("--images", help="folder of its images")
-    d.add_argument("--karpathy-json", help="Karpathy split file instead of --annotations/--images")
-    d.add_argument("--images-root", help="with --karpathy-json: folder the filepaths are relative to")
-    d.add_argument("--split", default="val", help="with --karpathy-json: which split(s)")
-    d.add_argument("--skip-missing", action="store_true", help="leave out missing image files instead of failing")
+    dataset_args(d)
     d.add_argument(
         "--train-annotations",
         help="the model's training caption file, for novel_object_recall (default: the kinds the "
