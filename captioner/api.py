@@ -220,7 +220,7 @@ class Captioner:
         """The k most probable ImageNet classes of one image (-> tuple of Tag(label, p)) or of a
         list (-> a list of them): the encoder's own classifier, no decoding. Raises ImageError."""
         whole_number(k, 1, "k")
-        if self.encoder.head is None or self.is_sequence_model:
+        if not self.model.has_classifier:
             raise UsageError(f"this model's encoder ({self.config['encoder']}) has no ImageNet classifier to tag with")
         single = not isinstance(x, (list, tuple))
         out = []

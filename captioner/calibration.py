@@ -43,7 +43,7 @@ def _pooled(model: Captioner, feats: ItemFeatures, step: int = 256) -> Tensor:
 def check_calibratable(model: Captioner) -> None:
     """UsageError unless the model can have guidance: a single-image model whose encoder has its
     ImageNet classifier (the tags and the word prior come from it)."""
-    if model.is_sequence_model or model.encoder.head is None:
+    if not model.model.has_classifier:
         raise UsageError("guidance needs a single-image model whose encoder has its ImageNet classifier")
 
 

@@ -95,3 +95,18 @@ def test_an_ensemble_keeps_the_first_models_tags_and_guidance_but_claims_no_conf
     coffee = REPO / "assets" / "examples" / "coffee.jpg"
     assert both.caption(coffee) == single.caption(coffee) and "coffee" in single.caption(coffee).split()
     assert both.guidance.has_person and not both.guidance.calibrated
+
+
+def test_tags_come_from_the_encoders_classifier_alone_and_match_the_captions_tags():
+    from captioner.errors import UsageError
+
+    model = Captioner.load(device="cpu")
+    cat = REPO / "assets" / "examples" / "cat.jpg"
+    one = model.tags(cat, k=3)
+    assert len(one) == 3 and one[0].label == "Egyptian cat" and one[0].p >= one[1].p >= one[2].p
+    both = model.tags([cat, EXAMPLES[0]], k=2)
+    assert len(both) == 2 and both[0] == one[:2]
+    _, tags = model.caption(cat, return_tags=True)
+    assert [t.label for t in tags[:3]] == [t.label for t in one]
+    with pytest.raises(UsageError, match="k must be a whole number"):
+        model.tags(cat, k=0)
