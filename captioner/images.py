@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2 as T
 
 from .errors import ImageError
@@ -86,23 +86,89 @@ def image_from_bytes(data: bytes, name: str, max_pixels: int | None = None) -> I
     return _decode(io.BytesIO(data), name, max_pixels)
 
 
+#: large images are decoded reduced to about this short side (>= 4x any encoder's input): a
+#: 10000x10000 photo then costs its decoder's buffer once, not copies of it in every conversion
+DECODE_SIDE = 1024
+#: EXIF orientation -> the transpose that shows the photo upright (as ImageOps.exif_transpose)
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+#: bytes per pixel as Pillow holds a decoded image (multi-band modes take 4)
+_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+
+
+def _check_declared(img: Image.Image, p: Path | str, limit: int) -> tuple[int, int]:
+    w, h = img.size
+    if w == 0 or h == 0:
+        raise ImageError(p, f"has no pixels ({w}x{h})")
+    if w * h > limit:
+        raise ImageError(
+            p,
+            f"declares {w}x{h} = {w * h:,} pixels, over the limit of {limit:,} "
+            "(a decompression bomb? raise the limit with --max-pixels)",
+        )
+    return w, h
+
+
+def _draft_scale(img: Image.Image) -> int:
+    """1, 2, 4 or 8: how much smaller a JPEG's decoder can hand the image over (DCT scaling)."""
+    k = min(img.size) // DECODE_SIDE
+    return 1 if img.format != "JPEG" or k < 2 else min(8, 1 << (k.bit_length() - 1))
+
+
+def decode_bytes(data: bytes, name: str, max_pixels: int | None = None) -> int:
+    """The memory decoding an uploaded image will take, from its header alone (nothing decoded):
+    its pixels, as its decoder hands them over, x the bytes Pillow keeps per pixel; ImageError if
+    the header is unusable or declares too many pixels."""
+    if not data:
+        raise ImageError(name, "is empty")
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    try:
+        with _open_without_pillow_limit(io.BytesIO(data)) as img:
+            w, h = _check_declared(img, name, limit)
+            s = _draft_scale(img)
+            return -(-w // s) * -(-h // s) * _PIXEL_BYTES.get(img.mode, 4)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(name, "not an image (unrecognised format, or a corrupt header)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ImageError(name, f"unreadable image ({e})") from None
+
+
+def _reduced(img: Image.Image) -> Image.Image:
+    """A decoded image larger than DECODE_SIDE on its short side, box-averaged down to about it."""
+    k = min(img.size) // DECODE_SIDE
+    if k < 2:
+        return img
+    size = (img.width // k, img.height // k)
+    try:
+        return img.reduce(k)
+    except ValueError:  # modes reduce() does not take ("1", "P", 16-bit grey)
+        return img.resize(size, Image.Resampling.BOX)
+
+
 def _decode(source: Path | io.BytesIO, p: Path | str, max_pixels: int | None) -> Image.Image:
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     try:
         with _open_without_pillow_limit(source) as img:
-            w, h = img.size
-            if w == 0 or h == 0:
-                raise ImageError(p, f"has no pixels ({w}x{h})")
-            if w * h > limit:
-                raise ImageError(
-                    p,
-                    f"declares {w}x{h} = {w * h:,} pixels, over the limit of {limit:,} "
-                    "(a decompression bomb? raise the limit with --max-pixels)",
-                )
+            _check_declared(img, p, limit)
             img.seek(0)  # first frame of animations
-            img = ImageOps.exif_transpose(img)
+            upright = _UPRIGHT.get(img.getexif().get(0x0112))
+            scale = _draft_scale(img)
+            if scale > 1:  # JPEG: decoded at 1/2, 1/4 or 1/8 scale, never in full
+                img.draft(img.mode, (img.width // scale, img.height // scale))
             img.load()
-            return to_rgb(img)
+            out = _reduced(img)
+            if upright is not None:
+                out = out.transpose(upright)
+            return to_rgb(out)
     except ImageError:
         raise
     except UnidentifiedImageError:

@@ -84,27 +84,30 @@ class DecodingConfig:
     beam_size: int = _setting(5, "beam width, 1 = greedy", "beam size", low=1, serve_max=20)
     max_len: int = _setting(20, "most words per caption", "max length", low=1, serve_max=60)
     min_len: int = _setting(1, "fewest words per caption", "min length", serve_max=60)
-    length_alpha: float = _setting(0.0, "GNMT alpha, 0 = off", "length penalty", flag="--length-penalty")
+    length_alpha: float = _setting(0.0, "GNMT alpha, 0 = off", "length penalty", high=5, flag="--length-penalty")
     no_repeat_ngram: int = _setting(0, "forbid repeating n-grams of this size, 0 = off", "no-repeat n-gram size")
     tag_boost: float = _setting(
-        0.0, "favour the words the encoder's ImageNet classifier recognises, 0 = off", "tag boost"
+        0.0, "favour the words the encoder's ImageNet classifier recognises, 0 = off", "tag boost", high=100
     )
     suppress_unseen: float = _setting(
         0.0,
         "penalise naming people, animals and vehicles the classifiers do not see, 0 = off",
         "unseen-object penalty",
+        high=1000,
     )
     tag_subject: float = _setting(
         0.0,
         "on photos unlike the training photos, start the caption with the word the ImageNet classifier "
         "is at least this sure of (a cat, a bus), 0 = off",
         "tag subject threshold",
+        high=1,
     )
     constrain: float = _setting(
         0.0,
         "make the caption name what the ImageNet classifier is at least this sure of (constrained beam "
         "search; words the decoder never learnt are borrowed from related ones), 0 = off",
         "constraint threshold",
+        high=1,
     )
     max_constraints: int = _setting(
         2, "with --constrain: the surest this many concepts per photo", "most constraints", low=1, high=MAX_CONSTRAINTS
@@ -208,6 +211,16 @@ class ServeLimits:
         "refuse images declaring more pixels than this, before decoding them (decompression bombs)",
         1,
     )
+    max_decode_mb: float = _limit(
+        1024.0,
+        "most memory decoding uploads may take at once, over all requests (each image's cost read from its "
+        "header: pixels x bytes per pixel); requests beyond it wait",
+        0,
+    )
+    max_request_decode_mb: float = _limit(
+        512.0, "most memory one request's images may take while decoded; a larger image is refused", 0
+    )
+    decode_wait_s: float = _limit(30.0, "how long a request waits for decoding memory before a 503", 0)
     batch_size: int = _limit(32, "most images captioned together across requests", 1)
     batch_wait_ms: float = _limit(5.0, "how long the first image waits for others to join its batch", 0)
 
@@ -231,7 +244,7 @@ class ServeLimits:
                 whole_number(value, int(low), name)
             else:
                 _number(value, low, name)
-            if f.name == "max_upload_mb" and value <= 0:
+            if f.name in ("max_upload_mb", "max_decode_mb", "max_request_decode_mb") and value <= 0:
                 raise UsageError(f"{name} must be > 0, not {value!r}")
 
     def to_dict(self) -> dict[str, Any]:

@@ -25,6 +25,15 @@ def add(sub) -> None:
     )
     s.add_argument("--port", type=int, default=8000, help="TCP port")
     s.add_argument("--workers", type=int, default=1, help="server processes, each with its own copy of the model")
+    s.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="another site whose pages may call the API (scheme://host[:port], e.g. https://app.example); "
+        "repeatable. Without it, uploads from other sites' pages are refused (403): any page the user visits "
+        "could otherwise make their browser use this server",
+    )
     for flag, name, kind, default, text in ServeLimits.flags():  # the limits: declared once, in settings.py
         s.add_argument(flag, dest=name, type=kind, default=default, help=text)
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -39,7 +48,16 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be 0-65535, not {args.port}")
     limits = ServeLimits(**{name: getattr(args, name) for _, name, _, _, _ in ServeLimits.flags()})  # checked
-    os.environ[SERVE_ENV] = json.dumps({"model": args.model, "device": args.device, "limits": limits.to_dict()})
+    for origin in args.allow_origin:
+        if not origin.startswith(("http://", "https://")) or origin.rstrip("/").count("/") != 2:
+            raise UsageError(f"--allow-origin {origin}: give scheme://host[:port], e.g. https://app.example")
+    settings = {
+        "model": args.model,
+        "device": args.device,
+        "limits": limits.to_dict(),
+        "allow_origins": args.allow_origin,
+    }
+    os.environ[SERVE_ENV] = json.dumps(settings)
     shown = "localhost" if args.host in ("127.0.0.1", "localhost") else args.host
     log.info(f"serving on http://{shown}:{args.port}/ (API docs: /docs); Ctrl-C stops")
     if args.host not in ("127.0.0.1", "localhost", "::1"):

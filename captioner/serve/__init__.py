@@ -16,7 +16,8 @@ def app_from_env():
     from ..api import Captioner
 
     s = json.loads(os.environ[SERVE_ENV])
-    return create_app(Captioner.load(s["model"], device=s["device"]), ServeLimits(**s["limits"]))
+    model = Captioner.load(s["model"], device=s["device"])
+    return create_app(model, ServeLimits(**s["limits"]), allow_origins=s.get("allow_origins", ()))
 
 
 __all__ = ["ServeLimits", "app_from_env", "create_app"]

@@ -7,23 +7,29 @@ The server never opens a path named in a request: images arrive as uploaded byte
 from __future__ import annotations
 
 import asyncio
+import re
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
+from swagger_ui_bundle import swagger_ui_path
 
 from .. import __version__
 from ..api import Captioner
 from ..errors import ImageError, UsageError
-from ..images import image_from_bytes
+from ..images import decode_bytes, image_from_bytes
 from ..pipeline import caption_record
 from ..settings import LOW_CONFIDENCE, DecodingConfig, ServeLimits, Setting
 from .batcher import Batcher
+from .budget import Busy, ByteBudget, give_back_memory
 
 STATIC = resources.files("captioner.serve") / "static"
 MAX_TAGS = 20
@@ -101,11 +107,15 @@ class _TooLarge(Exception):
     pass
 
 
+_WHOLE = re.compile(r"-?[0-9]{1,9}")  # ASCII digits only ("²" and "٣" are digits to str.isdigit), no "--5"
+_NUMBER = re.compile(r"-?(?:[0-9]{1,9}(?:\.[0-9]{0,9})?|\.[0-9]{1,9})")
+
+
 def _int_field(form, name: str, default: int | None) -> int | None:
     value = form.get(name)
     if value is None or value == "":
         return default
-    if not isinstance(value, str) or not value.strip().lstrip("-").isdigit():
+    if not isinstance(value, str) or not _WHOLE.fullmatch(value.strip()):
         raise UsageError(f"field {name!r} must be a whole number, not {str(value)[:40]!r}")
     return int(value)
 
@@ -114,15 +124,73 @@ def _number_field(form, name: str) -> float | None:
     value = form.get(name)
     if value is None or value == "":
         return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"field {name!r} must be a number, not {str(value)[:40]!r}") from None
+    if not isinstance(value, str) or not _NUMBER.fullmatch(value.strip()):
+        raise UsageError(f"field {name!r} must be a number like 0.5, not {str(value)[:40]!r}")
+    return float(value)
 
 
-def create_app(model: Captioner, limits: ServeLimits = ServeLimits()) -> FastAPI:
-    """The app serving `model`: the page at /, the API under /api, OpenAPI docs at /docs."""
+class SameOrigin:
+    """ASGI middleware: a request that changes something (POST and the like) from a page of another
+    site gets 403, unless that site is in `allowed` — a multipart form post needs no CORS preflight,
+    so without this any page the user visits could make their browser upload to this server and
+    use its CPU. Allowed origins get CORS headers (and their preflights are answered); requests
+    without Origin/Referer (curl, scripts) and the server's own page pass."""
+
+    def __init__(self, app, allowed: Sequence[str] = ()) -> None:
+        self.app, self.allowed = app, {o.rstrip("/").lower() for o in allowed}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        origin = _origin_of(headers)
+        own = origin is not None and urlsplit(origin).netloc.lower() == headers.get("host", "").lower()
+        allowed = origin is not None and origin in self.allowed
+        if scope["method"] == "OPTIONS" and allowed:  # a preflight from an allowed site
+            return await self._cors(
+                Response(
+                    status_code=204,
+                    headers={"Access-Control-Allow-Methods": "GET, POST", "Access-Control-Allow-Headers": "*"},
+                ),  # fmt: skip
+                origin,
+            )(scope, receive, send)
+        cross_site = not own and (origin is not None or headers.get("sec-fetch-site") == "cross-site")
+        if scope["method"] not in ("GET", "HEAD", "OPTIONS") and cross_site and not allowed:
+            shown = origin or "another site"
+            message = f"cross-site request from {shown} refused (`captioner serve --allow-origin {shown}` allows it)"
+            return await _error(403, message)(scope, receive, send)
+        if not allowed:
+            return await self.app(scope, receive, send)
+
+        async def send_with_cors(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"access-control-allow-origin", origin.encode()),
+                                      (b"vary", b"Origin")]  # fmt: skip
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
+
+    @staticmethod
+    def _cors(response: Response, origin: str) -> Response:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
+        return response
+
+
+def _origin_of(headers: dict[str, str]) -> str | None:
+    """scheme://host[:port] of the page that made the request (Origin, else Referer), lower case."""
+    raw = headers.get("origin") or headers.get("referer")
+    if not raw or raw == "null":
+        return None if not raw else "null"
+    parts = urlsplit(raw)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def create_app(model: Captioner, limits: ServeLimits = ServeLimits(), allow_origins: Sequence[str] = ()) -> FastAPI:
+    """The app serving `model`: the page at /, the API under /api, OpenAPI docs at /docs.
+    allow_origins: other sites (scheme://host:port) whose pages may call the API."""
     batcher = Batcher(model, max_batch=limits.batch_size, max_wait_ms=limits.batch_wait_ms)
+    decode_budget = ByteBudget(int(limits.max_decode_mb * 2**20), wait_s=limits.decode_wait_s)  # the server's
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -135,10 +203,26 @@ def create_app(model: Captioner, limits: ServeLimits = ServeLimits()) -> FastAPI
         version=__version__,
         description="Image captioning: upload photos, get captions (the JSON of `captioner caption --json`).",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load Swagger UI / ReDoc from a CDN: ours is served from a package
+        redoc_url=None,
     )
     app.state.batcher = batcher
     app.add_middleware(BodyLimit, max_bytes=int(limits.max_upload_mb * 2**20))
+    app.add_middleware(SameOrigin, allowed=allow_origins)  # added last: runs first
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    app.mount("/swagger", StaticFiles(directory=swagger_ui_path), name="swagger")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        """The interactive API page (Swagger UI), every asset from this server: it works offline."""
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title="captioner API",
+            swagger_js_url="/swagger/swagger-ui-bundle.js",
+            swagger_css_url="/swagger/swagger-ui.css",
+            swagger_favicon_url="/swagger/favicon-32x32.png",
+        )
+
     attention_model = model.decoder.attends_over == "regions"
 
     @app.exception_handler(Exception)
@@ -216,18 +300,28 @@ def create_app(model: Captioner, limits: ServeLimits = ServeLimits()) -> FastAPI
         return model.prepare(image_from_bytes(data, name, limits.max_pixels))  # an ensemble prepares for each member
 
     async def prepare(items) -> list[Any]:
-        """Each upload decoded and preprocessed off the event loop, in parallel: pixels or its ImageError."""
+        """Each upload decoded and preprocessed off the event loop, in parallel as far as the memory
+        budgets allow: pixels or its ImageError (Busy when the server's budget stays full)."""
         loop = asyncio.get_running_loop()
+        per_request = ByteBudget(int(limits.max_request_decode_mb * 2**20))
 
         async def one(name: str, data: bytes | None, problem: str | None) -> Any:
             if problem:
                 return ImageError(name, problem)
             try:
-                return await loop.run_in_executor(None, to_pixels, name, data)
+                cost = decode_bytes(data, name, limits.max_pixels)  # from the header: nothing decoded yet
+                if cost > per_request.capacity:
+                    cap = f"{limits.max_request_decode_mb:g} MB a request may use (--max-request-decode-mb)"
+                    raise ImageError(name, f"decoding it would take {cost / 2**20:,.0f} MB, over the {cap}")
+                async with per_request.hold(cost), decode_budget.hold(cost):
+                    return await loop.run_in_executor(None, to_pixels, name, data)
             except ImageError as e:
                 return e
 
-        return list(await asyncio.gather(*(one(*item) for item in items)))
+        try:
+            return list(await asyncio.gather(*(one(*item) for item in items)))
+        finally:
+            await loop.run_in_executor(None, give_back_memory)
 
     def record(name: str, nbest, form, n_tags: int) -> dict[str, Any]:
         entry = {"file": name} | caption_record(nbest, n_tags, LOW_CONFIDENCE)
@@ -252,7 +346,10 @@ def create_app(model: Captioner, limits: ServeLimits = ServeLimits()) -> FastAPI
             return _error(e.status, e.message)
         except UsageError as e:
             return _error(400, str(e))
-        return form, items, options, n_tags, await prepare(items)
+        try:
+            return form, items, options, n_tags, await prepare(items)
+        except Busy:
+            return _error(503, "the server is decoding as many images as its memory budget allows: try again soon")
 
     @app.post("/api/caption", openapi_extra=form_schema())
     async def caption(request: Request) -> JSONResponse:
