@@ -221,6 +221,13 @@ class ServeLimits:
         512.0, "most memory one request's images may take while decoded; a larger image is refused", 0
     )
     decode_wait_s: float = _limit(30.0, "how long a request waits for decoding memory before a 503", 0)
+    request_timeout_s: float = _limit(
+        30.0,
+        "close a connection that sends nothing for this long while its request (headers or body) is "
+        "incomplete; a slow upload that keeps sending is not cut off",
+        0,
+    )
+    max_connections: int = _limit(256, "most connections at once; beyond them new ones get 503", 1)
     batch_size: int = _limit(32, "most images captioned together across requests", 1)
     batch_wait_ms: float = _limit(5.0, "how long the first image waits for others to join its batch", 0)
 
@@ -244,7 +251,10 @@ class ServeLimits:
                 whole_number(value, int(low), name)
             else:
                 _number(value, low, name)
-            if f.name in ("max_upload_mb", "max_decode_mb", "max_request_decode_mb") and value <= 0:
+            if (
+                f.name in ("max_upload_mb", "max_decode_mb", "max_request_decode_mb", "request_timeout_s")
+                and value <= 0
+            ):
                 raise UsageError(f"{name} must be > 0, not {value!r}")
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import threading
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -167,3 +168,61 @@ def test_huge_images_within_the_pixel_limit_cost_a_bounded_memory(servers):
     assert r.status == 200 and all(a["caption"] for a in answer)
     assert peak[0] - base <= 1536, f"peak growth {peak[0] - base:.0f} MB"
     assert _rss_mb() - base <= 300, f"kept {_rss_mb() - base:.0f} MB"
+
+
+class _TimedServer(Server):
+    """Server with the read-timeout protocol `captioner serve` runs, at a 1 s timeout."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        from captioner.serve.protocol import ReadTimeoutH11Protocol
+
+        super().__init__(app)
+        protocol = type("OneSecond", (ReadTimeoutH11Protocol,), {"read_timeout": 1.0})
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", http=protocol)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+
+def _closed_within(sock, seconds: float) -> bool:
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):  # an error answer may come first; then the close
+            pass
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_stalled_requests_are_closed_and_slow_uploads_finish():
+    import socket
+    import time
+
+    from captioner import Captioner
+    from captioner.serve import create_app
+
+    with _TimedServer(create_app(Captioner.load(device="cpu"), ServeLimits(batch_wait_ms=1))) as s:
+        stalled = []
+        mid_headers = b"POST /api/caption HTTP/1.1\r\nHost: x\r\n"
+        mid_body = mid_headers + b"Content-Length: 1000\r\n\r\n0123456789"
+        for partial in (mid_headers, mid_body):
+            sock = socket.create_connection(("127.0.0.1", s.port))
+            sock.sendall(partial)
+            stalled.append(sock)
+        assert all(_closed_within(sock, 5.0) for sock in stalled)  # 1 s of silence, then closed
+        for sock in stalled:
+            sock.close()
+        # a slow upload that keeps sending (a piece every 0.5 s, 3 s in all) is answered
+        body, ctype = multipart([("red.png", PNG)])
+        pieces = [body[i : i + len(body) // 6 + 1] for i in range(0, len(body), len(body) // 6 + 1)]
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        head = f"POST /api/caption HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n"
+        sock.sendall(head.encode())
+        for piece in pieces:
+            time.sleep(0.5)
+            sock.sendall(piece)
+        sock.settimeout(60)
+        answer = sock.recv(65536)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]

@@ -43,6 +43,8 @@ def add(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from ..serve.protocol import ReadTimeoutH11Protocol
+
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
     if not 0 <= args.port <= 65535:
@@ -69,5 +71,7 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         log_level="warning",
+        http=ReadTimeoutH11Protocol,  # stalled requests are closed (--request-timeout-s)
+        limit_concurrency=limits.max_connections,
     )
     return 0
