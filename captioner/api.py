@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .errors import ImageError, UsageError
 from .features import FeatureCache, default_workers, prepared_batches, split_batch
-from .guidance import Guidance, Tag, top_tags
+from .guidance import TAGS_SHOWN, Guidance, Tag, top_tags
 from .model import ImageInput, Model
 from .pipeline import Caption, Pipeline
 from .settings import DecodingConfig, whole_number
@@ -189,7 +189,8 @@ class Captioner:
         return_attention=True (attention decoders) gives (caption, weights (words, h, w)) instead,
         the weights of each word over the encoder's h x w grid (one row per token: a word, or a
         character of Chinese/Japanese; `generate` gives the tokens as `Caption.words`).
-        return_tags=True adds the photo's top ImageNet classes (a tuple of Tag(label, p)),
+        return_tags=True adds the photo's TAGS_SHOWN (5) top ImageNet classes (a tuple of Tag(label, p);
+        `tags(x, k)` or `generate`'s Caption.tags for more),
         return_confidence=True the caption's confidence (P(acceptable caption), None when the
         model is not calibrated): the result is then a tuple (caption[, weights][, tags][, confidence]).
         decode_opts: batch_size, num_workers, and the decoding settings below.
@@ -211,7 +212,7 @@ class Captioner:
             else:
                 best = r[0]
                 extra = [best.attention_grid()] if return_attention else []
-                extra += [best.tags] if return_tags else []
+                extra += [best.tags[:TAGS_SHOWN]] if return_tags else []
                 extra += [best.confidence] if return_confidence else []
                 results.append((best.text, *extra) if extra else best.text)
         return results[0] if single else results
@@ -291,12 +292,14 @@ class Captioner:
         **decode_opts: Any,
     ) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
         """The n best (caption, score) pairs, best first; score = summed log-prob (length-penalised if
-        asked); the beam is at least n wide. decode_opts: as for `caption`."""
+        asked). The first is `caption`'s, whatever n is (the configured beam's best); when n is more
+        than the beam, a second search n wide gives the others, which may then score above it (a
+        wider beam finds captions a narrower one misses). decode_opts: as for `caption`."""
         whole_number(n, 1, "n-best (--n-best, n_best= / n=)")
         single = not isinstance(x, (list, tuple))
         out = []
-        beam = max(n, self.decoding["beam_size"]) if beam_size is None else beam_size
-        for r in self.generate([x] if single else list(x), beam_size=beam, n_best=n, max_len=max_len, **decode_opts):
+        settings = {"beam_size": beam_size, "n_best": n, "max_len": max_len}
+        for r in self.generate([x] if single else list(x), **settings, **decode_opts):
             if isinstance(r, ImageError):
                 raise r
             out.append([(c.text, c.score) for c in r])

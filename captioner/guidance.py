@@ -45,7 +45,10 @@ CONSTRAIN_SHARE = 0.3
 #: Flickr8k val CIDEr-D 0.516 -> 0.517; coco_256 captions inventing an object 32.1 % -> 29.9 %,
 #: precision of named objects 0.693 -> 0.710 (0.05: 28.1 %, 0.724, but val 0.514)
 SEEN_FAMILIAR = 0.01
-TAGS_KEPT = 5  # tags each caption carries (the CLI prints --tags K of them)
+#: tags each caption carries: the most `captioner caption --tags K` prints (cli/caption.py's MAX_TAGS,
+#: kept torch-free, is the same number) and a server request's `tags` may ask for
+TAGS_KEPT = 20
+TAGS_SHOWN = 5  # tags given unless asked: `caption(return_tags=True)`, `--json`, the server
 CONFIDENCE_FEATURES = ("score", "score_per_token", "top_class_p", "p_person", "names_person", "person_agrees")
 
 
@@ -59,7 +62,7 @@ class Tag:
 
 
 def top_tags(probs: Tensor, k: int = TAGS_KEPT) -> list[tuple[Tag, ...]]:
-    """ImageNet probabilities (B, C) -> for each image its k most probable classes."""
+    """ImageNet probabilities (B, C) -> for each image its k most probable classes, most probable first."""
     classes = imagenet_classes()
     p, idx = probs.float().topk(k, dim=-1)  # (B, k)
     return [

@@ -19,7 +19,7 @@ from torch import Tensor
 from .decoding import beam_search, constraints_met
 from .errors import ImageError
 from .features import default_workers, prepared_batches, split_batch
-from .guidance import CONSTRAIN_SHARE, Guidance, Tag, top_tags
+from .guidance import CONSTRAIN_SHARE, TAGS_SHOWN, Guidance, Tag, top_tags
 from .model import ImageInput
 from .naming import Naming
 from .settings import DecodingConfig, whole_number
@@ -30,7 +30,7 @@ class Caption(NamedTuple):
     score: float  # summed log-prob (divided by the length penalty when one is set)
     attention: Tensor | None = None  # (words, R) attention weights, for attention decoders
     words: tuple[str, ...] = ()  # the caption's tokens, one per attention row (Chinese text has no spaces to split on)
-    tags: tuple[Tag, ...] = ()  # the photo's top ImageNet classes (guidance.py), when the encoder has its classifier
+    tags: tuple[Tag, ...] = ()  # the photo's TAGS_KEPT top ImageNet classes (guidance.py), if it has a classifier
     confidence: float | None = None  # P(acceptable caption), when the model is calibrated (calibration.py)
 
     def attention_grid(self) -> Tensor:
@@ -40,21 +40,27 @@ class Caption(NamedTuple):
 
 
 def caption_record(
-    nbest: Sequence[Caption], n_tags: int = 5, min_confidence: float = 0.0, omit_low: bool = False
+    nbest: Sequence[Caption], n_tags: int = TAGS_SHOWN, min_confidence: float = 0.0, omit_low: bool = False
 ) -> dict[str, Any]:
     """An image's n-best Captions as the JSON object `captioner caption --json` prints (and the
-    server answers): caption, confidence, nbest [{caption, score, confidence}], tags [{label, p}];
-    "low_confidence" when `min_confidence` is set (omit_low: the caption is then null)."""
+    server answers): caption, confidence, nbest [{caption, score, confidence}], tags [{label, p}]
+    (n_tags of them, none for 0); "low_confidence" when `min_confidence` is set (omit_low: the
+    caption is then null, and every caption below `min_confidence` is left out of nbest too)."""
+
+    def low(c: Caption) -> bool:
+        return c.confidence is not None and c.confidence < min_confidence
+
     best = nbest[0]
-    low = best.confidence is not None and best.confidence < min_confidence
     entry: dict[str, Any] = {
-        "caption": None if low and omit_low else best.text,
+        "caption": None if low(best) and omit_low else best.text,
         "confidence": _rounded(best.confidence),
     }
     if min_confidence:
-        entry["low_confidence"] = low
+        entry["low_confidence"] = low(best)
     entry["nbest"] = [
-        {"caption": c.text, "score": round(c.score, 4), "confidence": _rounded(c.confidence)} for c in nbest
+        {"caption": c.text, "score": round(c.score, 4), "confidence": _rounded(c.confidence)}
+        for c in nbest
+        if not (omit_low and low(c))
     ]
     if n_tags and best.tags:
         entry["tags"] = [t.to_dict() for t in best.tags[:n_tags]]
@@ -63,6 +69,18 @@ def caption_record(
 
 def _rounded(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
+
+
+def _first_then(first: Any, more: Sequence[Any], n: int, vocab: Any) -> list:
+    """`first`, then the hypotheses of `more` that read differently (best first), n in all."""
+    seen = {vocab.decode(first.tokens)}
+    out = [first]
+    for h in more:
+        text = vocab.decode(h.tokens)
+        if len(out) < n and text not in seen:
+            seen.add(text)
+            out.append(h)
+    return out
 
 
 def _rows(inputs: Any, idx: Tensor) -> Any:
@@ -131,27 +149,57 @@ class Pipeline:
     # ---- decoding ----------------------------------------------------------------------------
     def decode(self, features: Any, **settings: Any) -> list[list[Caption]]:
         """The decoder's input for B images or sequences (model.encode / a feature cache) -> for each
-        its n-best Captions, best first, with the photo's tags and each caption's confidence when the
-        model has them. `settings`: any DecodingConfig field; unset ones are the model's defaults."""
+        its n-best Captions, with the photo's tags and each caption's confidence when the model has
+        them. `settings`: any DecodingConfig field; unset ones are the model's defaults.
+
+        The first caption is the configured beam's best whatever `n_best` is (what `n_best=1`
+        gives). The others are that beam's next best; when `n_best` is more than `beam_size`, a
+        second search `n_best` wide supplies them instead (best first, the first caption left
+        out), so they may score above the first: a wider beam finds captions a narrower one misses.
+        No caption is listed twice (two hypotheses can read alike once articles are mended).
+        """
         o = self.settings(**settings)
         guide = self._guide(features, o)
         inputs = self.model.decoder_input(features)
-        vocab = self.model.vocab
+        constrained = guide is not None and guide.constraints is not None
+        vocab = self.naming.vocab if constrained else self.model.vocab
         with _eval_mode(self.model.decoder):
-            hyps = self._search(
-                self.model.decoder,
-                inputs,
-                o,
-                bias=guide.bias if guide else None,
-                prefix=guide.prefix if guide else None,
-            )
-            if guide is not None and guide.constraints is not None:
-                vocab = self.naming.vocab
-                self._constrained_search(hyps, inputs, o, guide)
-                for hs in hyps:
-                    for h in hs:
-                        h.tokens = self.naming.fix_articles(h.tokens)
+            wider = o.n_best > o.beam_size
+            hyps, redone = self._hypotheses(inputs, o, guide, o.beam_size, 1 if wider else o.n_best)
+            others = [hs[1:] for hs in hyps]
+            if wider:  # photos whose first caption had to name what the classifier sees: the others too
+                others, _ = self._hypotheses(inputs, o, guide, o.n_best, o.n_best, redo=redone)
+            hyps = [_first_then(hs[0], more, o.n_best, vocab) for hs, more in zip(hyps, others)]
         return self._captions(hyps, vocab, guide)
+
+    def _hypotheses(
+        self,
+        inputs: Any,
+        o: DecodingConfig,
+        guide: _Guide | None,
+        beam_size: int,
+        n_best: int,
+        redo: list[int] | None = None,
+    ) -> tuple[list, list[int]]:
+        """Beam search `beam_size` wide, its `n_best` hypotheses per input, with the constrained
+        search where the guidance asks for it (`redo`: on these photos, whatever the free search
+        found) -> (hypotheses, the photos whose hypotheses the constrained search gave)."""
+        hyps = self._search(
+            self.model.decoder,
+            inputs,
+            o,
+            beam_size,
+            n_best,
+            bias=guide.bias if guide else None,
+            prefix=guide.prefix if guide else None,
+        )
+        redone: list[int] = []
+        if guide is not None and guide.constraints is not None:
+            redone = self._constrained_search(hyps, inputs, o, guide, beam_size, n_best, redo)
+            for hs in hyps:
+                for h in hs:
+                    h.tokens = self.naming.fix_articles(h.tokens)
+        return hyps, redone
 
     def _guide(self, features: Any, o: DecodingConfig) -> _Guide | None:
         """The guidance part's view of a batch: None without guidance or for sequences."""
@@ -186,17 +234,17 @@ class Pipeline:
             for b, hs in enumerate(hyps)
         ]
 
-    def _search(self, decoder: Any, inputs: Any, o: DecodingConfig, **kw: Any) -> list:
-        """beam_search with the settings `o`."""
+    def _search(self, decoder: Any, inputs: Any, o: DecodingConfig, beam_size: int, n_best: int, **kw: Any) -> list:
+        """beam_search `beam_size` wide for `n_best` hypotheses, with the other settings of `o`."""
         return beam_search(
             decoder,
             inputs,
-            beam_size=max(o.beam_size, o.n_best),
+            beam_size=beam_size,
             max_len=o.max_len,
             min_len=o.min_len,
             length_alpha=o.length_alpha,
             no_repeat_ngram=o.no_repeat_ngram,
-            n_best=o.n_best,
+            n_best=n_best,
             suppress=[self.model.vocab.unk_id],  # "<unk>" is never a useful word to print
             **kw,
         )
@@ -210,17 +258,30 @@ class Pipeline:
             threshold = threshold.masked_fill(share.cpu() >= CONSTRAIN_SHARE, float("inf"))
         return self.naming.constraints(probs, threshold, o.max_constraints)
 
-    def _constrained_search(self, hyps: list, inputs: Any, o: DecodingConfig, guide: _Guide) -> None:
+    def _constrained_search(
+        self,
+        hyps: list,
+        inputs: Any,
+        o: DecodingConfig,
+        guide: _Guide,
+        beam_size: int,
+        n_best: int,
+        redo: list[int] | None = None,
+    ) -> list[int]:
         """Decode again, under constraints, the photos whose free caption does not name the
         concepts the classifier is sure of; their hypotheses in `hyps` are replaced when the new
         best caption names more of them. A caption that already names them stays as the free
         search wrote it: a constrained search keeps separate beams per state and would rank
-        other, shorter captions first."""
+        other, shorter captions first. `redo`: these photos instead, replaced whatever the
+        searches found (the wider search of `decode` follows the configured one's choice).
+        -> the photos replaced."""
         naming, need, constraints = self.naming, o.constraints_needed, guide.constraints
-        met = [constraints_met(sets, hs[0].tokens) for hs, sets in zip(hyps, constraints)]
-        redo = [b for b, sets in enumerate(constraints) if sets and met[b] < min(need, len(sets))]
+        met = [constraints_met(sets, hs[0].tokens) if hs else 0 for hs, sets in zip(hyps, constraints)]
+        forced = redo is not None
+        if redo is None:
+            redo = [b for b, sets in enumerate(constraints) if sets and met[b] < min(need, len(sets))]
         if not redo:
-            return
+            return []
         idx = torch.tensor(redo)
         sub = [constraints[b] for b in redo]
         allowed = naming.allowed_bias(sub)  # (R, V + E): borrowed words only where a photo asks for them
@@ -230,14 +291,19 @@ class Pipeline:
             naming.wrap(self.model.decoder),
             _rows(inputs, idx),  # an ensemble's inputs are a tuple, one per member
             o,
+            beam_size,
+            n_best,
             bias=allowed,
             constraints=sub,
             need=need,
             banned_bigrams=naming.banned_bigrams(sub),
         )
+        replaced = []
         for b, hs in zip(redo, again):
-            if hs and hs[0].met > met[b]:
+            if hs and (forced or hs[0].met > met[b]):
                 hyps[b] = hs
+                replaced.append(b)
+        return replaced
 
     def generate(
         self, inputs: Sequence[ImageInput], batch_size: int = 32, num_workers: int | None = None, **settings: Any

@@ -11,6 +11,18 @@ from ..paths import check_output_dir, list_images
 from ..settings import LOW_CONFIDENCE
 from .common import decoding, decoding_args, err, expand_inputs, max_pixels_arg, model_arg
 
+MAX_TAGS = 20  # the most --tags K: guidance.TAGS_KEPT, the tags each caption carries (this module stays torch-free)
+SHOWN_TAGS = 5  # --json's tags unless --tags K: guidance.TAGS_SHOWN
+LOW_TAGS = 3  # the plain line's tags after a low-confidence caption, unless --tags K
+
+
+class _Given(argparse.Action):
+    """Stores the value and notes that the flag was given (`args.<dest>_given`), the default unchanged."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, self.dest + "_given", True)
+
 
 def add(sub) -> None:
     c = sub.add_parser("caption", help="caption images, folders or glob patterns")
@@ -45,15 +57,16 @@ def add(sub) -> None:
     c.add_argument(
         "--tags",
         type=int,
-        default=0,
         metavar="K",
-        help="also print the K most probable ImageNet classes with their probabilities "
-        "(the encoder's own classifier, from the same pass; --json: K of them, default 5)",
+        help="also print the K most probable ImageNet classes with their probabilities (the encoder's own "
+        f"classifier, from the same pass), 0 to {MAX_TAGS}; 0 = none, not even after a low-confidence caption "
+        f"(unset: none, {LOW_TAGS} after a low-confidence caption; --json: {SHOWN_TAGS})",
     )
     c.add_argument(
         "--min-confidence",
         type=float,
         default=LOW_CONFIDENCE,
+        action=_Given,
         metavar="C",
         help="mark captions whose confidence (P(acceptable caption), calibrated on validation captions) "
         "is below C, and print the photo's top tags after them; 0 = mark none",
@@ -61,7 +74,7 @@ def add(sub) -> None:
     c.add_argument(
         "--omit-low-confidence",
         action="store_true",
-        help="with --min-confidence: leave such captions out (the tags are still printed)",
+        help="with --min-confidence: leave such captions out, of --json's nbest too (the tags are still printed)",
     )
     c.add_argument(
         "--attention-map",
@@ -82,14 +95,22 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.attention_map:
         check_output_dir(args.attention_map)
-    if args.tags < 0:
-        raise UsageError(f"--tags must be a whole number >= 0, not {args.tags}")
+    if args.tags is not None and not 0 <= args.tags <= MAX_TAGS:
+        raise UsageError(f"--tags must be 0 to {MAX_TAGS}, not {args.tags}")
     if not 0.0 <= args.min_confidence <= 1.0:
         raise UsageError(f"--min-confidence must be between 0 and 1, not {args.min_confidence:g}")
     if args.omit_low_confidence and not args.min_confidence:
         raise UsageError("--omit-low-confidence with --min-confidence 0 would omit nothing")
     model = Captioner.load(args.model, device=args.device)
     model.max_pixels = args.max_pixels
+    asked = getattr(args, "min_confidence_given", False) or args.omit_low_confidence
+    if asked and args.min_confidence and not model.calibrated:  # said once, not left to be noticed
+        what = (
+            "an ensemble has no confidence (it is fitted per model)"
+            if len(args.model or []) > 1
+            else "this model has no confidence (none fitted: captioner calibrate fits one)"
+        )
+        err(f"{what}: --min-confidence/--omit-low-confidence mark and omit nothing")
     # the model's decoding settings with what the command line set, checked before any image is read
     decode_opts = decoding(model, args) | {"n_best": args.n_best, "batch_size": args.batch_size}
     if args.attention_map and model.decoder.attends_over != "regions":
@@ -125,9 +146,10 @@ def _print_caption(args: argparse.Namespace, key: dict, label: str, nbest: list)
     best = nbest[0]
     low = best.confidence is not None and best.confidence < args.min_confidence
     text = None if low and args.omit_low_confidence else best.text
-    # JSON carries 5 tags unless told; the plain line shows them when asked, or for a caption
-    # marked as low-confidence (then the tags are what there is to go on)
-    tags = best.tags[: args.tags or (5 if args.json else 3 if low else 0)]
+    # --tags K: K of them (0: none); unset, JSON carries 5 and the plain line shows them for a
+    # caption marked as low-confidence (then the tags are what there is to go on)
+    n_tags = args.tags if args.tags is not None else SHOWN_TAGS if args.json else LOW_TAGS if low else 0
+    tags = best.tags[:n_tags]
     if args.json:
         from ..pipeline import caption_record
 
