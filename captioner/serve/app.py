@@ -25,6 +25,7 @@ from swagger_ui_bundle import swagger_ui_path
 from .. import __version__
 from ..api import Captioner
 from ..errors import ImageError, UsageError
+from ..guidance import TAGS_KEPT
 from ..images import decode_bytes, image_from_bytes
 from ..pipeline import caption_record
 from ..settings import LOW_CONFIDENCE, DecodingConfig, ServeLimits, Setting
@@ -32,7 +33,7 @@ from .batcher import Batcher
 from .budget import Busy, ByteBudget, give_back_memory
 
 STATIC = resources.files("captioner.serve") / "static"
-MAX_TAGS = 20
+MAX_TAGS = TAGS_KEPT  # tags a request may ask for: all a caption carries
 
 
 def form_schema() -> dict[str, Any]:
