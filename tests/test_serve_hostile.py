@@ -226,3 +226,19 @@ def test_stalled_requests_are_closed_and_slow_uploads_finish():
         answer = sock.recv(65536)
         sock.close()
         assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+
+
+def test_files_named_in_rfc5987_form_are_files(servers):
+    plain, _ = servers
+    boundary = "b0undary"
+    disposition = "form-data; name=\"files\"; filename*=UTF-8''na%C3%AFve%20caf%C3%A9.png"
+    head = f"--{boundary}\r\nContent-Disposition: {disposition}\r\nContent-Type: image/png\r\n\r\n"
+    body = head.encode() + PNG + f"\r\n--{boundary}--\r\n".encode()
+    conn = http.client.HTTPConnection("127.0.0.1", plain.port, timeout=120)
+    conn.request(
+        "POST", "/api/caption", body=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    r = conn.getresponse()
+    answer = json.loads(r.read())
+    conn.close()
+    assert r.status == 200 and answer[0]["file"] == "naïve café.png" and answer[0]["caption"]

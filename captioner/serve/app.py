@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import torch
 from fastapi import FastAPI, Request
@@ -20,6 +20,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartParser
 from swagger_ui_bundle import swagger_ui_path
 
 from .. import __version__
@@ -262,8 +263,9 @@ def create_app(model: Captioner, limits: ServeLimits = ServeLimits(), allow_orig
         """The form and its `files` in upload order: (name, bytes or None, problem or None)."""
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise _BadRequest(400, "send multipart/form-data with the images in the repeatable field 'files'")
+        parser = _Rfc5987Parser(request.headers, request.stream(), max_files=limits.max_files, max_fields=50)
         try:
-            form = await request.form(max_files=limits.max_files, max_fields=50)
+            form = await parser.parse()
         except _TooLarge:
             raise
         except Exception as e:  # malformed multipart, too many files or fields
@@ -276,6 +278,7 @@ def create_app(model: Captioner, limits: ServeLimits = ServeLimits(), allow_orig
                 items.append((value.filename or "<unnamed>", await value.read(), None))
             else:  # a plain text field: never read as a path
                 items.append((str(value)[:80], None, "not a file upload (the server never reads a path)"))
+        await form.close()  # the uploads are read: their spooled files go
         if not items:
             raise _BadRequest(400, "no images: send them in the repeatable field 'files'")
         return form, items
@@ -390,6 +393,27 @@ def create_app(model: Captioner, limits: ServeLimits = ServeLimits(), allow_orig
         return JSONResponse(entry)
 
     return app
+
+
+class _Rfc5987Parser(MultiPartParser):
+    """Starlette's multipart parser, also taking files named only in RFC 5987 form
+    (`filename*=UTF-8''na%C3%AFve.jpg`, as some clients send non-ASCII names), which the parser
+    underneath drops, turning the file into a text field."""
+
+    def on_headers_finished(self) -> None:
+        part = self._current_part
+        text = part.content_disposition.decode("latin-1")
+        extended = re.search(r"filename\*\s*=\s*([^;]+)", text, flags=re.IGNORECASE)
+        if extended and not re.search(r"(^|;)\s*filename\s*=", text, flags=re.IGNORECASE):
+            charset, _, value = extended.group(1).strip().strip('"').partition("'")
+            value = value.partition("'")[2]  # after the language tag
+            try:
+                name = unquote(value, encoding=charset or "utf-8", errors="replace")
+            except LookupError:  # an unknown charset
+                name = unquote(value, errors="replace")
+            quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+            part.content_disposition = (text + f'; filename="{quoted}"').encode("utf-8")
+        super().on_headers_finished()
 
 
 class _BadRequest(Exception):
