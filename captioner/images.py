@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,19 @@ _UPRIGHT = {
 _PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
 
 
+@contextmanager
+def _as_image_error(label: Path | str):
+    """What Pillow raises for a bad file, as one ImageError naming it."""
+    try:
+        yield
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(label, "not an image (unrecognised format, or a corrupt header)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ImageError(label, f"unreadable image ({e})") from None
+
+
 def _check_declared(img: Image.Image, p: Path | str, limit: int) -> tuple[int, int]:
     w, h = img.size
     if w == 0 or h == 0:
@@ -129,17 +143,10 @@ def decode_bytes(data: bytes, name: str, max_pixels: int | None = None) -> int:
     if not data:
         raise ImageError(name, "is empty")
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
-    try:
-        with _open_without_pillow_limit(io.BytesIO(data)) as img:
-            w, h = _check_declared(img, name, limit)
-            s = _draft_scale(img)
-            return -(-w // s) * -(-h // s) * _PIXEL_BYTES.get(img.mode, 4)
-    except ImageError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageError(name, "not an image (unrecognised format, or a corrupt header)") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise ImageError(name, f"unreadable image ({e})") from None
+    with _as_image_error(name), _open_without_pillow_limit(io.BytesIO(data)) as img:
+        w, h = _check_declared(img, name, limit)
+        s = _draft_scale(img)
+        return -(-w // s) * -(-h // s) * _PIXEL_BYTES.get(img.mode, 4)
 
 
 def _reduced(img: Image.Image) -> Image.Image:
@@ -156,25 +163,18 @@ def _reduced(img: Image.Image) -> Image.Image:
 
 def _decode(source: Path | io.BytesIO, p: Path | str, max_pixels: int | None) -> Image.Image:
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
-    try:
-        with _open_without_pillow_limit(source) as img:
-            _check_declared(img, p, limit)
-            img.seek(0)  # first frame of animations
-            upright = _UPRIGHT.get(img.getexif().get(0x0112))
-            scale = _draft_scale(img)
-            if scale > 1:  # JPEG: decoded at 1/2, 1/4 or 1/8 scale, never in full
-                img.draft(img.mode, (img.width // scale, img.height // scale))
-            img.load()
-            out = _reduced(img)
-            if upright is not None:
-                out = out.transpose(upright)
-            return to_rgb(out)
-    except ImageError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageError(p, "not an image (unrecognised format, or a corrupt header)") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise ImageError(p, f"unreadable image ({e})") from None
+    with _as_image_error(p), _open_without_pillow_limit(source) as img:
+        _check_declared(img, p, limit)
+        img.seek(0)  # first frame of animations
+        upright = _UPRIGHT.get(img.getexif().get(0x0112))
+        scale = _draft_scale(img)
+        if scale > 1:  # JPEG: decoded at 1/2, 1/4 or 1/8 scale, never in full
+            img.draft(img.mode, (img.width // scale, img.height // scale))
+        img.load()
+        out = _reduced(img)
+        if upright is not None:
+            out = out.transpose(upright)
+        return to_rgb(out)
 
 
 def check_size(img: Image.Image, label: str) -> Image.Image:
