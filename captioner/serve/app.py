@@ -34,6 +34,7 @@ from .batcher import Batcher
 from .budget import Busy, ByteBudget, give_back_memory
 
 STATIC = resources.files("captioner.serve") / "static"
+TRIM_ABOVE = 64 * 2**20  # decoded bytes of an image after which freed memory is handed back to the system
 MAX_TAGS = TAGS_KEPT  # tags a request may ask for: all a caption carries
 
 
@@ -308,12 +309,15 @@ def create_app(model: Captioner, limits: ServeLimits = ServeLimits(), allow_orig
         budgets allow: pixels or its ImageError (Busy when the server's budget stays full)."""
         loop = asyncio.get_running_loop()
         per_request = ByteBudget(int(limits.max_request_decode_mb * 2**20))
+        largest = 0
 
         async def one(name: str, data: bytes | None, problem: str | None) -> Any:
+            nonlocal largest
             if problem:
                 return ImageError(name, problem)
             try:
                 cost = decode_bytes(data, name, limits.max_pixels)  # from the header: nothing decoded yet
+                largest = max(largest, cost)
                 if cost > per_request.capacity:
                     cap = f"{limits.max_request_decode_mb:g} MB a request may use (--max-request-decode-mb)"
                     raise ImageError(name, f"decoding it would take {cost / 2**20:,.0f} MB, over the {cap}")
@@ -325,7 +329,8 @@ def create_app(model: Captioner, limits: ServeLimits = ServeLimits(), allow_orig
         try:
             return list(await asyncio.gather(*(one(*item) for item in items)))
         finally:
-            await loop.run_in_executor(None, give_back_memory)
+            if largest >= TRIM_ABOVE:  # only after large images: trimming the heap costs time
+                await loop.run_in_executor(None, give_back_memory)
 
     def record(name: str, nbest, form, n_tags: int) -> dict[str, Any]:
         entry = {"file": name} | caption_record(nbest, n_tags, LOW_CONFIDENCE)
