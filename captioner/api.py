@@ -17,10 +17,10 @@ from torch import Tensor
 
 from .errors import ImageError, UsageError
 from .features import FeatureCache, default_workers, prepared_batches, split_batch
-from .guidance import TAGS_SHOWN, Guidance, Tag, top_tags
+from .guidance import Guidance, Tag, top_tags
 from .model import ImageInput, Model
 from .pipeline import Caption, Pipeline
-from .settings import DecodingConfig, whole_number
+from .settings import TAGS_SHOWN, DecodingConfig, whole_number
 
 __all__ = ["Caption", "Captioner", "DecodingConfig", "ImageInput", "Tag"]
 

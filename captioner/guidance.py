@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .concepts import CATEGORIES, GENERIC, imagenet_classes, kinds_named, word_kinds
 from .objects import COCO_OBJECTS, novel_kinds
+from .settings import TAGS_KEPT
 from .vocab import Vocabulary
 
 SEEN = 0.5  # an animal/vehicle kind's evidence at or above which it counts as seen (no penalty)
@@ -45,10 +46,6 @@ CONSTRAIN_SHARE = 0.3
 #: Flickr8k val CIDEr-D 0.516 -> 0.517; coco_256 captions inventing an object 32.1 % -> 29.9 %,
 #: precision of named objects 0.693 -> 0.710 (0.05: 28.1 %, 0.724, but val 0.514)
 SEEN_FAMILIAR = 0.01
-#: tags each caption carries: the most `captioner caption --tags K` prints (cli/caption.py's MAX_TAGS,
-#: kept torch-free, is the same number) and a server request's `tags` may ask for
-TAGS_KEPT = 20
-TAGS_SHOWN = 5  # tags given unless asked: `caption(return_tags=True)`, `--json`, the server
 CONFIDENCE_FEATURES = ("score", "score_per_token", "top_class_p", "p_person", "names_person", "person_agrees")
 
 

@@ -19,10 +19,10 @@ from torch import Tensor
 from .decoding import beam_search, constraints_met
 from .errors import ImageError
 from .features import default_workers, prepared_batches, split_batch
-from .guidance import CONSTRAIN_SHARE, TAGS_SHOWN, Guidance, Tag, top_tags
+from .guidance import CONSTRAIN_SHARE, Guidance, Tag, top_tags
 from .model import ImageInput
 from .naming import Naming
-from .settings import DecodingConfig, whole_number
+from .settings import TAGS_SHOWN, DecodingConfig, whole_number
 
 
 class Caption(NamedTuple):

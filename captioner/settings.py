@@ -20,6 +20,9 @@ from .errors import UsageError
 
 DEFAULT_MAX_PIXELS = 100_000_000  # images declaring more pixels are refused before decoding (decompression bombs)
 MAX_CONSTRAINTS = 4  # constraints per image: 2**4 states of beams at most
+#: tags each caption carries: the most `captioner caption --tags K` prints and a server request may ask for
+TAGS_KEPT = 20
+TAGS_SHOWN = 5  # tags given unless asked: `caption(return_tags=True)`, `--json`, the server
 LOW_CONFIDENCE = 0.2  # the default mark (CLI, server, page): a calibrated P(acceptable) under 1 in 5
 
 

@@ -100,7 +100,7 @@ def test_the_command_line_headline_is_the_same_for_every_n_best(bundled, lists, 
 
 
 def test_tags_k_up_to_the_maximum(bundled, cli):
-    assert MAX_TAGS == TAGS_KEPT  # the torch-free CLI's copy of the number
+    assert MAX_TAGS == TAGS_KEPT  # one number (settings.py) for the CLI, the server and the captions
     greedy = ("--beam-size", 1)  # the tags do not depend on the search
     for k in (1, 5, 10, MAX_TAGS):
         rc, [line], err = cli(DOG, "--json", "--tags", k, *greedy)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from ..errors import ImageError, UsageError
 from ..paths import check_output_dir, list_images
-from ..settings import LOW_CONFIDENCE
+from ..settings import LOW_CONFIDENCE, TAGS_KEPT
 from .common import decoding, decoding_args, err, expand_inputs, max_pixels_arg, model_arg
 
-MAX_TAGS = 20  # the most --tags K: guidance.TAGS_KEPT, the tags each caption carries (this module stays torch-free)
+MAX_TAGS = TAGS_KEPT  # the most --tags K: all the tags each caption carries
 SHOWN_TAGS = 5  # --json's tags unless --tags K: guidance.TAGS_SHOWN
 LOW_TAGS = 3  # the plain line's tags after a low-confidence caption, unless --tags K
 

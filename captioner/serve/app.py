@@ -26,10 +26,9 @@ from swagger_ui_bundle import swagger_ui_path
 from .. import __version__
 from ..api import Captioner
 from ..errors import ImageError, UsageError
-from ..guidance import TAGS_KEPT
 from ..images import decode_bytes, image_from_bytes
 from ..pipeline import caption_record
-from ..settings import LOW_CONFIDENCE, DecodingConfig, ServeLimits, Setting
+from ..settings import LOW_CONFIDENCE, TAGS_KEPT, TAGS_SHOWN, DecodingConfig, ServeLimits, Setting
 from .batcher import Batcher
 from .budget import Busy, ByteBudget, give_back_memory
 
@@ -52,7 +51,7 @@ def form_schema() -> dict[str, Any]:
             **({"maximum": high} if high is not None else {}),
             "description": f"{s.help} (default: the model's, else {s.default:g})",
         }
-    props["tags"] = {"type": "integer", "minimum": 0, "maximum": MAX_TAGS, "default": 5,
+    props["tags"] = {"type": "integer", "minimum": 0, "maximum": MAX_TAGS, "default": TAGS_SHOWN,
                      "description": "how many of the photo's top ImageNet classes to return"}  # fmt: skip
     props["attention"] = {"type": "boolean", "default": False,
                           "description": "attention models: each word's weights over the image grid"}  # fmt: skip
@@ -296,7 +295,7 @@ def create_app(model: Captioner, limits: ServeLimits = ServeLimits(), allow_orig
             cap = _cap(s)
             if cap is not None and options[s.name] > cap:
                 raise UsageError(f"{s.name} {options[s.name]} is over this server's limit of {cap:g}")
-        tags = _int_field(form, "tags", 5)
+        tags = _int_field(form, "tags", TAGS_SHOWN)
         if not 0 <= tags <= MAX_TAGS:
             raise UsageError(f"tags must be 0 to {MAX_TAGS}, not {tags}")
         return options, tags
