@@ -7,20 +7,24 @@ pixels prepared differently from the ones it was trained on.
 from __future__ import annotations
 
 import io
+import math
 import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms import v2 as T
 
 from .errors import ImageError
 from .paths import IMAGE_EXTENSIONS, list_images, natural_key  # noqa: F401  (their home is paths.py)
 from .settings import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:  # torch is imported where it is used: reading and preprocessing work without it
+    import torch
 
 
 def _gray_to_8bit(img: Image.Image) -> Image.Image:
@@ -184,6 +188,45 @@ def check_size(img: Image.Image, label: str) -> Image.Image:
     return img
 
 
+def array_to_rgb(x: np.ndarray) -> np.ndarray:
+    """A numpy picture as the (H, W, 3) uint8 array a file would give, without torch: the checks
+    and ImageErrors of `from_array` (which uses this for arrays). Always a new array, so later
+    changes to `x` do not reach it.
+
+    Arrays are (H, W, 3) or (H, W), as PIL and OpenCV give them (OpenCV's channel order is BGR:
+    convert it first). Floating-point values must lie in [0, 1] and are rounded from x * 255 in
+    float32; integers must lie in 0..255. Anything else (0..255 as floats, NaN, negatives, 16-bit
+    values) is refused rather than clipped into another picture.
+    """
+    label = f"<numpy array {x.shape} {x.dtype}>"
+    if not (x.ndim == 2 or (x.ndim == 3 and x.shape[2] == 3)):
+        raise ImageError(label, "expected an RGB array (H, W, 3) or grey-scale (H, W)")
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)) or x.dtype == np.bool_:
+        raise ImageError(label, "expected integer (0..255) or floating-point (0..1) pixel values")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ImageError(label, f"has no pixels ({x.shape[1]}x{x.shape[0]})")
+    if x.dtype == np.uint8:
+        rgb = np.array(x, order="C", copy=True)
+    elif np.issubdtype(x.dtype, np.floating):
+        with np.errstate(over="ignore"):  # beyond float32's range: infinite, refused below
+            f = x.astype(np.float32)  # checked and scaled in float32, as from_array does for tensors
+        if not np.isfinite(f).all():
+            raise ImageError(label, "holds NaN or infinite values")
+        lo, hi = float(f.min()), float(f.max())
+        if lo < 0 or hi > 1:
+            hint = " (0..255 values: divide by 255, or pass uint8)" if hi > 1 and lo >= 0 else ""
+            raise ImageError(label, f"floating-point pixels must lie in [0, 1]; these span [{lo:g}, {hi:g}]{hint}")
+        rgb = np.rint(f * np.float32(255)).astype(np.uint8)  # 8 bits like every other input: same picture, same caption
+    else:
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi > 255:
+            raise ImageError(label, f"integer pixels must lie in 0..255; these span {lo}..{hi}")
+        rgb = x.astype(np.uint8, order="C")
+    if rgb.ndim == 2:  # grey-scale: checked once, repeated into the three channels
+        rgb = np.repeat(rgb[..., None], 3, axis=2)
+    return rgb  # (H, W, 3)
+
+
 def from_array(x: torch.Tensor | np.ndarray) -> torch.Tensor:
     """An in-memory picture as the (3, H, W) uint8 tensor a file would give; ImageError (naming
     the input by its type and shape) for anything that is not a picture.
@@ -191,23 +234,17 @@ def from_array(x: torch.Tensor | np.ndarray) -> torch.Tensor:
     Tensors are (3, H, W); numpy arrays are (H, W, 3) or (H, W), as PIL and OpenCV give them
     (OpenCV's channel order is BGR: convert it first). Floating-point values must lie in [0, 1],
     integers in 0..255: anything else (0..255 as floats, NaN, negatives, 16-bit values) is refused
-    rather than clipped into another picture.
+    rather than clipped into another picture. Arrays are checked by `array_to_rgb`.
     """
+    import torch
+
     if isinstance(x, np.ndarray):
-        label = f"<numpy array {x.shape} {x.dtype}>"
-        if x.ndim == 2:
-            x = np.repeat(x[..., None], 3, axis=2)
-        if x.ndim != 3 or x.shape[2] != 3:
-            raise ImageError(label, "expected an RGB array (H, W, 3) or grey-scale (H, W)")
-        if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)) or x.dtype == np.bool_:
-            raise ImageError(label, "expected integer (0..255) or floating-point (0..1) pixel values")
-        t = torch.from_numpy(np.array(x, copy=True)).permute(2, 0, 1)  # (3, H, W); a copy: arrays may be read-only
-    else:
-        label, t = f"<tensor {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}>", x
-        if t.dim() != 3 or t.size(0) != 3:
-            raise ImageError(label, "expected an RGB tensor (3, H, W)")
-        if t.dtype == torch.bool or t.is_complex():
-            raise ImageError(label, "expected integer (0..255) or floating-point (0..1) pixel values")
+        return torch.from_numpy(array_to_rgb(x)).permute(2, 0, 1)  # (3, H, W)
+    label, t = f"<tensor {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}>", x
+    if t.dim() != 3 or t.size(0) != 3:
+        raise ImageError(label, "expected an RGB tensor (3, H, W)")
+    if t.dtype == torch.bool or t.is_complex():
+        raise ImageError(label, "expected integer (0..255) or floating-point (0..1) pixel values")
     if t.size(1) == 0 or t.size(2) == 0:
         raise ImageError(label, f"has no pixels ({t.size(2)}x{t.size(1)})")
     t = t.detach().cpu()
@@ -228,17 +265,136 @@ def from_array(x: torch.Tensor | np.ndarray) -> torch.Tensor:
     return t.to(torch.uint8)
 
 
+# ---- torchvision's resize and centre crop, in numpy ------------------------------------------
+# Preprocess.to_array gives the torch path's pixels exactly, for the torch-free (ONNX) inference.
+# torchvision resizes a uint8 image with ATen's antialiased bicubic kernel for uint8
+# (aten/src/ATen/native/cpu/UpSampleKernel.cpp, and its AVX twin UpSampleKernelAVXAntialias.h):
+# Keys' cubic (a = -0.5) stretched by the scale when shrinking, normalised per output, rounded to
+# int16 fixed point with as many fraction bits as the largest weight allows; the width is resized
+# first into a uint8 buffer, then the height, each sum rounded and clamped to 0..255. Pillow's
+# resize has the same kernel at a fixed 22-bit precision: up to 2 levels apart on real photos.
+
+_ROWS_PER_BLOCK = 16  # outputs per matrix product: a band of the weights, not the whole matrix
+
+
+class _Taps(NamedTuple):
+    """Outputs first..first+count-1 of one axis resized n_in -> n_out, as ATen's uint8 kernel weighs them."""
+
+    lo: int  # the inputs they read: lo..hi-1
+    hi: int
+    weights: np.ndarray | None  # (count, hi - lo) integers held as floats; None: the axis keeps its size
+    precision: int  # fraction bits of the fixed-point weights
+    blocks: tuple[tuple[int, int, int, int], ...]  # per block: outputs s..e-1 read inputs lo..hi-1 (from .lo)
+
+
+def _keys_cubic(x: np.ndarray) -> np.ndarray:
+    """Keys' cubic convolution (a = -0.5, as Pillow), with ATen's float64 operations in its order."""
+    a = -0.5
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+@lru_cache(maxsize=64)
+def _taps(n_in: int, n_out: int, first: int, count: int) -> _Taps:
+    """ATen's weights for outputs first..first+count-1 (the ones the crop keeps) of n_in -> n_out."""
+    if n_in == n_out:  # torch copies an axis that keeps its size
+        return _Taps(first, first + count, None, 0, ())
+    scale = n_in / n_out
+    support = 2.0 * scale if scale >= 1.0 else 2.0  # bicubic reads 2 inputs each side, more when shrinking
+    k = math.ceil(support) * 2 + 1
+    center = scale * (np.arange(n_out) + 0.5)
+    xmin = np.maximum((center - support + 0.5).astype(np.int64), 0)
+    xsize = np.clip(np.minimum((center + support + 0.5).astype(np.int64), n_in) - xmin, 0, k)
+    j = np.arange(k)
+    w = _keys_cubic((j + xmin[:, None] - center[:, None] + 0.5) * (1.0 / scale if scale >= 1.0 else 1.0))
+    w[j >= xsize[:, None]] = 0.0
+    total = w[:, 0].copy()
+    for i in range(1, k):  # summed in ATen's order, so the normalised weights round alike
+        total += w[:, i]
+    w /= np.where(total != 0.0, total, 1.0)[:, None]
+    precision, w_max = 0, float(w[total != 0.0].max(initial=0.0))  # ATen leaves unnormalised rows out
+    while precision < 22 and int(0.5 + w_max * (1 << (precision + 1))) < (1 << 15):
+        precision += 1  # the most fraction bits that keep every weight an int16
+    v = w * (1 << precision)
+    iw = np.trunc(np.where(v < 0, v - 0.5, v + 0.5))  # rounded half away from zero, as ATen
+    keep = slice(first, first + count)
+    xmin, xsize, iw = xmin[keep], xsize[keep], iw[keep]
+    lo, hi = int(xmin.min()), int((xmin + xsize).max())
+    # Every partial sum of 8-bit pixels x these integers is an integer; float32 holds it exactly
+    # (whatever order BLAS adds in) while below 2**24, float64 always (the sums stay below 2**31).
+    exact32 = 255 * np.abs(iw).sum(axis=1).max() < 2**24
+    weights = np.zeros((count, hi - lo), np.float32 if exact32 else np.float64)
+    rows, cols = np.nonzero(j < xsize[:, None])
+    weights[rows, xmin[rows] - lo + cols] = iw[rows, cols]
+    blocks = tuple(
+        (s, min(s + _ROWS_PER_BLOCK, count), int(xmin[s] - lo), int((xmin + xsize)[s : s + _ROWS_PER_BLOCK].max() - lo))
+        for s in range(0, count, _ROWS_PER_BLOCK)
+    )
+    weights.setflags(write=False)  # shared through the cache
+    return _Taps(lo, hi, weights, precision, blocks)
+
+
+def _resample(x: np.ndarray, axis: int, taps: _Taps) -> np.ndarray:
+    """Planar uint8 (3, H, W), spanning taps.lo..taps.hi along `axis` (1: rows, 2: columns), resized
+    along it to taps' outputs, each sum rounded and clamped to 8 bits as ATen does."""
+    if taps.weights is None:
+        return x
+    w = taps.weights
+    shape = list(x.shape)
+    shape[axis] = w.shape[0]
+    out = np.empty(shape, np.uint8)
+    for s, e, lo, hi in taps.blocks:
+        if axis == 2:
+            acc = x[:, :, lo:hi].astype(w.dtype) @ w[s:e, lo:hi].T  # (3, H, e - s)
+            dst = out[:, :, s:e]
+        else:
+            acc = w[s:e, lo:hi] @ x[:, lo:hi].astype(w.dtype)  # (3, e - s, W)
+            dst = out[:, s:e]
+        fixed = acc.astype(np.int32)
+        fixed += 1 << (taps.precision - 1)  # + 0.5, then the fraction bits dropped: rounded
+        fixed >>= taps.precision
+        dst[...] = np.clip(fixed, 0, 255)
+    return out
+
+
+def _resized_size(h: int, w: int, short: int) -> tuple[int, int]:
+    """torchvision's Resize(short): the short side to `short`, the long side scaled and truncated."""
+    if w <= h:
+        return int(short * h / w), short
+    return short, int(short * w / h)
+
+
+def _crop_span(n: int, crop: int) -> tuple[int, int, int]:
+    """CenterCrop along one axis of n pixels: (first kept, how many, zero padding before them)."""
+    if crop > n:  # torchvision pads a short axis with zeros, (crop - n) // 2 of them first
+        return 0, n, (crop - n) // 2
+    return int(round((n - crop) / 2.0)), crop, 0  # round() as torchvision: half to even
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize the short side, centre-crop, normalise: (3, crop, crop) float tensor."""
+    """Resize the short side, centre-crop, normalise: (3, crop, crop) float tensor (`__call__`, with
+    torchvision) or the same numbers as a numpy array (`to_array`, without torch)."""
 
     resize: int = 256
     crop: int = 224
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
-    def __post_init__(self) -> None:
-        transform = T.Compose(
+    def __call__(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
+        transform = self.__dict__.get("_transform")
+        if transform is None:  # built on first use, so a Preprocess can exist without torch
+            transform = self._torch_transform()
+            object.__setattr__(self, "_transform", transform)
+        return transform(img)  # (3, crop, crop)
+
+    def _torch_transform(self):
+        import torch
+        from torchvision.transforms import v2 as T
+
+        return T.Compose(
             [
                 T.ToImage(),
                 T.Resize(self.resize, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
@@ -247,10 +403,30 @@ class Preprocess:
                 T.Normalize(list(self.mean), list(self.std)),
             ]
         )
-        object.__setattr__(self, "_transform", transform)
 
-    def __call__(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
-        return self._transform(img)  # (3, crop, crop)
+    def to_array(self, img: Image.Image | np.ndarray) -> np.ndarray:
+        """`__call__` in numpy, for inference without torch: the same float32 values, bit for bit.
+
+        A PIL image is taken as `to_rgb` gives it, an array as `array_to_rgb` checks it (so
+        `to_array(x)` equals `self(from_array(x))`). Only the pixels the crop keeps are resized.
+        """
+        if isinstance(img, np.ndarray):
+            rgb = array_to_rgb(img)
+        else:
+            rgb = np.asarray(to_rgb(check_size(img, f"<PIL image {img.width}x{img.height} {img.mode}>")))
+        h, w = rgb.shape[:2]
+        new_h, new_w = _resized_size(h, w, self.resize)
+        (y0, ny, pad_y), (x0, nx, pad_x) = _crop_span(new_h, self.crop), _crop_span(new_w, self.crop)
+        rows, cols = _taps(h, new_h, y0, ny), _taps(w, new_w, x0, nx)
+        x = np.ascontiguousarray(rgb[rows.lo : rows.hi, cols.lo : cols.hi].transpose(2, 0, 1))  # (3, h', w')
+        x = _resample(_resample(x, 2, cols), 1, rows)  # (3, ny, nx): the width first, as torch
+        if (ny, nx) != (self.crop, self.crop):  # smaller than the crop: zero padding, as CenterCrop
+            x = np.pad(x, ((0, 0), (pad_y, self.crop - ny - pad_y), (pad_x, self.crop - nx - pad_x)))
+        out = x.astype(np.float32)
+        out *= np.float32(1 / 255)  # ToDtype(scale=True): times 1/255 in float32, not divided by 255
+        out -= np.asarray(self.mean, np.float32)[:, None, None]
+        out /= np.asarray(self.std, np.float32)[:, None, None]
+        return out  # (3, crop, crop)
 
     def to_dict(self) -> dict:
         return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std)}
