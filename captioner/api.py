@@ -1,6 +1,7 @@
 """`Captioner`: the Python API — load a checkpoint, caption images (one, a list, a sequence), save.
 
-A facade over two parts: the loaded model (model.py; an ensemble.py `Ensemble` for several) and
+A facade over two parts: the loaded model (model.py; an ensemble.py `Ensemble` for several; an
+exported model on onnxruntime, runtime.py, which needs no torch) and
 the decoding pipeline over it (pipeline.py, with the guidance part when the encoder has its
 ImageNet classifier). Training and evaluation use the same parts; this class adds the
 conveniences people call. Decoding settings are `DecodingConfig`'s fields (settings.py).
@@ -10,17 +11,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
-
-import torch
-from torch import Tensor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .errors import ImageError, UsageError
-from .features import FeatureCache, default_workers, prepared_batches, split_batch
 from .guidance import Guidance, Tag, top_tags
-from .model import ImageInput, Model
 from .pipeline import Caption, Pipeline
 from .settings import TAGS_SHOWN, DecodingConfig, whole_number
+
+if TYPE_CHECKING:  # torch is imported only where a torch model is loaded: an export needs none
+    from torch import Tensor
+
+    from .model import ImageInput
+else:
+    ImageInput = Any
 
 __all__ = ["Caption", "Captioner", "DecodingConfig", "ImageInput", "Tag"]
 
@@ -37,9 +41,11 @@ class Captioner:
         decoder: Any,
         vocab: Any,
         config: dict[str, Any],
-        device: str | torch.device = "auto",
+        device: Any = "auto",
         guidance: dict[str, Tensor] | None = None,
     ) -> None:
+        from .model import Model
+
         self.pipeline = Pipeline.for_model(Model(encoder, decoder, vocab, config, device, guidance))
 
     @classmethod
@@ -50,23 +56,35 @@ class Captioner:
         return self
 
     @classmethod
-    def from_checkpoint(cls, ckpt: dict[str, Any], device: str | torch.device = "auto", source: str = "checkpoint"):
+    def from_checkpoint(cls, ckpt: dict[str, Any], device: Any = "auto", source: str = "checkpoint"):
         """A checkpoint already read into memory (`checkpoint.load_checkpoint`)."""
+        from .model import Model
+
         return cls.of(Model.from_checkpoint(ckpt, device, source))
 
     @classmethod
     def load(
         cls,
         path: str | os.PathLike | Sequence[str | os.PathLike | None] | None = None,
-        device: str | torch.device = "auto",
+        device: Any = "auto",
     ) -> Captioner:
-        """A checkpoint (None: the bundled model), or a list of them captioning as an ensemble."""
+        """A checkpoint (None: the bundled model), a folder written by `captioner export` (run on
+        onnxruntime, without torch), or a list of checkpoints captioning as an ensemble."""
         if isinstance(path, (list, tuple)):
             if len(path) == 1:
-                return cls.of(Model.load(path[0], device))
+                return cls.load(path[0], device)
+            exports = [p for p in path if p is not None and Path(p).is_dir()]
+            if exports:
+                raise UsageError(f"{exports[0]}: an exported model captions alone; ensembles take checkpoints")
             from .ensemble import Ensemble
 
             return cls.of(Ensemble.load_all(path, device))
+        if path is not None and Path(path).is_dir():
+            from .runtime import OnnxModel
+
+            return cls.of(OnnxModel.load(path, device))
+        from .model import Model
+
         return cls.of(Model.load(path, device))
 
     # ---- the parts ---------------------------------------------------------------------------
@@ -139,10 +157,14 @@ class Captioner:
         """Preprocessed images (from `prepare`, stacked) -> the decoder's input."""
         return self.model.encode(pixels)
 
+    def encode_prepared(self, prepared: Sequence[Any]) -> Any:
+        """Inputs from `prepare` (a list) -> the decoder's input for the batch of them."""
+        return self.model.encode_prepared(prepared)
+
     def encode_sequences(self, sequences: Sequence[Tensor], batch_size: int = 32) -> Any:
         return self.model.encode_sequences(sequences, batch_size)
 
-    def feature_cache(self, root: str | os.PathLike | None = None) -> FeatureCache | list[FeatureCache]:
+    def feature_cache(self, root: str | os.PathLike | None = None) -> Any:
         return self.model.feature_cache(root)
 
     def corpus_inputs(self, corpus: Any, cache: Any, batch_size: int = 32) -> tuple[Any, list[int], list[ImageError]]:
@@ -225,12 +247,12 @@ class Captioner:
             raise UsageError(f"this model's encoder ({self.config['encoder']}) has no ImageNet classifier to tag with")
         single = not isinstance(x, (list, tuple))
         out = []
-        for batch in prepared_batches([x] if single else list(x), self.prepare, batch_size, 0):
+        for batch in self.model.batches([x] if single else list(x), batch_size, 0):
             for item in batch:
                 if isinstance(item, ImageError):
                     raise item
-            _, pixels, _ = split_batch(batch)
-            out += top_tags(self.imagenet_probs(self.pooled(self.encode(pixels))), k)
+            _, probs = self.model.classify(self.model.encode_prepared(batch))
+            out += top_tags(probs, k)
         return out[0] if single else out
 
     def generate_sequences(
@@ -247,17 +269,12 @@ class Captioner:
             if len(frames) == 0:
                 yield ImageError("<sequence>", "a sequence needs at least one frame")
                 continue
-            workers = default_workers(len(frames), batch_size) if num_workers is None else num_workers
-            pixels, errors = [], []
-            for batch in prepared_batches(list(frames), self.prepare, batch_size, workers):
-                _, p, errs = split_batch(batch)
-                errors += errs
-                if p is not None:
-                    pixels.append(p)
+            prepared = [x for batch in self.model.batches(list(frames), batch_size, num_workers) for x in batch]
+            errors = [x for x in prepared if isinstance(x, ImageError)]
             if errors:
                 yield errors[0]
                 continue
-            yield self.decode(self.encode_sequences([torch.cat(pixels)], batch_size), **decode_opts)[0]
+            yield self.decode(self.encode_sequences([prepared], batch_size), **decode_opts)[0]
 
     def caption_sequence(
         self,

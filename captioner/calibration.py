@@ -15,14 +15,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .concepts import word_kinds
 from .data import CaptionCorpus
 from .errors import UsageError
 from .features import FeatureCache, ItemFeatures
-from .guidance import ACCEPTABLE, Guidance, fit_centroids, fit_logistic, fit_person
+from .guidance import ACCEPTABLE, Guidance
 from .metrics import cider_d, normalize, normalize_corpus, split_words
 from .objects import COCO_OBJECTS, kind_shares
 
@@ -33,6 +33,45 @@ log = logging.getLogger("captioner")
 
 #: fewest readable photos calibration fits on: the confidence's report is 5-fold cross-validated
 MIN_PHOTOS = 5
+
+
+def fit_logistic(x: Tensor, y: Tensor, weight_decay: float, steps: int = 300) -> tuple[Tensor, Tensor]:
+    """Full-batch L-BFGS logistic regression on standardised x (N, F) -> (weight (F,), bias ()) for raw x."""
+    x = x.float()
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    xs = (x - mean) / std
+    w = torch.zeros(x.size(1), requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(xs @ w + b, y.float()) + weight_decay * w.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():  # fold the standardisation in: the weights take raw features
+        return w / std, b - (w / std * mean).sum()
+
+
+def fit_person(pooled: Tensor, labels: Tensor, weight_decay: float = 0.1) -> dict[str, Tensor]:
+    """The person classifier's weights from pooled features (N, D) and `person_labels` (N,)."""
+    w, b = fit_logistic(pooled, labels, weight_decay)
+    return {"person_weight": w, "person_bias": b}
+
+
+def fit_centroids(pooled: Tensor, k: int = 32, iters: int = 30, seed: int = 0) -> Tensor:
+    """k-means (cosine) centroids of the training photos' pooled features: (k, D), unit length."""
+    x = nn.functional.normalize(pooled.float(), dim=1)  # (N, D)
+    g = torch.Generator().manual_seed(seed)
+    cent = x[torch.randperm(len(x), generator=g)[:k]].clone()  # (k, D)
+    for _ in range(iters):
+        assign = (x @ cent.T).argmax(1)  # (N,)
+        for j in range(len(cent)):
+            if (assign == j).any():
+                cent[j] = nn.functional.normalize(x[assign == j].mean(0), dim=0)
+    return cent
 
 
 def _pooled(model: Captioner, feats: ItemFeatures, step: int = 256) -> Tensor:
@@ -100,11 +139,12 @@ def confidence_data(
     for s in range(0, len(val_feats), step):
         f = val_feats[s : s + step]
         pooled = model.pooled(f)
-        probs = model.imagenet_probs(pooled)
+        probs = model.imagenet_probs(pooled).cpu()
+        pooled = pooled.cpu()
         hyps = model.decode(f, **decoding)
         caps = [[(h[0].text, h[0].score, len(h[0].words))] for h in hyps]
-        rows += [r[0] for r in model.guidance.confidence_features(pooled, probs, caps)]
-        pooled_all.append(pooled.cpu())
+        rows += [torch.from_numpy(r[0]) for r in model.guidance.confidence_features(pooled, probs, caps)]
+        pooled_all.append(pooled)
         texts.update({s + i: h[0].text for i, h in enumerate(hyps)})
     quality = caption_quality(dict(enumerate(val_refs)), texts)
     return torch.stack(rows), torch.tensor([quality[i] for i in range(len(val_refs))]), torch.cat(pooled_all)
@@ -129,7 +169,7 @@ def calibrate(
     val_refs = [val.captions[k] for k in val_kept]
     # typicality first: the val captions the confidence is fitted on must be decoded as the model
     # will decode them, and the decoding's guidance depends on how typical each photo is
-    state |= {"val_typicality": model.guidance.typicality(_pooled(model, val_feats)).sort().values}
+    state |= {"val_typicality": torch.from_numpy(model.guidance.typicality(_pooled(model, val_feats))).sort().values}
     model.guidance = Guidance(model.vocab, state)
     x, quality, val_pooled = confidence_data(model, val_feats, val_refs, **decoding)
     # 5-fold cross-validated confidence on val: what the report (and the README's plot) shows
@@ -140,7 +180,7 @@ def calibrate(
         held_out[folds == f] = torch.sigmoid(x[folds == f] @ part["confidence_weight"] + part["confidence_bias"])
     state |= fit_confidence(x, quality)
     model.guidance = Guidance(model.vocab, state)
-    held_out = held_out * model.guidance.familiarity(val_pooled)
+    held_out = held_out * torch.from_numpy(model.guidance.familiarity(val_pooled))
     log.debug("calibrated on %d training and %d validation photos", len(train_pooled), len(x))
     return {
         "confidence": held_out.tolist(),

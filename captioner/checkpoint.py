@@ -20,16 +20,12 @@ from typing import Any
 
 import torch
 
-from .errors import CaptionerError, OutputError
+from .errors import CheckpointError, OutputError
 from .paths import check_output_file
 
 FORMAT = "captioner-checkpoint"
 FORMAT_VERSION = 1
 REQUIRED = ("format", "format_version", "config", "vocab", "decoder")
-
-
-class CheckpointError(CaptionerError):
-    """A checkpoint that cannot be used; the message names the file and the reason."""
 
 
 def _umask() -> int:

@@ -139,6 +139,12 @@ class Ensemble:
     def imagenet_probs(self, pooled: Tensor | None) -> Tensor | None:
         return self.members[0].imagenet_probs(pooled)
 
+    # read through the methods above, so written once in Model
+    batches = Model.batches
+    encode_prepared = Model.encode_prepared
+    steps = Model.steps
+    classify = Model.classify
+
     def decoder_input(self, features: tuple) -> tuple:
         return tuple(f.to(self.device).float() for f in features)
 

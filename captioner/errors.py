@@ -28,6 +28,10 @@ class TrainingDiverged(CaptionerError, FloatingPointError):
     checkpoint is kept."""
 
 
+class CheckpointError(CaptionerError):
+    """A checkpoint (or export folder) that cannot be used; the message names the file and the reason."""
+
+
 class OutputError(CaptionerError):
     """A path captioner was asked to write cannot be written; the message names the path as given."""
 

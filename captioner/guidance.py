@@ -25,13 +25,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+import numpy as np
 
+from .beam import topk
 from .concepts import CATEGORIES, GENERIC, imagenet_classes, kinds_named, word_kinds
 from .objects import COCO_OBJECTS, novel_kinds
 from .settings import TAGS_KEPT
 from .vocab import Vocabulary
+
+Array = Any  # a numpy array, or anything np.asarray takes (a CPU torch tensor)
 
 SEEN = 0.5  # an animal/vehicle kind's evidence at or above which it counts as seen (no penalty)
 SEEN_PERSON = 0.8  # the same for P(person); measured on Flickr8k val: fewer invented people than 0.5, same CIDEr-D
@@ -58,70 +60,46 @@ class Tag:
         return {"label": self.label, "p": self.p}
 
 
-def top_tags(probs: Tensor, k: int = TAGS_KEPT) -> list[tuple[Tag, ...]]:
+def _f32(x: Array) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (as torch's F.normalize: eps 1e-12)."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def top_tags(probs: Array, k: int = TAGS_KEPT) -> list[tuple[Tag, ...]]:
     """ImageNet probabilities (B, C) -> for each image its k most probable classes, most probable first."""
     classes = imagenet_classes()
-    p, idx = probs.float().topk(k, dim=-1)  # (B, k)
+    p, idx = topk(_f32(probs), k)  # (B, k)
     return [
         tuple(Tag(classes[i]["label"], round(float(q), 4)) for q, i in zip(ps, ids))
         for ps, ids in zip(p.tolist(), idx.tolist())
     ]
 
 
-def fit_logistic(x: Tensor, y: Tensor, weight_decay: float, steps: int = 300) -> tuple[Tensor, Tensor]:
-    """Full-batch L-BFGS logistic regression on standardised x (N, F) -> (weight (F,), bias ()) for raw x."""
-    x = x.float()
-    mean, std = x.mean(0), x.std(0) + 1e-6
-    xs = (x - mean) / std
-    w = torch.zeros(x.size(1), requires_grad=True)
-    b = torch.zeros((), requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = nn.functional.binary_cross_entropy_with_logits(xs @ w + b, y.float()) + weight_decay * w.square().sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():  # fold the standardisation in: the weights take raw features
-        return w / std, b - (w / std * mean).sum()
-
-
-def fit_person(pooled: Tensor, labels: Tensor, weight_decay: float = 0.1) -> dict[str, Tensor]:
-    """The person classifier's weights from pooled features (N, D) and `person_labels` (N,)."""
-    w, b = fit_logistic(pooled, labels, weight_decay)
-    return {"person_weight": w, "person_bias": b}
-
-
-def fit_centroids(pooled: Tensor, k: int = 32, iters: int = 30, seed: int = 0) -> Tensor:
-    """k-means (cosine) centroids of the training photos' pooled features: (k, D), unit length."""
-    x = nn.functional.normalize(pooled.float(), dim=1)  # (N, D)
-    g = torch.Generator().manual_seed(seed)
-    cent = x[torch.randperm(len(x), generator=g)[:k]].clone()  # (k, D)
-    for _ in range(iters):
-        assign = (x @ cent.T).argmax(1)  # (N,)
-        for j in range(len(cent)):
-            if (assign == j).any():
-                cent[j] = nn.functional.normalize(x[assign == j].mean(0), dim=0)
-    return cent
-
-
 class Guidance:
     """One model's word prior and confidence (see the module docstring). `state` holds what
-    calibration.py fitted (tensors only, saved in the checkpoint under "guidance"); without it
-    there are tags and the animal/vehicle prior, but no person prior and no confidence."""
+    calibration.py fitted (arrays only, saved in the checkpoint under "guidance": torch tensors
+    there, numpy arrays in an export); without it there are tags and the animal/vehicle prior,
+    but no person prior and no confidence. Everything here is numpy, so the torch and the
+    ONNX runtime paths guide their captions with the same code."""
 
-    def __init__(self, vocab: Vocabulary, state: dict[str, Tensor] | None = None) -> None:
-        self.state = {k: v.float() for k, v in (state or {}).items()}
+    def __init__(self, vocab: Vocabulary, state: dict[str, Array] | None = None) -> None:
+        self.state = dict(state or {})  # kept as given: the model saves this very dict
         V = len(vocab)
         kinds = word_kinds()
         kind_list = [(c, k) for c in ("animal", "vehicle") for k in CATEGORIES[c] if k != GENERIC[c]]
         kind_index = {ck: i for i, ck in enumerate(kind_list)}
         classes = imagenet_classes()
         C = len(classes)  # the ImageNet-1k head's classes, as resources/imagenet_words.json lists them
-        self.tag_words = torch.zeros(C, V)  # (C, V) class -> the words its probability boosts
-        self.class_kinds = torch.zeros(C, len(kind_list))  # (C, K) class -> the animal/vehicle kind it is
+        self.tag_words = np.zeros((C, V), np.float32)  # (C, V) class -> the words its probability boosts
+        self.class_kinds = np.zeros((C, len(kind_list)), np.float32)  # (C, K) class -> the animal/vehicle kind it is
         for c, entry in enumerate(classes):
             targets = [w for w in entry["words"] if w in vocab.stoi][:1]  # its most specific word we have
             for w in entry["words"]:
@@ -131,8 +109,8 @@ class Guidance:
             for w in targets:
                 if w in vocab.stoi:
                     self.tag_words[c, vocab.stoi[w]] = 1.0
-        self.kind_words = torch.zeros(len(kind_list), V)  # (K, V) the vocabulary's words for each kind
-        self.person_words = torch.zeros(V)  # (V,)
+        self.kind_words = np.zeros((len(kind_list), V), np.float32)  # (K, V) the vocabulary's words for each kind
+        self.person_words = np.zeros(V, np.float32)  # (V,)
         for w, ck in kinds.items():
             if w in vocab.stoi:
                 if ck in kind_index:
@@ -142,8 +120,11 @@ class Guidance:
 
         # "a" / "an" before a forced subject word (see `subject`)
         self.unk_id = vocab.unk_id
-        self.article_ids = torch.tensor([vocab.stoi.get("a", vocab.unk_id), vocab.stoi.get("an", vocab.unk_id)])
-        self.vowel_start = torch.tensor([w[:1] in "aeiou" and w[:1] != "" for w in vocab.itos])  # (V,)
+        self.article_ids = np.array([vocab.stoi.get("a", vocab.unk_id), vocab.stoi.get("an", vocab.unk_id)])
+        self.vowel_start = np.array([w[:1] in "aeiou" and w[:1] != "" for w in vocab.itos])  # (V,)
+
+    def _state(self, key: str) -> np.ndarray:
+        return _f32(self.state[key])
 
     def novel_kinds(self) -> set[str] | None:
         """The COCO kinds the model's training captions rarely name (from the shares calibration
@@ -151,7 +132,7 @@ class Guidance:
         shares = self.state.get("object_shares")
         if shares is None or len(shares) != len(COCO_OBJECTS):
             return None
-        return novel_kinds(dict(zip(COCO_OBJECTS, shares.tolist())))
+        return novel_kinds(dict(zip(COCO_OBJECTS, _f32(shares).tolist())))
 
     @property
     def has_person(self) -> bool:
@@ -161,41 +142,41 @@ class Guidance:
     def calibrated(self) -> bool:
         return "confidence_weight" in self.state
 
-    def p_person(self, pooled: Tensor) -> Tensor | None:
+    def p_person(self, pooled: Array) -> np.ndarray | None:
         """P(a person is in the photo) (B,), from pooled features (B, D); None when not fitted."""
         if not self.has_person:
             return None
-        return torch.sigmoid(pooled.float().cpu() @ self.state["person_weight"] + self.state["person_bias"])
+        return _sigmoid(_f32(pooled) @ self._state("person_weight") + self._state("person_bias"))
 
-    def evidence(self, probs: Tensor) -> Tensor:
+    def evidence(self, probs: Array) -> np.ndarray:
         """ImageNet probabilities (B, C) -> the classifier's belief in each caption word (B, V)."""
-        return (probs.float().cpu() @ self.tag_words).clamp(max=1.0)
+        return np.minimum(_f32(probs) @ self.tag_words, 1.0)
 
-    def fitted_familiarity(self, pooled: Tensor) -> Tensor | None:
+    def fitted_familiarity(self, pooled: Array) -> np.ndarray | None:
         """`familiarity` (B,) when typicality was fitted, else None."""
         return self.familiarity(pooled) if "val_typicality" in self.state else None
 
-    def bias(self, pooled: Tensor, probs: Tensor, boost: float, suppress: float) -> Tensor:
+    def bias(self, pooled: Array, probs: Array, boost: float, suppress: float) -> np.ndarray:
         """Pooled features (B, D) and ImageNet probabilities (B, C) -> log-prob bias (B, V)."""
-        probs = probs.float().cpu()
+        probs = _f32(probs)
         out = boost * self.evidence(probs)  # (B, V)
         if suppress:
             familiar = self.fitted_familiarity(pooled)  # (B,) or None
             # animals and vehicles: only on photos unlike the training photos (on the others the
             # decoder knows better: ImageNet misses many a Flickr8k dog that the decoder sees);
             # everywhere when the model has no typicality fitted
-            unfamiliar = torch.ones(len(probs)) if familiar is None else 1.0 - familiar  # (B,)
-            seen = (probs @ self.class_kinds).clamp(max=1.0)  # (B, K)
-            missing = (1.0 - seen / SEEN).clamp(min=0.0) * unfamiliar[:, None]  # (B, K)
-            missing = missing + (1.0 - seen / SEEN_FAMILIAR).clamp(min=0.0) * (1.0 - unfamiliar[:, None])
+            unfamiliar = np.ones(len(probs), np.float32) if familiar is None else 1.0 - familiar  # (B,)
+            seen = np.minimum(probs @ self.class_kinds, 1.0)  # (B, K)
+            missing = np.maximum(1.0 - seen / SEEN, 0.0) * unfamiliar[:, None]  # (B, K)
+            missing = missing + np.maximum(1.0 - seen / SEEN_FAMILIAR, 0.0) * (1.0 - unfamiliar[:, None])
             out = out - suppress * missing @ self.kind_words  # (B, V)
             p = self.p_person(pooled)
             if p is not None:  # trusted less on photos unlike the ones it was trained on
                 p = p if familiar is None else p * familiar
-                out = out - (suppress * (1.0 - p / SEEN_PERSON).clamp(min=0.0))[:, None] * self.person_words
-        return out
+                out = out - (suppress * np.maximum(1.0 - p / SEEN_PERSON, 0.0))[:, None] * self.person_words
+        return out.astype(np.float32)
 
-    def subject(self, pooled: Tensor, probs: Tensor, threshold: float) -> Tensor | None:
+    def subject(self, pooled: Array, probs: Array, threshold: float) -> np.ndarray | None:
         """For photos outside the training photos' world (familiarity < 1) whose classifier is
         at least `threshold` sure of one caption word: the caption's forced start "a <word>"
         (B, 2) word ids, -1 for the other photos; None when no photo qualifies (or no typicality
@@ -203,39 +184,41 @@ class Guidance:
         familiar = self.fitted_familiarity(pooled) if threshold else None  # (B,)
         if familiar is None or self.unk_id in self.article_ids.tolist():
             return None  # (a vocabulary without "a" and "an": not English, no subject to force)
-        best, word = self.evidence(probs).max(-1)  # (B,)
+        ev = self.evidence(probs)  # (B, V)
+        word = ev.argmax(-1)  # (B,) the first of equals, as torch's max
+        best = ev[np.arange(len(ev)), word]
         use = (best >= threshold) & (familiar < 1.0)  # (B,)
-        if not bool(use.any()):
+        if not use.any():
             return None
-        article = torch.where(self.vowel_start[word], self.article_ids[1], self.article_ids[0])  # (B,)
-        out = torch.stack([article, word], 1)  # (B, 2)
-        return torch.where(use[:, None], out, torch.full_like(out, -1))
+        article = np.where(self.vowel_start[word], self.article_ids[1], self.article_ids[0])  # (B,)
+        out = np.stack([article, word], 1).astype(np.int64)  # (B, 2)
+        return np.where(use[:, None], out, -1)
 
-    def typicality(self, pooled: Tensor) -> Tensor:
+    def typicality(self, pooled: Array) -> np.ndarray:
         """How close each photo is to the training photos (B,): cosine to the nearest centroid."""
-        x = nn.functional.normalize(pooled.float().cpu(), dim=1)  # (B, D)
-        return (x @ self.state["centroids"].T).max(1).values
+        x = _normalize(_f32(pooled))  # (B, D)
+        return (x @ self._state("centroids").T).max(1)
 
-    def typical_share(self, pooled: Tensor) -> Tensor | None:
+    def typical_share(self, pooled: Array) -> np.ndarray | None:
         """(B,) in [0, 1]: the share of the validation photos each photo is more typical than;
         None when typicality was not fitted."""
         if "val_typicality" not in self.state:
             return None
-        ref = self.state["val_typicality"]  # (M,) sorted
-        return torch.searchsorted(ref, self.typicality(pooled)).float() / len(ref)  # (B,)
+        ref = self._state("val_typicality")  # (M,) sorted
+        return (np.searchsorted(ref, self.typicality(pooled), side="left") / len(ref)).astype(np.float32)  # (B,)
 
-    def familiarity(self, pooled: Tensor) -> Tensor:
+    def familiarity(self, pooled: Array) -> np.ndarray:
         """How familiar each photo is (B,) in [0, 1]: 1 (familiar) unless it is less typical than all
         but NOVELTY_ALPHA of the validation photos, then the share of them it beats over NOVELTY_ALPHA
         (0: stranger than every one)."""
-        return (self.typical_share(pooled) / NOVELTY_ALPHA).clamp(max=1.0)
+        return np.minimum(self.typical_share(pooled) / NOVELTY_ALPHA, 1.0).astype(np.float32)
 
     def confidence_features(
-        self, pooled: Tensor, probs: Tensor, captions: Sequence[Sequence[tuple[str, float, int]]]
-    ) -> list[Tensor]:
+        self, pooled: Array, probs: Array, captions: Sequence[Sequence[tuple[str, float, int]]]
+    ) -> list[np.ndarray]:
         """For each image, (n, F) features of its n captions: (text, score, tokens) each."""
         p_person = self.p_person(pooled)
-        top = probs.float().cpu().max(-1).values  # (B,)
+        top = _f32(probs).max(-1)  # (B,)
         out = []
         for b, caps in enumerate(captions):
             rows = []
@@ -244,16 +227,16 @@ class Guidance:
                 person = float(any(c == "person" for c, _ in kinds_named(text.split())))
                 agrees = pp if person else 1.0 - pp
                 rows.append([score, score / max(n_tokens + 1, 1), float(top[b]), pp, person, agrees])
-            out.append(torch.tensor(rows).reshape(len(rows), len(CONFIDENCE_FEATURES)))
+            out.append(np.array(rows, np.float32).reshape(len(rows), len(CONFIDENCE_FEATURES)))
         return out
 
     def confidence(
-        self, pooled: Tensor, probs: Tensor, captions: Sequence[Sequence[tuple[str, float, int]]]
+        self, pooled: Array, probs: Array, captions: Sequence[Sequence[tuple[str, float, int]]]
     ) -> list[list[float]] | None:
         """For each image, each caption's confidence in [0, 1]; None when not calibrated."""
         if not self.calibrated:
             return None
-        w, b = self.state["confidence_weight"], self.state["confidence_bias"]
+        w, b = self._state("confidence_weight"), self._state("confidence_bias")
         familiar = self.familiarity(pooled)  # (B,)
         feats = self.confidence_features(pooled, probs, captions)
-        return [(torch.sigmoid(f @ w + b) * familiar[i]).tolist() for i, f in enumerate(feats)]
+        return [(_sigmoid(f @ w + b) * familiar[i]).tolist() for i, f in enumerate(feats)]

@@ -29,14 +29,17 @@ LAYERS: dict[str, tuple[tuple[str, ...], str]] = {
     ),
     "vision": (("encoders", "features"), "pretrained encoders and the feature cache"),
     "models": (("models",), "the decoders: Show-and-Tell, Show-Attend-Tell, the sequence model"),
-    "decoding": (("decoding",), "beam search, sampling, constraints: written once over the per-step interface"),
+    "decoding": (
+        ("beam", "decoding"),
+        "beam search and constraints (numpy, written once over the per-step interface); torch models' steps, sampling",
+    ),
     "guidance": (
         ("concepts", "objects", "guidance", "naming"),
         "what the ImageNet classifier sees: tags, word prior, confidence, concepts to name",
     ),
     "inference": (
-        ("model", "pipeline", "ensemble", "api"),
-        "a loaded model, the decoding pipeline over it, ensembles, the Captioner facade",
+        ("model", "pipeline", "ensemble", "export", "runtime", "api"),
+        "a loaded model, the decoding pipeline over it, ensembles, ONNX export and its runtime, the Captioner facade",
     ),
     "evaluation": (("metrics", "evaluation", "calibration", "tuning"), "scores, and fitting guidance and settings"),
     "training": (("training",), "the Trainer, its objectives, batches, run folders"),

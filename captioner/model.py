@@ -6,7 +6,8 @@ training, evaluation and the `Captioner` facade all hold one of these."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Self
 
 import numpy as np
@@ -16,10 +17,19 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import CaptionCorpus
+from .decoding import TorchSteps
 from .device import resolve_device
 from .encoders import Encoder, build_encoder
 from .errors import ImageError
-from .features import FeatureCache, ItemFeatures, corpus_features, encode_pixels, pool
+from .features import (
+    FeatureCache,
+    ItemFeatures,
+    corpus_features,
+    default_workers,
+    encode_pixels,
+    pool,
+    prepared_batches,
+)
 from .images import Preprocess, check_size, from_array, load_image, to_rgb
 from .models import CaptionModel, SequenceModel, build_model
 from .paths import bundled_model_path
@@ -167,18 +177,51 @@ class Model:
         feats = self._frame_features(pixels)  # (B, ...)
         return self.decoder.from_frames(list(feats.unsqueeze(1))) if self.is_sequence_model else feats
 
-    def encode_sequences(self, sequences: Sequence[Tensor], batch_size: int = 32) -> Any:
-        """Preprocessed frame sequences [(F_i, 3, S, S)] -> the decoder's input for the batch of them.
+    def encode_sequences(self, sequences: Sequence[Tensor | Sequence[Tensor]], batch_size: int = 32) -> Any:
+        """Preprocessed frame sequences [(F_i, 3, S, S), or F_i prepared frames] -> the decoder's
+        input for the batch of them.
 
         A single-image decoder gets each sequence's mean frame, so a one-frame sequence is
         captioned exactly as the image.
         """
         frames = []
         for pixels in sequences:
+            pixels = pixels if isinstance(pixels, Tensor) else torch.stack(list(pixels))  # (F_i, 3, S, S)
             frames.append(
                 torch.cat([self._frame_features(pixels[s : s + batch_size]) for s in range(0, len(pixels), batch_size)])
             )  # (F_i, ...)
         return self.decoder.from_frames(frames)
+
+    def batches(
+        self, inputs: Sequence[ImageInput], batch_size: int = 32, num_workers: int | None = None
+    ) -> Iterator[list[Tensor | ImageError]]:
+        """The inputs prepared (`prepare`), in order, a batch at a time, each bad one as its
+        ImageError; decoded in worker processes when there is more than one batch (None: decide)."""
+        workers = default_workers(len(inputs), batch_size) if num_workers is None else num_workers
+        return prepared_batches(inputs, self.prepare, batch_size, workers)
+
+    def encode_prepared(self, prepared: Sequence[Tensor]) -> Any:
+        """What `batches` gave for the good inputs -> the decoder's input."""
+        return self.encode(torch.stack(list(prepared)))
+
+    @contextmanager
+    def steps(self) -> Iterator[TorchSteps]:
+        """The decoder as beam.py's step model, in eval mode for the while."""
+        was_training = self.decoder.training
+        self.decoder.eval()
+        try:
+            yield TorchSteps(self.decoder)
+        finally:
+            self.decoder.train(was_training)
+
+    def classify(self, features: Any) -> tuple[np.ndarray, np.ndarray] | None:
+        """B single images' decoder input -> (pooled features (B, D), ImageNet probabilities
+        (B, C)) as numpy, what the guidance reads; None for sequences or without a classifier."""
+        pooled = self.pooled(features)
+        probs = self.imagenet_probs(pooled)
+        if probs is None:
+            return None
+        return pooled.float().cpu().numpy(), probs.float().cpu().numpy()
 
     def decoder_input(self, features: Any) -> Any:
         """What `encode` gave (or features read from a cache), on the device, as fp32."""

@@ -27,11 +27,10 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-import torch
-from torch import Tensor
+import numpy as np
 
+from .beam import ExtendedSteps, StepModel
 from .concepts import imagenet_classes, plural
-from .models.base import CaptionModel, DecoderState
 from .objects import COCO_OBJECTS
 from .vocab import Vocabulary
 
@@ -156,10 +155,10 @@ class Naming:
                 words_of[name] = writable
         names = {n: j for j, n in enumerate(words_of)}
         self.concept_names = list(names)
-        self.coco = torch.tensor([n in COCO_OBJECTS for n in names], dtype=torch.bool)  # (C,)
+        self.coco = np.array([n in COCO_OBJECTS for n in names], dtype=bool)  # (C,)
         self.vocab = Vocabulary(base.itos[4:] + list(new_words), min_count=base.min_count)
-        self.sources = torch.tensor([base.stoi[s] for s in new_words.values()], dtype=torch.long)  # (E,)
-        self.class_concept = torch.zeros(len(concepts), len(names))  # (classes, C): one row per ImageNet class
+        self.sources = np.array([base.stoi[s] for s in new_words.values()], dtype=np.int64)  # (E,)
+        self.class_concept = np.zeros((len(concepts), len(names)), np.float32)  # (classes, C): one per ImageNet class
         for c, name in cls_idx:
             if name in names:
                 self.class_concept[c, names[name]] = 1.0
@@ -169,9 +168,9 @@ class Naming:
         plurals = {p for w in every if (p := plural(w)) != w} & every  # not "sheep": its plural is itself
         no_article = MASS_NOUNS | plurals  # "a coffee", "a zebras"
         # words that take no "a"/"an" (mass nouns, the concepts' plurals)
-        self.no_article_ids = torch.tensor([i for w, i in self.vocab.stoi.items() if w in no_article], dtype=torch.long)
-        self.article_ids = torch.tensor([self.vocab.stoi[a] for a in ("a", "an") if a in self.vocab.stoi])
-        self._an = torch.tensor([takes_an(w) for w in self.vocab.itos])  # (V,)
+        self.no_article_ids = np.array([i for w, i in self.vocab.stoi.items() if w in no_article], dtype=np.int64)
+        self.article_ids = np.array([self.vocab.stoi[a] for a in ("a", "an") if a in self.vocab.stoi], dtype=np.int64)
+        self._an = np.array([takes_an(w) for w in self.vocab.itos])  # (V,)
         self.V0, self.V = len(base), V
 
     @staticmethod
@@ -190,26 +189,26 @@ class Naming:
     def extended(self) -> bool:
         return self.V > self.V0
 
-    def evidence(self, probs: Tensor) -> Tensor:
+    def evidence(self, probs: Any) -> np.ndarray:
         """ImageNet probabilities (B, 1000) -> each concept's probability (B, C)."""
-        return (probs.float().cpu() @ self.class_concept).clamp(max=1.0)
+        return np.minimum(np.asarray(probs, dtype=np.float32) @ self.class_concept, 1.0)
 
-    def constraints(self, probs: Tensor, threshold: float | Tensor, most: int) -> list[list[set[int]]]:
+    def constraints(self, probs: Any, threshold: Any, most: int) -> list[list[set[int]]]:
         """For each photo, the word-id sets of the (at most `most`) concepts the classifier is at
         least `threshold` (one, or one per photo (B,)) sure of (OTHER_CONCEPT_MIN for those outside
         COCO's kinds), the surest first."""
         ev = self.evidence(probs)  # (B, C)
-        ev = torch.where(self.coco | (ev >= OTHER_CONCEPT_MIN), ev, 0.0)
-        limit = torch.as_tensor(threshold, dtype=torch.float32).expand(len(ev)).tolist()  # (B,) per photo
+        ev = np.where(self.coco | (ev >= OTHER_CONCEPT_MIN), ev, 0.0)
+        limit = np.broadcast_to(np.asarray(threshold, dtype=np.float32), (len(ev),)).tolist()  # (B,) per photo
         out = []
         for row, th in zip(ev, limit):
-            p, j = row.sort(descending=True)
-            out.append([self.concept_ids[c] for q, c in zip(p.tolist()[:most], j.tolist()[:most]) if q >= th])
+            j = np.argsort(-row, kind="stable")[:most]  # the surest first (equals in class order)
+            out.append([self.concept_ids[c] for q, c in zip(row[j].tolist(), j.tolist()) if q >= th])
         return out
 
-    def allowed_bias(self, constraints: Sequence[Sequence[set[int]]]) -> Tensor:
+    def allowed_bias(self, constraints: Sequence[Sequence[set[int]]]) -> np.ndarray:
         """(B, V) log-prob bias: 0, but -inf on the borrowed words a photo's constraints do not ask for."""
-        bias = torch.zeros(len(constraints), self.V)
+        bias = np.zeros((len(constraints), self.V), np.float32)
         bias[:, self.V0 :] = float("-inf")
         for b, sets in enumerate(constraints):
             for ws in sets:
@@ -217,13 +216,13 @@ class Naming:
                 bias[b, ids] = 0.0
         return bias
 
-    def banned_bigrams(self, constraints: Sequence[Sequence[set[int]]]) -> tuple[Tensor, Tensor] | None:
+    def banned_bigrams(self, constraints: Sequence[Sequence[set[int]]]) -> tuple[np.ndarray, np.ndarray] | None:
         """(articles (F,), banned (B, V)): for each photo, its constraint words that are mass nouns
         or plurals may not come right after "a"/"an" ("a coffee", "a zebras"). Only the photo's own:
         "a coffee cup" or "a water bottle" stays writable where coffee is not what it must name."""
         if not len(self.article_ids):
             return None
-        banned = torch.zeros(len(constraints), self.V, dtype=torch.bool)
+        banned = np.zeros((len(constraints), self.V), dtype=bool)
         no_article = set(self.no_article_ids.tolist())
         for b, sets in enumerate(constraints):
             ids = [i for ws in sets for i in ws if i in no_article]
@@ -241,28 +240,6 @@ class Naming:
                 out[i] = an if bool(self._an[out[i + 1]]) else a
         return out
 
-    def wrap(self, decoder: CaptionModel) -> CaptionModel:
-        return ExtendedDecoder(decoder, self.sources, self.V0) if self.extended else decoder
-
-
-class ExtendedDecoder(CaptionModel):
-    """A decoder with borrowed words appended to its vocabulary: a borrowed word goes in as its
-    source word and comes out with its source word's log-probability (then all renormalised)."""
-
-    def __init__(self, base: CaptionModel, sources: Tensor, base_size: int) -> None:
-        super().__init__()
-        self.base = base
-        self.register_buffer("sources", sources, persistent=False)
-        self.V0 = base_size
-        self.attends_over = getattr(base, "attends_over", None)
-
-    def init_state(self, features: Any) -> DecoderState:
-        return self.base.init_state(features)
-
-    def step(self, tokens: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
-        sources = self.sources.to(tokens.device)
-        borrowed = tokens >= self.V0
-        base_tokens = torch.where(borrowed, sources[(tokens - self.V0).clamp(min=0, max=len(sources) - 1)], tokens)
-        logp, state = self.base.step(base_tokens, state)  # (N, V0)
-        logp = torch.cat([logp.float(), logp.float()[:, sources]], dim=1)  # (N, V0 + E)
-        return logp.log_softmax(-1), state
+    def wrap(self, steps: StepModel) -> StepModel:
+        """A step model (beam.py) that also writes the borrowed words."""
+        return ExtendedSteps(steps, self.sources, self.V0) if self.extended else steps

@@ -9,18 +9,14 @@ sets on top.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import torch
-from torch import Tensor
+import numpy as np
 
-from .decoding import beam_search, constraints_met
+from .beam import StepModel, beam_search, constraints_met
 from .errors import ImageError
-from .features import default_workers, prepared_batches, split_batch
 from .guidance import CONSTRAIN_SHARE, Guidance, Tag, top_tags
-from .model import ImageInput
 from .naming import Naming
 from .settings import TAGS_SHOWN, DecodingConfig, whole_number
 
@@ -28,15 +24,15 @@ from .settings import TAGS_SHOWN, DecodingConfig, whole_number
 class Caption(NamedTuple):
     text: str
     score: float  # summed log-prob (divided by the length penalty when one is set)
-    attention: Tensor | None = None  # (words, R) attention weights, for attention decoders
+    attention: np.ndarray | None = None  # (words, R) attention weights, for attention decoders
     words: tuple[str, ...] = ()  # the caption's tokens, one per attention row (Chinese text has no spaces to split on)
     tags: tuple[Tag, ...] = ()  # the photo's TAGS_KEPT top ImageNet classes (guidance.py), if it has a classifier
     confidence: float | None = None  # P(acceptable caption), when the model is calibrated (calibration.py)
 
-    def attention_grid(self) -> Tensor:
+    def attention_grid(self) -> np.ndarray:
         """The attention as (words, h, w) over the encoder's square grid."""
-        side = round(self.attention.size(1) ** 0.5)
-        return self.attention.view(-1, side, side)
+        side = round(self.attention.shape[1] ** 0.5)
+        return self.attention.reshape(-1, side, side)
 
 
 def caption_record(
@@ -83,38 +79,35 @@ def _first_then(first: Any, more: Sequence[Any], n: int, vocab: Any) -> list:
     return out
 
 
-def _rows(inputs: Any, idx: Tensor) -> Any:
-    """The rows `idx` of a decoder input: a (B, ...) tensor, or a tuple of them (an ensemble's)."""
+def _rows(inputs: Any, idx: list[int]) -> Any:
+    """The rows `idx` of a decoder input: a (B, ...) array or tensor, or a tuple of them (an ensemble's)."""
     if isinstance(inputs, tuple):
         return tuple(_rows(x, idx) for x in inputs)
-    return inputs[idx.to(inputs.device)]
-
-
-@contextmanager
-def _eval_mode(module: torch.nn.Module):
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
+    return inputs[idx]
 
 
 @dataclass
 class _Guide:
     """What the guidance part makes of one batch of photos."""
 
-    pooled: Tensor  # (B, D)
-    probs: Tensor  # (B, C) ImageNet class probabilities
-    bias: Tensor | None  # (B, V) log-prob bias: the word prior
-    prefix: Tensor | None  # (B, 2) a forced first words (-1: none)
+    pooled: np.ndarray  # (B, D)
+    probs: np.ndarray  # (B, C) ImageNet class probabilities
+    bias: np.ndarray | None  # (B, V) log-prob bias: the word prior
+    prefix: np.ndarray | None  # (B, 2) a forced first words (-1: none)
     constraints: list[list[set[int]]] | None  # per photo, the word sets its caption must meet
 
 
 class Pipeline:
-    """Decodes captions for `model` (a model.Model, or an ensemble.Ensemble of them). `guidance`
-    (None: no tags, word prior, forced subject, constraints or confidence) reads the model's
-    ImageNet classifier; `for_model` plugs it in when the model has one."""
+    """Decodes captions for `model`: a model.Model, an ensemble.Ensemble of them, or an exported
+    model on onnxruntime (runtime.py). It imports no torch: the model supplies the step model
+    (beam.py) and the classifier's outputs as numpy. `guidance` (None: no tags, word prior,
+    forced subject, constraints or confidence) reads the model's ImageNet classifier;
+    `for_model` plugs it in when the model has one.
+
+    The model interface it uses: vocab, config, guidance_state, has_classifier, decoder_input,
+    classify (pooled features and ImageNet probabilities as numpy), steps() (a context giving
+    the step model), batches (inputs prepared in batches, ImageErrors in place) and
+    encode_prepared."""
 
     def __init__(self, model: Any, guidance: Guidance | None = None) -> None:
         self.model = model
@@ -163,17 +156,18 @@ class Pipeline:
         inputs = self.model.decoder_input(features)
         constrained = guide is not None and guide.constraints is not None
         vocab = self.naming.vocab if constrained else self.model.vocab
-        with _eval_mode(self.model.decoder):
+        with self.model.steps() as steps:
             wider = o.n_best > o.beam_size
-            hyps, redone = self._hypotheses(inputs, o, guide, o.beam_size, 1 if wider else o.n_best)
+            hyps, redone = self._hypotheses(steps, inputs, o, guide, o.beam_size, 1 if wider else o.n_best)
             others = [hs[1:] for hs in hyps]
             if wider:  # photos whose first caption had to name what the classifier sees: the others too
-                others, _ = self._hypotheses(inputs, o, guide, o.n_best, o.n_best, redo=redone)
+                others, _ = self._hypotheses(steps, inputs, o, guide, o.n_best, o.n_best, redo=redone)
             hyps = [_first_then(hs[0], more, o.n_best, vocab) for hs, more in zip(hyps, others)]
         return self._captions(hyps, vocab, guide)
 
     def _hypotheses(
         self,
+        steps: StepModel,
         inputs: Any,
         o: DecodingConfig,
         guide: _Guide | None,
@@ -185,7 +179,7 @@ class Pipeline:
         search where the guidance asks for it (`redo`: on these photos, whatever the free search
         found) -> (hypotheses, the photos whose hypotheses the constrained search gave)."""
         hyps = self._search(
-            self.model.decoder,
+            steps,
             inputs,
             o,
             beam_size,
@@ -195,7 +189,7 @@ class Pipeline:
         )
         redone: list[int] = []
         if guide is not None and guide.constraints is not None:
-            redone = self._constrained_search(hyps, inputs, o, guide, beam_size, n_best, redo)
+            redone = self._constrained_search(steps, hyps, inputs, o, guide, beam_size, n_best, redo)
             for hs in hyps:
                 for h in hs:
                     h.tokens = self.naming.fix_articles(h.tokens)
@@ -205,10 +199,10 @@ class Pipeline:
         """The guidance part's view of a batch: None without guidance or for sequences."""
         if self.guidance is None:
             return None
-        pooled = self.model.pooled(features)  # (B, D) or None
-        probs = self.model.imagenet_probs(pooled)  # (B, C) or None
-        if probs is None:
+        classified = self.model.classify(features)  # (B, D), (B, C) or None
+        if classified is None:
             return None
+        pooled, probs = classified
         g = self.guidance
         bias = g.bias(pooled, probs, o.tag_boost, o.suppress_unseen) if o.tag_boost or o.suppress_unseen else None
         constraints = self._constraints(pooled, probs, o) if o.constrain else None
@@ -216,7 +210,7 @@ class Pipeline:
         if prefix is not None and constraints is not None:  # never "a coffee": the constraint names it instead
             mass = [bool(w in self.naming.no_article_ids and any(w in ws for ws in sets)) for w, sets in
                     zip(prefix[:, 1].tolist(), constraints)]  # fmt: skip
-            prefix = prefix.masked_fill(torch.tensor(mass, device=prefix.device)[:, None], -1)
+            prefix = np.where(np.array(mass)[:, None], -1, prefix)
         return _Guide(pooled, probs, bias, prefix, constraints)
 
     def _captions(self, hyps: list, vocab: Any, guide: _Guide | None) -> list[list[Caption]]:
@@ -234,10 +228,10 @@ class Pipeline:
             for b, hs in enumerate(hyps)
         ]
 
-    def _search(self, decoder: Any, inputs: Any, o: DecodingConfig, beam_size: int, n_best: int, **kw: Any) -> list:
+    def _search(self, steps: StepModel, inputs: Any, o: DecodingConfig, beam_size: int, n_best: int, **kw: Any) -> list:
         """beam_search `beam_size` wide for `n_best` hypotheses, with the other settings of `o`."""
         return beam_search(
-            decoder,
+            steps,
             inputs,
             beam_size=beam_size,
             max_len=o.max_len,
@@ -249,17 +243,18 @@ class Pipeline:
             **kw,
         )
 
-    def _constraints(self, pooled: Tensor, probs: Tensor, o: DecodingConfig) -> list[list[set[int]]]:
+    def _constraints(self, pooled: np.ndarray, probs: np.ndarray, o: DecodingConfig) -> list[list[set[int]]]:
         """Each photo's constraints (naming.py): none on photos much like the training photos, where
         the decoder knows better what people mention (guidance.CONSTRAIN_SHARE)."""
         share = self.guidance.typical_share(pooled)  # (B,) or None
-        threshold = torch.full((len(probs),), float(o.constrain))  # (B,)
+        threshold = np.full(len(probs), float(o.constrain), np.float32)  # (B,)
         if share is not None:
-            threshold = threshold.masked_fill(share.cpu() >= CONSTRAIN_SHARE, float("inf"))
+            threshold = np.where(share >= CONSTRAIN_SHARE, np.inf, threshold)
         return self.naming.constraints(probs, threshold, o.max_constraints)
 
     def _constrained_search(
         self,
+        steps: StepModel,
         hyps: list,
         inputs: Any,
         o: DecodingConfig,
@@ -282,14 +277,13 @@ class Pipeline:
             redo = [b for b, sets in enumerate(constraints) if sets and met[b] < min(need, len(sets))]
         if not redo:
             return []
-        idx = torch.tensor(redo)
         sub = [constraints[b] for b in redo]
         allowed = naming.allowed_bias(sub)  # (R, V + E): borrowed words only where a photo asks for them
         if guide.bias is not None:
-            allowed = allowed + torch.nn.functional.pad(guide.bias[idx], (0, naming.V - naming.V0))
+            allowed = allowed + np.pad(guide.bias[redo], ((0, 0), (0, naming.V - naming.V0)))
         again = self._search(
-            naming.wrap(self.model.decoder),
-            _rows(inputs, idx),  # an ensemble's inputs are a tuple, one per member
+            naming.wrap(steps),
+            _rows(inputs, redo),  # an ensemble's inputs are a tuple, one per member
             o,
             beam_size,
             n_best,
@@ -306,7 +300,7 @@ class Pipeline:
         return replaced
 
     def generate(
-        self, inputs: Sequence[ImageInput], batch_size: int = 32, num_workers: int | None = None, **settings: Any
+        self, inputs: Sequence[Any], batch_size: int = 32, num_workers: int | None = None, **settings: Any
     ) -> Iterator[list[Caption] | ImageError]:
         """For each input, in order: its n-best Captions, or the ImageError it raised.
 
@@ -317,9 +311,8 @@ class Pipeline:
         if num_workers is not None:
             whole_number(num_workers, 0, "workers (num_workers=)")
         self.settings(**settings)  # nonsense is refused before any image is read
-        workers = default_workers(len(inputs), batch_size) if num_workers is None else num_workers
-        for batch in prepared_batches(inputs, self.model.prepare, batch_size, workers):
-            idx, pixels, _ = split_batch(batch)
-            decoded = iter(self.decode(self.model.encode(pixels), **settings) if idx else [])
+        for batch in self.model.batches(inputs, batch_size, num_workers):
+            good = [x for x in batch if not isinstance(x, ImageError)]
+            decoded = iter(self.decode(self.model.encode_prepared(good), **settings) if good else [])
             for item in batch:
                 yield item if isinstance(item, ImageError) else next(decoded)

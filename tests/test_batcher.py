@@ -12,14 +12,14 @@ from captioner.serve.batcher import Batcher
 
 
 class FakeModel:
-    """encode: identity; decode: each image's caption is its pixel value; records the batches."""
+    """encode_prepared: stacks; decode: each image's caption is its pixel value; records the batches."""
 
     def __init__(self, fail_on: float | None = None) -> None:
         self.calls: list[tuple[int, dict]] = []
         self.fail_on = fail_on
 
-    def encode(self, pixels):
-        return pixels
+    def encode_prepared(self, prepared):
+        return torch.stack(prepared)
 
     def decode(self, feats, **options):
         self.calls.append((len(feats), options))

@@ -7,15 +7,16 @@ import json
 import pytest
 import torch
 
-from captioner.calibration import caption_quality, fit_confidence, person_labels, reliability
-from captioner.concepts import imagenet_classes
-from captioner.guidance import (
-    ACCEPTABLE,
-    Guidance,
+from captioner.calibration import (
+    caption_quality,
     fit_centroids,
+    fit_confidence,
     fit_person,
-    top_tags,
+    person_labels,
+    reliability,
 )
+from captioner.concepts import imagenet_classes
+from captioner.guidance import ACCEPTABLE, Guidance, top_tags
 from captioner.vocab import Vocabulary
 
 WORDS = ["a", "an", "cat", "dog", "man", "woman", "car", "bus", "sits", "espresso", "coffee", "on", "grass"]
@@ -44,7 +45,7 @@ def fitted_state(dim: int = 8, n: int = 400) -> tuple[dict, torch.Tensor, torch.
     labels = (pooled[:, 0] > 0).float()
     state = fit_person(pooled, labels) | {"centroids": fit_centroids(pooled, k=4)}
     g_ = Guidance(vocab(), state)
-    state["val_typicality"] = g_.typicality(pooled[:100]).sort().values
+    state["val_typicality"] = torch.from_numpy(g_.typicality(pooled[:100])).sort().values
     return state, pooled, labels
 
 
@@ -66,7 +67,7 @@ def test_classes_boost_their_caption_words() -> None:
     assert bias[1, v.stoi["espresso"]] == torch.tensor(1.6)  # its own name first, when the vocabulary has it
     assert bias[1, v.stoi["coffee"]] == 0.0
     assert bias[2, v.stoi["dog"]] == torch.tensor(1.6)  # a golden retriever is a dog
-    assert bias[0, v.stoi["dog"]] == 0.0 and bias[:, v.stoi["man"]].eq(0).all()
+    assert bias[0, v.stoi["dog"]] == 0.0 and (bias[:, v.stoi["man"]] == 0).all()
 
 
 def test_unseen_kinds_are_suppressed_on_unfamiliar_photos_only() -> None:
@@ -90,7 +91,7 @@ def test_unseen_kinds_are_suppressed_on_unfamiliar_photos_only() -> None:
 def test_person_classifier_learns_from_labels() -> None:
     state, pooled, labels = fitted_state()
     g = Guidance(vocab(), state)
-    p = g.p_person(pooled)
+    p = torch.from_numpy(g.p_person(pooled))
     assert ((p > 0.5).float() == labels).float().mean() > 0.95
 
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from captioner import Captioner
+from captioner.beam import ExtendedSteps
 from captioner.concepts import imagenet_classes
-from captioner.decoding import beam_search
+from captioner.decoding import TorchSteps, beam_search
 from captioner.models.base import CaptionModel
-from captioner.naming import ExtendedDecoder, Naming, class_concepts, takes_an
+from captioner.naming import Naming, class_concepts, takes_an
 from captioner.vocab import Vocabulary
 
 from .conftest import REPO
@@ -52,7 +54,7 @@ def test_words_the_decoder_never_learnt_are_borrowed_from_their_nearest_known_wo
     assert sets == [[naming.concept_ids[naming.concept_names.index("cat")]], []]
     assert naming.constraints(probs, torch.tensor([0.5, 0.05]), 2)[1] == [naming.concept_ids[zebra]]
     bias = naming.allowed_bias([[], [naming.concept_ids[zebra]]])
-    assert torch.isinf(bias[0, naming.V0 :]).all() and bias[1, naming.vocab.stoi["zebra"]] == 0
+    assert np.isinf(bias[0, naming.V0 :]).all() and bias[1, naming.vocab.stoi["zebra"]] == 0
 
 
 class Table(CaptionModel):
@@ -74,14 +76,14 @@ def test_a_borrowed_word_goes_in_and_comes_out_as_its_source() -> None:
     V0 = naming.V0
     logits = torch.randn(V0, V0, generator=torch.Generator().manual_seed(0))
     base = Table(logits.log_softmax(-1))
-    ext = naming.wrap(base)
-    assert isinstance(ext, ExtendedDecoder)
+    ext = naming.wrap(TorchSteps(base))
+    assert isinstance(ext, ExtendedSteps)
     horse, zebra = naming.base.stoi["horse"], naming.vocab.stoi["zebra"]
-    state = base.init_state(torch.zeros(2))
-    out, _ = ext.step(torch.tensor([zebra, horse]), state)  # (2, V0 + E)
-    assert torch.allclose(out[0], out[1])  # "zebra" goes in as "horse"
+    state = ext.init_state(torch.zeros(2))
+    out, _ = ext.step(np.array([zebra, horse]), state)  # (2, V0 + E)
+    assert np.allclose(out[0], out[1])  # "zebra" goes in as "horse"
     assert out[0, zebra] == pytest.approx(float(out[0, horse]))  # and comes out with its probability
-    assert out.exp().sum(-1) == pytest.approx(torch.ones(2))
+    assert np.exp(out).sum(-1) == pytest.approx(np.ones(2))
 
 
 def test_articles_agree_and_no_mass_noun_or_plural_follows_one() -> None:
@@ -110,7 +112,7 @@ def test_articles_agree_and_no_mass_noun_or_plural_follows_one() -> None:
         ("cup", "of", 1.0), ("of", "coffee", 1.0), ("coffee", "<end>", 1.0),
     ]:  # fmt: skip
         logp[naming.vocab.stoi[prev], naming.vocab.stoi[nxt]] = math.log(p)
-    model = naming.wrap(Table(logp.log_softmax(-1)))  # as decoded: with the borrowed words
+    model = naming.wrap(TorchSteps(Table(logp.log_softmax(-1))))  # as decoded: with the borrowed words
     free = beam_search(model, torch.zeros(1), beam_size=2)[0][0].tokens
     coffee = {naming.vocab.stoi["coffee"]}
     banned = naming.banned_bigrams([[coffee]])

@@ -204,4 +204,4 @@ def _write_attention_map(model, path: str, caption, out_dir: Path, taken: set[st
     if target.exists() and target.resolve() in model_inputs:
         raise ValueError(f"{target} is one of the images being captioned; it is not overwritten")
     words = list(caption.words)
-    attention_map(load_image(path, model.max_pixels), words, caption.attention_grid().numpy(), model.preprocess, target)
+    attention_map(load_image(path, model.max_pixels), words, caption.attention_grid(), model.preprocess, target)

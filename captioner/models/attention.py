@@ -14,6 +14,7 @@ from .base import CaptionModel, DecoderState, LossTerms, shared
 
 def _grid_coords(regions: int, device: torch.device) -> Tensor:
     """(R, 2) (x, y) centres of a square grid's regions in row-major order, in [-1, 1]."""
+    regions = int(regions)  # (a constant when traced for ONNX export: the grid's size is the encoder's)
     side = round(regions**0.5)
     if side * side != regions:
         raise ValueError(f"the attention decoder needs a square feature grid, got {regions} regions")

@@ -14,7 +14,6 @@ from importlib import resources
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -338,7 +337,7 @@ def create_app(model: Captioner, limits: ServeLimits = ServeLimits(), allow_orig
             weights = [[round(x, 4) for x in row] for row in best.attention.tolist()]  # (words, R)
             entry["attention"] = {
                 "words": list(best.words),
-                "side": best.attention_grid().size(-1),  # the grid is side x side over the centre crop
+                "side": best.attention_grid().shape[-1],  # the grid is side x side over the centre crop
                 "crop": model.preprocess.crop / model.preprocess.resize,  # the crop's share of the short side
                 "weights": weights,
             }
@@ -391,8 +390,7 @@ def create_app(model: Captioner, limits: ServeLimits = ServeLimits(), allow_orig
         if bad:
             return _error(422, f"{bad[0][0]}: {bad[0][1].reason} (sequence not captioned)",
                           files=[{"file": n, "error": p.reason} for n, p in bad])  # fmt: skip
-        frames = torch.stack(pixels)  # (F, 3, S, S)
-        nbest = await batcher.run(lambda: model.decode(model.encode_sequences([frames]), **options)[0])
+        nbest = await batcher.run(lambda: model.decode(model.encode_sequences([pixels]), **options)[0])
         entry = {"files": [name for name, _, _ in items]} | caption_record(nbest, 0, LOW_CONFIDENCE)
         return JSONResponse(entry)
 

@@ -15,16 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from ..api import Captioner
 from ..pipeline import Caption
 
 
 @dataclass
 class _Job:
-    pixels: Tensor  # (3, S, S) one preprocessed image
+    pixels: Any  # (3, S, S) one preprocessed image (a tensor, or an array for an exported model)
     options: tuple[tuple[str, Any], ...]  # decoding settings, hashable
     future: asyncio.Future = field(repr=False)
 
@@ -60,7 +57,7 @@ class Batcher:
         return self._queue.qsize() if self._queue is not None else 0
 
     # ---- use -----------------------------------------------------------------------------------
-    async def caption(self, pixels: Tensor, **options: Any) -> list[Caption]:
+    async def caption(self, pixels: Any, **options: Any) -> list[Caption]:
         future = asyncio.get_running_loop().create_future()
         await self._queue.put(_Job(pixels, tuple(sorted(options.items())), future))
         return await future
@@ -100,6 +97,4 @@ class Batcher:
 
     def _decode(self, group: list[_Job], options: dict[str, Any]) -> list[list[Caption]]:
         self.batches.append(len(group))
-        pixels = torch.stack([job.pixels for job in group])  # (B, 3, S, S)
-        with torch.no_grad():
-            return self.model.decode(self.model.encode(pixels), **options)
+        return self.model.decode(self.model.encode_prepared([job.pixels for job in group]), **options)
