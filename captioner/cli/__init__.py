@@ -20,12 +20,12 @@ from contextlib import contextmanager
 from .. import __version__
 from ..errors import CaptionerError
 from ..settings import whole_number
-from . import calibrate, caption, evaluate, extract, plot, score, serve, train, tune, validate
+from . import calibrate, caption, evaluate, export, extract, plot, score, serve, train, tune, validate
 from .common import err, expand_inputs, rank_prefix
 
 __all__ = ["build_parser", "expand_inputs", "main"]
 
-COMMANDS = (caption, train, calibrate, tune, evaluate, extract, validate, score, plot, serve)
+COMMANDS = (caption, train, calibrate, tune, evaluate, extract, validate, score, plot, serve, export)
 
 
 class _Parser(argparse.ArgumentParser):

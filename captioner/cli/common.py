@@ -86,8 +86,9 @@ def model_arg(parser) -> None:
         "--model",
         action="append",
         metavar="CKPT",
-        help="checkpoint (default: the bundled model); give it again for an ensemble: "
-        "beam search over the mean of the models' log-probabilities (one vocabulary)",
+        help="checkpoint (default: the bundled model), or a folder written by `captioner export` (runs on "
+        "onnxruntime, no torch needed); give checkpoints again for an ensemble: beam search over the mean "
+        "of the models' log-probabilities (one vocabulary)",
     )
 
 
