@@ -83,8 +83,13 @@ class Captioner:
             from .runtime import OnnxModel
 
             return cls.of(OnnxModel.load(path, device))
-        from .model import Model
-
+        try:
+            from .model import Model
+        except ImportError as e:  # the torch-free runtime install (requirements-runtime.txt)
+            raise UsageError(
+                f"{path or 'the bundled model'}: a checkpoint needs torch, which is not installed here ({e}); "
+                "caption an export folder instead (made with `captioner export` where torch is)"
+            ) from None
         return cls.of(Model.load(path, device))
 
     # ---- the parts ---------------------------------------------------------------------------

@@ -72,18 +72,42 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
         return np.where(np.isfinite(lse), x - lse, x).astype(np.float32)
 
 
+#: beam search's top-k looks at the best TOPK_CHUNK-wide chunks first (see `topk`)
+TOPK_CHUNK = 64
+
+
+def _first(x: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k largest values of each row of x (..., n), largest first, equal values
+    in position order: an exact selection on one integer key (the float's order, then the position)."""
+    bits = x.astype(np.float32).view(np.int32).astype(np.int64)
+    bits = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # float32 order as integer order
+    key = (bits << 32) - np.arange(x.shape[-1])  # a larger value first, then a lower position
+    sel = np.argpartition(-key, k - 1, axis=-1)[..., :k] if k < x.shape[-1] else np.argsort(-key, axis=-1)
+    return np.take_along_axis(sel, np.argsort(-np.take_along_axis(key, sel, -1), axis=-1), -1)
+
+
 def topk(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k largest values of each row of x (..., n), largest first, and their positions; equal
-    values in the order of their positions (so the search is deterministic)."""
+    values in the order of their positions (so the search is deterministic).
+
+    Long rows are cut into TOPK_CHUNK-wide chunks and only the k chunks with the largest maxima
+    (equal maxima: the earlier chunk) are searched: the k largest values lie in them, ties
+    included, since any value outside them has k chunks' maxima, at earlier positions when
+    equal, before it. numpy's argpartition over a whole (images, beams x V) row is 3x slower."""
     n = x.shape[-1]
-    if k < n:
-        part = np.argpartition(-x, k - 1, axis=-1)[..., :k]  # (..., k) the k largest, unordered
-    else:
-        part = np.broadcast_to(np.arange(n), x.shape).copy()
-    vals = np.take_along_axis(x, part, -1)
-    order = np.lexsort((part, -vals), axis=-1)  # by value, then by position
-    idx = np.take_along_axis(part, order, -1)
-    return np.take_along_axis(x, idx, -1), idx
+    c = TOPK_CHUNK
+    if n <= 2 * k * c:
+        idx = _first(x, k)
+        return np.take_along_axis(x, idx, -1), idx
+    lead = x.shape[:-1]
+    if n % c:
+        x = np.concatenate([x, np.full((*lead, -n % c), -np.inf, x.dtype)], -1)  # never chosen: n >= k
+    chunks = x.reshape(*lead, -1, c)  # (..., n/c, c)
+    first = np.sort(_first(chunks.max(-1), k), axis=-1)  # (..., k) the chunks to search, in order
+    cand = np.take_along_axis(chunks, first[..., None], -2).reshape(*lead, k * c)  # (..., k*c)
+    pos = (first[..., None] * c + np.arange(c)).reshape(*lead, k * c)  # their positions, increasing
+    sel = _first(cand, k)
+    return np.take_along_axis(cand, sel, -1), np.take_along_axis(pos, sel, -1)
 
 
 def _constrain(

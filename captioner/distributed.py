@@ -25,6 +25,7 @@ import torch
 import torch.distributed as torch_dist
 
 from .device import resolve_device
+from .errors import first_line
 
 T = TypeVar("T")
 
@@ -105,12 +106,6 @@ _PEER_GONE = ("closed by peer", "reset by peer", "broken pipe", "connection refu
 def lost_peer(e: BaseException) -> bool:
     """Did this error come from another process of the job going away (rather than from here)?"""
     return isinstance(e, PeerFailure) or (isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _PEER_GONE))
-
-
-def first_line(e: BaseException) -> str:
-    """An error's first line: backend errors run to many lines of C++ context."""
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def from_env() -> tuple[int, int, int]:

@@ -11,6 +11,12 @@ from __future__ import annotations
 import os
 
 
+def first_line(e: BaseException) -> str:
+    """An error's first line: backend errors run to many lines of C++ context."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
 class CaptionerError(Exception):
     """A problem the user can fix; the message says what and where."""
 

@@ -13,7 +13,9 @@ The folder:
 - guidance.npz: the guidance state calibration fitted (person classifier, typicality, confidence).
 
 All inputs have a dynamic batch size. The graphs are fp32; `quantize="int8"` quantizes the
-decoder's (and, with "int8-all", the encoder's) weights dynamically to int8 (onnxruntime.quantization).
+decoder's weights dynamically to int8 (onnxruntime.quantization): half the size, CIDEr-D within
+0.01 of fp32 on Flickr8k val, coco_dev and coco_256. The encoder's would not hold (Flickr8k val
+CIDEr-D 0.471 against 0.516), so it is not offered.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ FORMAT = "captioner-export"
 FORMAT_VERSION = 1
 OPSET = 17
 MANIFEST = "captioner.json"
-QUANTIZE = ("int8", "int8-all")
+QUANTIZE = ("int8",)
 
 
 class _Encoder(nn.Module):
@@ -97,11 +99,17 @@ def _version() -> str | None:
 
 
 def _quantize(path: Path) -> None:
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = path.with_suffix(".fp32.onnx")
     path.rename(tmp)
-    quantize_dynamic(str(tmp), str(path), weight_type=QuantType.QInt8)
+    logging.disable(logging.WARNING)  # onnxruntime's quantizer advises on the root logger, at length
+    try:
+        quantize_dynamic(str(tmp), str(path), weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(logging.NOTSET)
     tmp.unlink()
 
 
@@ -148,7 +156,7 @@ def export(model: Model, out: str | os.PathLike, quantize: str | None = None) ->
         _onnx(_Step(decoder, type(state), rows, shared), args, tmp / "decoder_step.onnx", ["tokens", *rows, *shared],
               step_out, axes)  # fmt: skip
         if quantize:
-            for name in ("decoder_init", "decoder_step") + (("encoder",) if quantize == "int8-all" else ()):
+            for name in ("decoder_init", "decoder_step"):
                 _quantize(tmp / f"{name}.onnx")
         guidance = {k: np.asarray(v.detach().cpu().float()) for k, v in model.guidance_state.items()}
         if guidance:

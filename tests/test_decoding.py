@@ -439,3 +439,21 @@ def test_an_unreachable_constraint_falls_back_to_the_unconstrained_best():
 def test_too_many_constraints_are_refused():
     with pytest.raises(ValueError, match="at most"):
         beam_search(FakeModel(), images(0), constraints=[[{A}, {B}, {C}, {A}, {B}]])
+
+
+def test_topk_is_exact_with_ties_in_position_order() -> None:
+    """beam.topk (chunked selection) against a full stable sort, on rows long enough to be chunked,
+    with many equal values and -inf (dead beams)."""
+    import numpy as np
+
+    from captioner.beam import topk
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        shape = (int(rng.integers(1, 4)), int(rng.integers(1, 4)), int(rng.integers(1, 3000)))
+        x = rng.integers(-5, 5, size=shape).astype(np.float32)
+        x[rng.random(shape) < rng.random()] = -np.inf
+        k = int(rng.integers(1, min(12, shape[-1]) + 1))
+        values, idx = topk(x, k)
+        expected = np.argsort(-x, axis=-1, kind="stable")[..., :k]
+        assert np.array_equal(idx, expected) and np.array_equal(values, np.take_along_axis(x, expected, -1))

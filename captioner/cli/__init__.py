@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 from .. import __version__
-from ..errors import CaptionerError
+from ..errors import CaptionerError, first_line
 from ..settings import whole_number
 from . import calibrate, caption, evaluate, export, extract, plot, score, serve, train, tune, validate
 from .common import err, expand_inputs, rank_prefix
@@ -126,8 +126,6 @@ def _run(args: argparse.Namespace) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's last flush has nowhere to fail
         return 141  # 128 + SIGPIPE: what a shell reports for a tool stopped by a closed pipe
     except Exception as e:
-        from ..distributed import PeerFailure, first_line, lost_peer  # torch: only once something failed
-
         if not rank_prefix():  # a bug: the traceback is the useful report
             traceback.print_exc()
             err(
@@ -135,6 +133,8 @@ def _run(args: argparse.Namespace) -> int:
                 "please report it with the traceback above"
             )
             return 1
+        from ..distributed import PeerFailure, lost_peer  # torch: only in a torchrun job, once something failed
+
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops the other workers: let this one finish exiting
         if isinstance(e, PeerFailure):  # its message names this rank
             err(str(e))
