@@ -188,3 +188,19 @@ def test_the_serve_command_serves_an_export(attention_export) -> None:
     assert status == 200 and [e["file"] for e in body] == [p.name for p in EXAMPLES[:3]] + ["bad.jpg"]
     assert all(e["caption"] for e in body[:3]) and "error" in body[3]
     assert body[0]["attention"]["side"] == 7
+
+
+def test_int8_halves_the_decoder_and_still_captions(tmp_path, capsys) -> None:
+    model = small_model("attention", attention_size=40)
+    export(model, tmp_path / "fp32")
+    manifest = export(model, tmp_path / "int8", quantize="int8")
+    assert manifest["quantize"] == "int8"
+    size = {q: (tmp_path / q / "decoder_step.onnx").stat().st_size for q in ("fp32", "int8")}
+    assert size["int8"] < 0.6 * size["fp32"]
+    assert compare(model, tmp_path / "int8")["encoder"] < 1e-4  # the encoder stays fp32
+    a = Captioner.load(tmp_path / "fp32").caption(EXAMPLES)
+    b = Captioner.load(tmp_path / "int8").caption(EXAMPLES)
+    assert all(b) and np.mean([x == y for x, y in zip(a, b)]) >= 0.5
+    with pytest.raises(SystemExit):
+        main(["export", "--out", str(tmp_path / "x"), "--quantize", "int8-all"])  # not offered: it did not hold
+    assert "invalid choice" in capsys.readouterr().err
