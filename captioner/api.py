@@ -76,8 +76,10 @@ class Captioner:
             exports = [p for p in path if p is not None and Path(p).is_dir()]
             if exports:
                 raise UsageError(f"{exports[0]}: an exported model captions alone; ensembles take checkpoints")
-            from .ensemble import Ensemble
-
+            try:
+                from .ensemble import Ensemble
+            except ImportError as e:  # the torch-free runtime install
+                raise UsageError(f"an ensemble of checkpoints needs torch, which is not installed here ({e})") from None
             return cls.of(Ensemble.load_all(path, device))
         if path is not None and Path(path).is_dir():
             from .runtime import OnnxModel

@@ -78,8 +78,9 @@ TOPK_CHUNK = 64
 
 def _first(x: np.ndarray, k: int) -> np.ndarray:
     """Positions of the k largest values of each row of x (..., n), largest first, equal values
-    in position order: an exact selection on one integer key (the float's order, then the position)."""
-    bits = x.astype(np.float32).view(np.int32).astype(np.int64)
+    in position order: an exact selection on one integer key (the float's order, then the position).
+    (NaN, which log-probabilities never are, would rank by its sign bit.)"""
+    bits = (x.astype(np.float32) + np.float32(0.0)).view(np.int32).astype(np.int64)  # (+ 0: -0.0 is 0.0)
     bits = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # float32 order as integer order
     key = (bits << 32) - np.arange(x.shape[-1])  # a larger value first, then a lower position
     sel = np.argpartition(-key, k - 1, axis=-1)[..., :k] if k < x.shape[-1] else np.argsort(-key, axis=-1)

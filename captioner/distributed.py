@@ -16,7 +16,6 @@ rank, so a bad checkpoint path, say, stops all ranks with the same one-line mess
 from __future__ import annotations
 
 import datetime
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -26,6 +25,7 @@ import torch.distributed as torch_dist
 
 from .device import resolve_device
 from .errors import first_line
+from .settings import from_env
 
 T = TypeVar("T")
 
@@ -106,11 +106,6 @@ _PEER_GONE = ("closed by peer", "reset by peer", "broken pipe", "connection refu
 def lost_peer(e: BaseException) -> bool:
     """Did this error come from another process of the job going away (rather than from here)?"""
     return isinstance(e, PeerFailure) or (isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _PEER_GONE))
-
-
-def from_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) outside torchrun."""
-    return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")))
 
 
 def init(device: str | torch.device = "auto", timeout_min: float = DEFAULT_TIMEOUT_MIN) -> Dist:

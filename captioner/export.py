@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -33,14 +34,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import UsageError
+from .errors import OutputError, UsageError
 from .model import Model
+from .paths import umask
 
 FORMAT = "captioner-export"
 FORMAT_VERSION = 1
 OPSET = 17
 MANIFEST = "captioner.json"
 QUANTIZE = ("int8",)
+EXPORT_FILES = frozenset(
+    [MANIFEST, "encoder.onnx", "classifier.onnx", "decoder_init.onnx", "decoder_step.onnx", "guidance.npz"]
+)
 
 
 class _Encoder(nn.Module):
@@ -105,25 +110,69 @@ def _quantize(path: Path) -> None:
 
     tmp = path.with_suffix(".fp32.onnx")
     path.rename(tmp)
-    logging.disable(logging.WARNING)  # onnxruntime's quantizer advises on the root logger, at length
+    saved = logging.root.manager.disable
+    logging.disable(max(saved, logging.WARNING))  # onnxruntime's quantizer advises on the root logger, at length
     try:
         quantize_dynamic(str(tmp), str(path), weight_type=QuantType.QInt8)
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(saved)
     tmp.unlink()
 
 
+def _target(out: str | os.PathLike) -> Path:
+    """The export folder, checked before any work: new, empty, or an earlier export (nothing but
+    an export's files); never a link, a file, or the current folder or one above it."""
+    given = Path(out)
+    if given.is_symlink():
+        raise UsageError(f"{given}: is a symbolic link; give the folder itself")
+    path = Path(os.path.normpath(given.absolute()))
+    if path == Path.cwd() or path in Path.cwd().parents:
+        raise UsageError(f"{given}: holds the current folder; export into a folder of its own")
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{given}: exists and is not a folder")
+        others = sorted(p.name for p in path.iterdir() if p.name not in EXPORT_FILES)
+        if others:
+            raise UsageError(f"{given}: holds other files than an export's ({others[0]}, ...); choose a new folder")
+    return path
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """tmp renamed to out; an earlier export at out is moved aside first and removed only once
+    the new one is in place (put back if the rename fails)."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.with_name(f"{tmp.name}-old")
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except OSError:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @torch.no_grad()
-def export(model: Model, out: str | os.PathLike, quantize: str | None = None) -> dict[str, Any]:
-    """Write `model` to the folder `out` (created; an existing export there is replaced whole,
-    anything else refused) -> the manifest written."""
+def export(
+    model: Model,
+    out: str | os.PathLike,
+    quantize: str | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> dict[str, Any]:
+    """Write `model` to the folder `out` (created; an earlier export there is replaced whole,
+    anything else refused) -> the manifest written. `check(folder)` runs on the finished export
+    before it takes `out`'s place; if it raises, nothing at `out` changes."""
     if quantize is not None and quantize not in QUANTIZE:
         raise UsageError(f"--quantize takes {' or '.join(QUANTIZE)}, not {quantize!r}")
     if model.is_sequence_model:
         raise UsageError("sequence models cannot be exported yet: export a single-image model")
-    out = Path(out)
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / MANIFEST).is_file())):
-        raise UsageError(f"{out}: exists and is not an export folder; choose a new folder")
+    given, out = out, _target(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))  # beside `out`: the rename is atomic
+    except OSError as e:
+        raise OutputError(f"{given}: cannot write there ({e.strerror or type(e).__name__})") from None
     model.encoder.eval()
     decoder = model.decoder.eval()
     S = model.preprocess.crop
@@ -135,13 +184,8 @@ def export(model: Model, out: str | os.PathLike, quantize: str | None = None) ->
     rows = [f.name for f in present if not f.metadata.get("shared")]
     shared = [f.name for f in present if f.metadata.get("shared")]
     B, N = {0: "B"}, {0: "N"}
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))  # beside `out`: the rename is atomic
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # a folder like any other (mkdtemp makes it private)
+        tmp.chmod(0o777 & ~umask())  # a folder like any other (mkdtemp makes it private)
         _onnx(_Encoder(model), (pixels,), tmp / "encoder.onnx", ["pixels"], ["grid"], {"pixels": B, "grid": B})
         has_head = model.has_classifier
         if has_head:
@@ -185,9 +229,13 @@ def export(model: Model, out: str | os.PathLike, quantize: str | None = None) ->
             "vocab": model.vocab.to_dict(),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)  # the whole folder appears at once
+        if check is not None:
+            check(tmp)
+        _replace(tmp, out)
+    except OSError as e:
+        raise OutputError(
+            f"{given}: not written ({e.strerror or type(e).__name__}); an earlier export is untouched"
+        ) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -65,7 +65,8 @@ def _f32(x: Array) -> np.ndarray:
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+    with np.errstate(over="ignore"):  # exp(88+) is inf: the sigmoid is 0, as torch's gives it
+        return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import OutputError
@@ -82,3 +86,62 @@ def list_images(directory: str | os.PathLike) -> list[Path]:
         (p for p in Path(directory).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
         key=lambda p: (natural_key(p.name), p.name),
     )
+
+
+def umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C (SIGINT) and SIGTERM wait until the block is done, then take effect as they would
+    have: a write is never cut halfway (torch's zip writer, cut mid-file, raises its own error on
+    top of the KeyboardInterrupt and leaves nothing usable). Nested blocks hold until the outermost
+    one ends. Outside the main thread (where Python cannot set handlers) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: h for s in held if (h := signal.getsignal(s)) not in (signal.SIG_IGN, None)}
+    for s in previous:  # (None: a handler not set from Python; left alone)
+        signal.signal(s, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(pending):  # delivered now, to whatever handled them before
+            signal.raise_signal(s)
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(file_object) on a temp file next to `path`, then rename it over `path`; signals
+    wait until it is done (see `signals_held`)."""
+    path = Path(path)
+    check_output_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with signals_held():
+            _atomic_write(path, write)
+    except OSError as e:  # e.g. the disk filled up: name the user's file, not the temp file
+        raise OutputError(
+            f"{path}: not written ({e.strerror or type(e).__name__}); any earlier version of it is untouched"
+        ) from None
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .beam import log_softmax
-from .errors import CheckpointError, ImageError, UsageError
+from .errors import CaptionerError, CheckpointError, ImageError, UsageError, first_line
 from .images import Preprocess, array_to_rgb, check_size, load_image, to_rgb
 from .vocab import Vocabulary
 
@@ -47,6 +47,7 @@ def _session(path: Path, device: str) -> Any:
 
 
 def _device(device: Any) -> str:
+    """ "auto" is the CPU here: onnxruntime-gpu is not among the runtime's requirements."""
     name = str(device)
     if name in ("auto", "cpu"):
         return "cpu"
@@ -124,8 +125,13 @@ def read_input(item: Any, max_pixels: int | None = None) -> Image.Image | np.nda
         return to_rgb(check_size(item, f"<PIL image {item.width}x{item.height} {item.mode}>"))
     if isinstance(item, np.ndarray):
         return array_to_rgb(item)
-    if type(item).__module__.startswith("torch") and getattr(item, "dim", lambda: 0)() == 3:
-        return array_to_rgb(item.detach().cpu().permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3)
+    if type(item).__module__.startswith("torch") and hasattr(item, "dim"):
+        label = f"<tensor {tuple(item.shape)} {str(item.dtype).removeprefix('torch.')}>"
+        if item.dim() != 3 or item.shape[0] != 3:
+            raise ImageError(label, "expected an RGB tensor (3, H, W)")
+        t = item.detach().cpu()
+        t = t if str(t.dtype) in ("torch.uint8", "torch.bool") or t.is_complex() else t.float()
+        return array_to_rgb(t.permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3), checked as an array
     raise ImageError(
         f"<{type(item).__name__}>",
         "unsupported input: give a file path, a PIL image or an array (H, W, 3)",
@@ -167,20 +173,36 @@ class OnnxModel:
         try:
             manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         except FileNotFoundError:
+            hint = f"; a training run? give {folder / 'best.pt'}" if (folder / "best.pt").is_file() else ""
             raise CheckpointError(
-                f"{folder}: not an export folder (no {MANIFEST}; make one with `captioner export`)"
+                f"{folder}: not an export folder (no {MANIFEST}; make one with `captioner export`{hint})"
             ) from None
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{folder / MANIFEST}: unreadable ({e})") from None
+        if not isinstance(manifest, dict):
+            raise CheckpointError(f"{folder / MANIFEST}: not an export manifest (a JSON object)")
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(
                 f"{folder}: an export of format {manifest.get('format')} {manifest.get('format_version')}; "
                 f"this captioner reads {FORMAT} {FORMAT_VERSION}"
             )
-        missing = [f for f in manifest["files"].values() if f and not (folder / f).is_file()]
+        files = manifest.get("files")
+        lacking = [k for k in ("files", "decoder", "config", "vocab") if not isinstance(manifest.get(k), dict)]
+        if lacking or not all(files.get(k) for k in ("encoder", "decoder_init", "decoder_step")):
+            raise CheckpointError(f"{folder / MANIFEST}: an incomplete manifest ({(lacking or ['files'])[0]})")
+        names = [f for f in files.values() if f]
+        if any(not isinstance(f, str) or Path(f).name != f for f in names):
+            raise CheckpointError(f"{folder / MANIFEST}: names files outside the export folder")
+        missing = [f for f in names if not (folder / f).is_file()]
         if missing:
             raise CheckpointError(f"{folder}: the export is incomplete ({missing[0]} is missing)")
-        return cls(folder, manifest, _device(device))
+        device = _device(device)
+        try:
+            return cls(folder, manifest, device)
+        except CaptionerError:
+            raise
+        except Exception as e:  # onnxruntime's own (InvalidProtobuf, Fail, ...) derive from Exception only
+            raise CheckpointError(f"{folder}: a damaged export ({type(e).__name__}: {first_line(e)})") from None
 
     @property
     def has_classifier(self) -> bool:
@@ -212,13 +234,16 @@ class OnnxModel:
             for chunk in chunks:
                 yield [self._prepared(x) for x in chunk]
             return
-        with ThreadPoolExecutor(workers, thread_name_prefix="captioner-read") as pool:
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="captioner-read")
+        try:
             pending = [pool.map(self._prepared, chunk) for chunk in chunks[:2]]
             for i in range(len(chunks)):
                 batch = list(pending[i])
                 if i + 2 < len(chunks):
                     pending.append(pool.map(self._prepared, chunks[i + 2]))
                 yield batch
+        finally:  # also when the caller stops early: the photos read ahead are not waited for
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """Preprocessed images (B, 3, S, S) -> the decoder's input: the grid (B, R, D) or pooled (B, D)."""

@@ -6,9 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from .checkpoint import atomic_write
-from .data import DataError
-from .paths import check_output_file
+from .errors import DataError
+from .paths import atomic_write, check_output_file
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:

@@ -117,12 +117,12 @@ def test_user_errors_are_one_line_and_bugs_show_their_traceback(trained_run, sha
         rc, lines, err = _caption(capsys, *args, "--model", trained_run / "best.pt")
         assert rc == 2 and len(err) == 1 and err[0].startswith("captioner: ") and "Traceback" not in err[0], err
     # a ValueError from deep inside (torch, say) is a bug, not bad input: traceback, and said so
-    import captioner.decoding
+    import captioner.beam
 
     def broken(*a, **kw):
         raise ValueError("Expected input batch_size (3) to match target batch_size (2).")
 
-    monkeypatch.setattr(captioner.decoding, "_constrain", broken)
+    monkeypatch.setattr(captioner.beam, "_constrain", broken)
     rc, lines, err = _caption(capsys, one, "--model", trained_run / "best.pt")
     text = "\n".join(err)
     assert rc == 1 and "Traceback" in text and "internal error" in err[-1] and "batch_size (3)" in err[-1]

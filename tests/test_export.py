@@ -121,6 +121,8 @@ from captioner import Captioner
 from captioner.cli import main
 rc = main(["caption", "--json", "--model", {str(out)!r}, {str(EXAMPLES[0])!r}, {str(tmp_path / "missing.jpg")!r}])
 print("RC", rc)
+print("NOT-AN-EXPORT", main(["caption", "--model", {str(tmp_path)!r}, {str(EXAMPLES[0])!r}]))
+print("CHECKPOINT", main(["caption", {str(EXAMPLES[0])!r}]))
 print("API", Captioner.load({str(out)!r}).caption({str(EXAMPLES[1])!r}))
 assert sys.modules["torch"] is None and sys.modules["torchvision"] is None
 """
@@ -129,6 +131,9 @@ assert sys.modules["torch"] is None and sys.modules["torchvision"] is None
     lines = r.stdout.splitlines()
     assert json.loads(lines[0])["caption"]  # the good photo is captioned ...
     assert "missing.jpg: no such file" in r.stderr and "RC 1" in lines  # ... and the bad one reported
+    # what needs torch says so in one line, exit status 2, no traceback
+    assert "NOT-AN-EXPORT 2" in lines and "CHECKPOINT 2" in lines and "Traceback" not in r.stderr
+    assert "not an export folder" in r.stderr and "a checkpoint needs torch" in r.stderr
     assert lines[-1].startswith("API ") and len(lines[-1]) > 5
 
 
@@ -156,6 +161,16 @@ def test_what_the_runtime_cannot_do_it_says(attention_export, tmp_path) -> None:
     (broken / MANIFEST).write_text(json.dumps(manifest | {"format_version": 99}))
     with pytest.raises(CheckpointError, match="format"):
         Captioner.load(broken)
+    (broken / "decoder_step.onnx").write_bytes(b"not a graph")
+    for bad, match in [
+        (manifest, "damaged export"),  # a file onnxruntime cannot read
+        ([manifest], "not an export manifest"),
+        (manifest | {"files": manifest["files"] | {"encoder": "../encoder.onnx"}}, "outside the export"),
+        ({k: v for k, v in manifest.items() if k != "vocab"}, "incomplete manifest"),
+    ]:
+        (broken / MANIFEST).write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=match):
+            Captioner.load(broken)
 
 
 def test_export_never_overwrites_what_is_not_an_export(attention_export, tmp_path) -> None:
@@ -163,7 +178,7 @@ def test_export_never_overwrites_what_is_not_an_export(attention_export, tmp_pat
     keep = tmp_path / "notes"
     keep.mkdir()
     (keep / "mine.txt").write_text("keep me")
-    with pytest.raises(UsageError, match="not an export folder"):
+    with pytest.raises(UsageError, match="holds other files than an export's"):
         export(model, keep)
     assert (keep / "mine.txt").read_text() == "keep me"
     export(model, tmp_path / "again")
@@ -172,6 +187,23 @@ def test_export_never_overwrites_what_is_not_an_export(attention_export, tmp_pat
         ["captioner.json", "encoder.onnx", "classifier.onnx", "decoder_init.onnx", "decoder_step.onnx"]
     )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export-")]  # no temporary folder left
+    # a check that fails leaves the earlier export as it was
+    before = (tmp_path / "again" / "decoder_step.onnx").read_bytes()
+
+    def refuse(folder: Path) -> None:
+        assert folder != tmp_path / "again" and (folder / MANIFEST).is_file()  # runs on the new one, beside
+        raise CheckpointError("refused")
+
+    with pytest.raises(CheckpointError, match="refused"):
+        export(model, tmp_path / "again", quantize="int8", check=refuse)
+    assert (tmp_path / "again" / "decoder_step.onnx").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export-")]
+    # never the current folder, a folder above it, or a link
+    (tmp_path / "link").symlink_to(tmp_path / "again")
+    with pytest.raises(UsageError, match="symbolic link"):
+        export(model, tmp_path / "link")
+    with pytest.raises(UsageError, match="current folder"):
+        export(model, Path.cwd().parent)
 
 
 @pytest.mark.slow

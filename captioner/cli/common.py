@@ -163,7 +163,7 @@ def decoding_args(parser, n_best: bool = False) -> None:
 
 def rank_prefix() -> str:
     """'rank R of W: ' inside a multi-process job (torchrun), so every line says who failed."""
-    from ..distributed import from_env
+    from ..settings import from_env
 
     rank, world, _ = from_env()
     return f"rank {rank} of {world}: " if world > 1 else ""

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .common import err
-
 log = logging.getLogger("captioner")
 
 #: the largest difference from torch an fp32 export may show on `compare`'s check before it is refused
@@ -38,16 +36,23 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import CheckpointError
     from ..export import compare, export
     from ..model import Model
 
     model = Model.load(args.model, device="cpu")
-    manifest = export(model, args.out, quantize=args.quantize)
-    diffs = compare(model, args.out)
+    diffs: dict[str, float] = {}
+
+    def check(folder) -> None:  # on the finished export, before it takes --out's place
+        diffs.update(compare(model, folder))
+        if args.quantize is None and max(diffs.values()) > FP32_TOLERANCE:
+            shown = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+            raise CheckpointError(
+                f"{args.out}: not written: the export differs from the model by more than {FP32_TOLERANCE:g} ({shown})"
+            )
+
+    manifest = export(model, args.out, quantize=args.quantize, check=check)
     shown = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
-    if args.quantize is None and max(diffs.values()) > FP32_TOLERANCE:
-        err(f"{args.out}: the export differs from the model by more than {FP32_TOLERANCE:g} ({shown})")
-        return 1
     if not args.quiet:
         files = [f for f in manifest["files"].values() if f]
         print(f"{args.out}: {', '.join(files)} (opset {manifest['opset']}, {args.quantize or 'fp32'})")
