@@ -243,16 +243,21 @@ def export(
 
 
 @torch.no_grad()
-def compare(model: Model, folder: str | os.PathLike, batch: int = 3, seed: int = 0) -> dict[str, float]:
-    """The export at `folder` against `model` on random pixels: the largest absolute difference of
-    the encoder's grid, the ImageNet logits, and the log-probabilities of the first two decoder
-    steps (what `captioner export` prints, and the parity tests hold to 1e-4)."""
+def compare(
+    model: Model, folder: str | os.PathLike, batch: int = 3, seed: int = 0, pixels: Tensor | None = None
+) -> dict[str, float]:
+    """The export at `folder` against `model` on `pixels` (B, 3, S, S) (default: `batch` random
+    ones): the largest absolute difference of the encoder's grid, the ImageNet logits, and the
+    log-probabilities of the first two decoder steps (what `captioner export` prints, and the
+    parity tests hold to 1e-4)."""
     from .runtime import OnnxModel
 
     exported = OnnxModel.load(folder, "cpu")
-    g = torch.Generator().manual_seed(seed)
-    S = model.preprocess.crop
-    pixels = torch.randn(batch, 3, S, S, generator=g).clamp(-1, 1)
+    if pixels is None:
+        g = torch.Generator().manual_seed(seed)
+        S = model.preprocess.crop
+        pixels = torch.randn(batch, 3, S, S, generator=g).clamp(-1, 1)
+    batch = len(pixels)
     grid = model.encoder(pixels)  # (B, R, D)
     grid_x = exported._encoder.run(None, {"pixels": pixels.numpy()})[0]
     out = {"encoder": float(np.abs(grid_x - grid.numpy()).max())}
