@@ -70,7 +70,8 @@ def _numpy(x: Any) -> Any:
 
 def beam_search(model: CaptionModel | StepModel, features: Any, **settings: Any) -> list[list[Hypothesis]]:
     """beam.beam_search over a torch CaptionModel (see there for the settings); tensors given as
-    `bias`, `prefix` or `banned_bigrams` may live on any device."""
+    `bias`, `prefix` or `banned_bigrams` may live on any device. The model is searched in eval
+    mode (no dropout) and left in the mode it was in."""
     if isinstance(model, torch.nn.Module):
         was_training = model.training
         model.eval()
