@@ -1,5 +1,6 @@
 """Every benchmark that takes --model runs on every kind of checkpoint captioner writes."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,25 @@ def test_serve_load_benchmark_runs(checkpoints, kind):
 def test_cli_startup_benchmark_runs():
     out = _run("cli_startup.py", "--repeats", "1")
     assert "| captioner --help |" in out and "| python -c 'import torch' |" in out
+
+
+def test_onnx_runtime_benchmark_runs_and_its_exports_agree(tmp_path):
+    """A small run of benchmarks/onnx_runtime.py: its numbers, read from --json, make sense."""
+    out = tmp_path / "onnx.json"
+    _run("onnx_runtime.py", "--photos", "4", "--repeats", "1", "--batch1-photos", "2",
+         "--exports", tmp_path / "exports", "--json", out)  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert rows["cold start imports torch"] == {"torch": True, "onnx fp32": False, "onnx int8": False}
+    assert rows["same best caption as torch, batch 32: %"]["onnx fp32"] == 100.0
+    assert all(v > 0 for v in rows["warm, batch 32: ms/photo (4 photos)"].values())
+    assert rows["model files, MB"]["onnx int8"] < rows["model files, MB"]["onnx fp32"]
+
+
+def test_profile_benchmark_accounts_for_the_whole_photo(tmp_path):
+    out = tmp_path / "profile.json"
+    _run("profile_photo.py", "--photos", "4", "--batch", "4", "--repeats", "1", "--json", out)
+    data = json.loads(out.read_text())
+    assert data["flops"]["decode_counted"] == data["flops"]["decode_batch"] > 0  # counted rows x per-row FLOPs
+    for path in data["paths"].values():
+        ms = {p["part"]: p["ms"] for p in path["parts"]}
+        assert set(ms) >= {"prepare", "encoder", "decode"}
