@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -371,6 +371,26 @@ def _crop_span(n: int, crop: int) -> tuple[int, int, int]:
     if crop > n:  # torchvision pads a short axis with zeros, (crop - n) // 2 of them first
         return 0, n, (crop - n) // 2
     return int(round((n - crop) / 2.0)), crop, 0  # round() as torchvision: half to even
+
+
+def read_image(item: Any, max_pixels: int | None = None) -> Image.Image | np.ndarray:
+    """One input as the model paths take it: a file path (`max_pixels`: the largest image accepted,
+    None: DEFAULT_MAX_PIXELS), a PIL image, an (H, W, 3) or (H, W) array, or a (3, H, W) torch
+    tensor -> an RGB image or an (H, W, 3) uint8 array, checked; ImageError if it cannot be used.
+    Torch and the torch-free runtime read inputs here alike; torch is touched only for a tensor
+    (whose caller has imported it)."""
+    if isinstance(item, (str, os.PathLike)):
+        return load_image(item, max_pixels)
+    if isinstance(item, Image.Image):
+        return to_rgb(check_size(item, f"<PIL image {item.width}x{item.height} {item.mode}>"))
+    if isinstance(item, np.ndarray):
+        return array_to_rgb(item)
+    if type(item).__module__.startswith("torch"):
+        return from_array(item).permute(1, 2, 0).numpy()  # (3, H, W) checked -> (H, W, 3)
+    raise ImageError(
+        f"<{type(item).__name__}>",
+        "unsupported input: give a file path, a PIL image, an RGB tensor (3, H, W) or an array (H, W, 3)",
+    )
 
 
 @dataclass(frozen=True)

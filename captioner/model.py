@@ -30,7 +30,7 @@ from .features import (
     pool,
     prepared_batches,
 )
-from .images import Preprocess, check_size, from_array, load_image, to_rgb
+from .images import Preprocess, read_image
 from .models import CaptionModel, SequenceModel, build_model
 from .paths import bundled_model_path
 from .vocab import Vocabulary
@@ -44,19 +44,9 @@ def load_encoder_weights(encoder: Encoder, ckpt: dict[str, Any]) -> None:
         encoder.load_top_state_dict(ckpt["encoder"], ckpt["config"].get("fine_tune_encoder", 0))
 
 
-def read_input(item: ImageInput, max_pixels: int | None = None) -> Image.Image | Tensor:
-    """One input, checked, as an RGB image (or uint8 tensor) before preprocessing; ImageError if it
-    cannot be used (`max_pixels`: the largest image accepted, None: DEFAULT_MAX_PIXELS)."""
-    if isinstance(item, (str, os.PathLike)):
-        return load_image(item, max_pixels)
-    if isinstance(item, Image.Image):
-        return to_rgb(check_size(item, f"<PIL image {item.width}x{item.height} {item.mode}>"))
-    if isinstance(item, (Tensor, np.ndarray)):
-        return from_array(item)
-    raise ImageError(
-        f"<{type(item).__name__}>",
-        "unsupported input: give a file path, a PIL image, an RGB tensor (3, H, W) or an array (H, W, 3)",
-    )
+def read_input(item: ImageInput, max_pixels: int | None = None) -> Image.Image | np.ndarray:
+    """One input, checked, before preprocessing (images.read_image)."""
+    return read_image(item, max_pixels)
 
 
 class Model:
@@ -153,7 +143,7 @@ class Model:
         """One input as a preprocessed (3, S, S) tensor; ImageError if it cannot be used."""
         return self.preprocess(self.read_input(item))
 
-    def read_input(self, item: ImageInput) -> Image.Image | Tensor:
+    def read_input(self, item: ImageInput) -> Image.Image | np.ndarray:
         """One input, checked, before preprocessing (see `read_input`)."""
         return read_input(item, self.max_pixels)
 

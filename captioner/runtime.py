@@ -22,7 +22,7 @@ from PIL import Image
 
 from .beam import log_softmax
 from .errors import CaptionerError, CheckpointError, ImageError, UsageError, first_line
-from .images import Preprocess, array_to_rgb, check_size, load_image, to_rgb
+from .images import Preprocess, read_image
 from .vocab import Vocabulary
 
 MANIFEST = "captioner.json"  # (export.MANIFEST; export.py imports torch, this module must not)
@@ -116,28 +116,6 @@ class DecoderInfo:
     attends_over: str | None
 
 
-def read_input(item: Any, max_pixels: int | None = None) -> Image.Image | np.ndarray:
-    """One input, checked: a path, a PIL image, an (H, W, 3) or (H, W) array, or a (3, H, W) torch
-    tensor (read as an array: torch is not imported here) -> an RGB image or (H, W, 3) uint8 array."""
-    if isinstance(item, (str, os.PathLike)):
-        return load_image(item, max_pixels)
-    if isinstance(item, Image.Image):
-        return to_rgb(check_size(item, f"<PIL image {item.width}x{item.height} {item.mode}>"))
-    if isinstance(item, np.ndarray):
-        return array_to_rgb(item)
-    if type(item).__module__.startswith("torch") and hasattr(item, "dim"):
-        label = f"<tensor {tuple(item.shape)} {str(item.dtype).removeprefix('torch.')}>"
-        if item.dim() != 3 or item.shape[0] != 3:
-            raise ImageError(label, "expected an RGB tensor (3, H, W)")
-        t = item.detach().cpu()
-        t = t if str(t.dtype) in ("torch.uint8", "torch.bool") or t.is_complex() else t.float()
-        return array_to_rgb(t.permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3), checked as an array
-    raise ImageError(
-        f"<{type(item).__name__}>",
-        "unsupported input: give a file path, a PIL image or an array (H, W, 3)",
-    )
-
-
 class OnnxModel:
     """An export folder loaded for onnxruntime: the model interface of model.py (prepare, batches,
     encode, classify, steps, ...) over numpy arrays."""
@@ -210,7 +188,7 @@ class OnnxModel:
 
     # ---- images to decoder inputs ------------------------------------------------------------
     def read_input(self, item: Any) -> Image.Image | np.ndarray:
-        return read_input(item, self.max_pixels)
+        return read_image(item, self.max_pixels)
 
     def prepare(self, item: Any) -> np.ndarray:
         """One input as a preprocessed (3, S, S) float32 array; ImageError if it cannot be used."""
