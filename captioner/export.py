@@ -37,24 +37,13 @@ from torch import Tensor, nn
 from .errors import OutputError, UsageError
 from .model import Model
 from .paths import umask
+from .runtime import FORMAT, FORMAT_VERSION, MANIFEST, OnnxModel  # what the runtime reads is defined there
 
-FORMAT = "captioner-export"
-FORMAT_VERSION = 1
 OPSET = 17
-MANIFEST = "captioner.json"
 QUANTIZE = ("int8",)
 EXPORT_FILES = frozenset(
     [MANIFEST, "encoder.onnx", "classifier.onnx", "decoder_init.onnx", "decoder_step.onnx", "guidance.npz"]
 )
-
-
-class _Encoder(nn.Module):
-    def __init__(self, model: Model) -> None:
-        super().__init__()
-        self.encoder = model.encoder
-
-    def forward(self, pixels: Tensor) -> Tensor:
-        return self.encoder(pixels)  # (B, R, D)
 
 
 class _Init(nn.Module):
@@ -186,7 +175,7 @@ def export(
     B, N = {0: "B"}, {0: "N"}
     try:
         tmp.chmod(0o777 & ~umask())  # a folder like any other (mkdtemp makes it private)
-        _onnx(_Encoder(model), (pixels,), tmp / "encoder.onnx", ["pixels"], ["grid"], {"pixels": B, "grid": B})
+        _onnx(model.encoder, (pixels,), tmp / "encoder.onnx", ["pixels"], ["grid"], {"pixels": B, "grid": B})
         has_head = model.has_classifier
         if has_head:
             _onnx(model.encoder.head, (grid.mean(1),), tmp / "classifier.onnx", ["pooled"], ["logits"],
@@ -250,8 +239,6 @@ def compare(
     ones): the largest absolute difference of the encoder's grid, the ImageNet logits, and the
     log-probabilities of the first two decoder steps (what `captioner export` prints, and the
     parity tests hold to 1e-4)."""
-    from .runtime import OnnxModel
-
     exported = OnnxModel.load(folder, "cpu")
     if pixels is None:
         g = torch.Generator().manual_seed(seed)

@@ -25,7 +25,7 @@ from .errors import CaptionerError, CheckpointError, ImageError, UsageError, fir
 from .images import Preprocess, read_image
 from .vocab import Vocabulary
 
-MANIFEST = "captioner.json"  # (export.MANIFEST; export.py imports torch, this module must not)
+MANIFEST = "captioner.json"  # the export's manifest (export.py writes what this module reads)
 #: images per encoder run: a CNN on the CPU is no faster per image in larger batches, and
 #: onnxruntime keeps the largest batch's activations (32 photos: 0.9 GB peak; 4: 0.2 GB)
 ENCODE_BATCH = 4
