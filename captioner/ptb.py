@@ -253,20 +253,73 @@ def _clean(text: str) -> str:
     return text.replace("\n", " ").replace("\u00ad", "")
 
 
-_PLAIN = re.compile(r"([a-z ]*?)(?: \.)? *")  # lower-case words, perhaps " ." at the end
-_SPLIT_WORDS = re.compile(r"\b(?:cannot|gonna|gotta|lemme|gimme|wanna)\b")
+# The fast path: captions of one common shape, whose tokens are known without the scanner. Shape:
+# white space (space, tab, newline: `_clean` makes "\n" a space) around and between tokens, a
+# token being letter words joined by hyphens ("walk-in"), perhaps with "'s" attached ("man's"), or
+# a lone "'s" ("man 's"); a comma directly after a token or after white space, always followed by
+# white space; perhaps one period at the end, attached to the last token or after white space.
+# Why the scanner's rules give exactly the tokens split off below (each word starts a token, as
+# the scan only stops on white space, "," "." or "'" and otherwise consumes whole words):
+# - at a word, WORD takes its letters (a period after it is followed by white space, a line
+#   break or the end, never by a letter); only "'s" + non-letter lets `host` take longer (the
+#   word; "'s" is then a clitic), only a hyphen lets the hyphenated rules take longer (the whole
+#   hyphenated word: ELIDED's d'/o'/l' needs a letter after "'s", and the points-and-commas rule
+#   stops at the white space that follows every comma or period); "y'" "th'" lose to `host`;
+#   e-mail needs "@" and cannot pass white space; "www." needs a second period;
+# - split words (cannot, gonna, gotta, lemme, gimme, wanna, in any case and anywhere, as split3
+#   has no word boundary) are excluded, so split3/split2 never win;
+# - every rule keeping a period after a word (the abbreviations of all lists, their special
+#   forms, single initials, "No." before a number, "U.S.", WORD "." before , ; :) needs the
+#   period attached to the word: so an attached final period after a single letter or after any
+#   abbreviation of any list (in any case) goes to the slow path. These are also the only rules
+#   that look past the caption into `following` (a line break, then that caption); the others
+#   stop at white space, so the fast path never depends on `following`;
+# - at "'s": clitic (2 characters) beats the quote drop (1) and the "'em"-style words; at "," and
+#   ".": the number rule needs a digit, the ellipsis rule two more periods, so `single` takes them
+#   and they are dropped as punctuation;
+# - every other rule (C++, tags, dashes, &, slashes, numbers, phones, quotes, brackets, symbols,
+#   smileys, URLs) needs a character outside the shape: digits, other punctuation, non-ASCII.
+_WS = "[ \\t\\n]"
+_TOKEN = "[A-Za-z]++(?:-[A-Za-z]++)*+(?:'[sS])?|'[sS]"
+_FAST = re.compile(  # possessive (*+ ++): never backtracks, so a caption of another shape fails fast
+    f"{_WS}*+(?:(?:{_TOKEN})(?:{_WS}*+,)?{_WS}++)*+(?:{_TOKEN})?(?:{_WS}*+\\.)?{_WS}*+"
+)
+_SPLIT_WORDS = re.compile("cannot|gonna|gotta|lemme|gimme|wanna")  # searched in the lower-cased caption
+# words that may keep an attached period: single letters and every abbreviation above, in any case
+_KEEPS_PERIOD = frozenset("abcdefghijklmnopqrstuvwxyz").union(
+    _ABBREV_LOWER_NEXT, _ABBREV_UPPER_NEXT, _ABBREV_CAPITALISED, _ABBREV_BEFORE_NUMBER
+)
+_KEEPS_PERIOD_SPECIAL = re.compile(f"(?i:{'|'.join([*_ABBREV_SPECIAL_LOWER_NEXT, *_ABBREV_SPECIAL_UPPER_NEXT])})")
+
+
+def _fast_tokens(caption: str) -> list[str] | None:
+    """`coco_tokens` of a caption of the fast path's shape (see above; `following` never matters
+    for it), or None for any other caption."""
+    if _FAST.fullmatch(caption) is None:
+        return None
+    low = caption.lower()
+    if _SPLIT_WORDS.search(low):
+        return None
+    end = low.rstrip(" \t\n")
+    if end[-2:-1].isalpha() and end[-1] == ".":  # a period attached to the last token
+        last = end[:-1].rsplit(None, 1)[-1].rsplit("-", 1)[-1]  # its last letter word (or 's)
+        if "'" in last or last in _KEEPS_PERIOD or _KEEPS_PERIOD_SPECIAL.fullmatch(last):
+            return None  # after "'s" (kept simple) or a word that may keep its period
+    return low.replace(",", " ").replace(".", " ").replace("'", " '").split()
+
+
+def _coco_tokens_slow(caption: str, following: str = "") -> list[str]:
+    out = []
+    for tok in ptb_tokenize(caption, following):
+        out += [t for t in tok.lower().split(" ") if t and t not in PUNCTUATION]
+    return out
 
 
 def coco_tokens(caption: str, following: str = "") -> list[str]:
     """A caption as coco-caption scores it: PTB tokens, lower-cased, split on spaces (a few tokens,
     such as "3 1/2", hold one), punctuation tokens removed. `following`: see `ptb_tokenize`."""
-    plain = _PLAIN.fullmatch(caption)
-    if plain and not _SPLIT_WORDS.search(caption):
-        return plain.group(1).split()  # lower-case words only (e.g. decoded captions): nothing to do
-    out = []
-    for tok in ptb_tokenize(caption, following):
-        out += [t for t in tok.lower().split(" ") if t and t not in PUNCTUATION]
-    return out
+    fast = _fast_tokens(caption)
+    return fast if fast is not None else _coco_tokens_slow(caption, following)
 
 
 def coco_tokens_in_order(captions: list[str]) -> list[list[str]]:
