@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,3 +234,42 @@ def test_unreadable_images_stop_training_or_are_left_out_with_skip_bad(tmp_path,
     assert main([*args, "--out", str(tmp_path / "r2"), "--skip-bad"]) == 0  # broken.png left out, trained on a, b
     err = capsys.readouterr().err
     assert "left out 1 item(s) with unreadable images" in err and "broken.png" in err
+
+
+# ---- at COCO's size: captions tokenised once, held packed -------------------------------------------
+def _old_encoding(vocab, caption, max_len):
+    """What CaptionDataset held per caption before packing: vocab.encode, cut to max_len words."""
+    ids = vocab.encode(caption)
+    return ids if len(ids) <= max_len + 2 else ids[: max_len + 1] + [vocab.end_id]
+
+
+def test_packed_captions_encode_as_the_vocabulary_does():
+    import random
+
+    from captioner.data import CaptionCorpus, CaptionDataset
+    from captioner.vocab import Vocabulary, word_counts
+
+    rng = random.Random(0)
+    words = ["a", "dog", "Cat", "runs,", "the", "Mr.", "don't", "ice-cream", "!!", "雪", "3.5", "U.S."]
+    captions = [[" ".join(rng.choices(words, k=rng.randint(0, 40))) + "." for _ in range(rng.randint(1, 6))]
+                for _ in range(60)]  # fmt: skip
+    corpus = CaptionCorpus([Path(f"{i}.jpg") for i in range(60)], list(range(60)), captions)
+    flat = [c for caps in captions for c in caps]
+    assert corpus.tokenized().counts() == word_counts(flat)
+    vocab = Vocabulary.from_counts(corpus.tokenized().counts(), min_count=3)  # some words become <unk>
+    data = CaptionDataset(corpus, vocab, max_len=12)
+    assert len(data) == len(flat)
+    for i, (item, caption) in enumerate(corpus.items()):
+        assert data[i] == (item, _old_encoding(vocab, caption, 12))
+
+
+def test_fingerprint_is_unchanged_by_hashing_in_pieces():
+    """Runs resume only on the same data: the digest must stay what json.dumps gave before."""
+    import hashlib
+    import json
+
+    from captioner.data import CaptionCorpus
+
+    corpus = CaptionCorpus([Path("a.jpg"), Path("b.jpg")], [1, "x"], [["ä dog „quoted“"], ["a\ncat", "two"]])
+    whole = json.dumps([["1", "x"], corpus.captions, None], ensure_ascii=False)
+    assert corpus.fingerprint()["sha1"] == hashlib.sha1(whole.encode()).hexdigest()

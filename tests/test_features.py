@@ -278,3 +278,59 @@ def test_the_compute_dtype_is_part_of_the_key(lite0, tmp_path):
     assert encoder_key(lite0, torch.bfloat16) != encoder_key(lite0, torch.float32)
     cpu, gpu = FeatureCache(lite0, tmp_path), FeatureCache(lite0, tmp_path, torch.device("cuda"))
     assert cpu.dir != gpu.dir  # bf16 features from a GPU never stand in for fp32 ones, nor the reverse
+
+
+# ---- at COCO's size: identities in one call per file, rows read on demand, the index read once ---------
+def test_image_identities_equal_resolving_each_path(tmp_path, monkeypatch):
+    from captioner.features.cache import image_identities, image_identity
+
+    (tmp_path / "real").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / "real" / name).write_bytes(b"x" * 7)
+    (tmp_path / "linked").symlink_to(tmp_path / "real")  # a linked folder
+    (tmp_path / "real" / "c.jpg").symlink_to(tmp_path / "real" / "b.jpg")  # a linked file
+    monkeypatch.chdir(tmp_path)
+    paths = ["real/a.jpg", tmp_path / "linked" / "b.jpg", tmp_path / "real" / "c.jpg", "real/../real/a.jpg"]
+    assert image_identities(paths) == [image_identity(p) for p in paths]
+    missing = image_identities([tmp_path / "gone.jpg"])[0]
+    assert isinstance(missing, FileNotFoundError)
+
+
+def test_put_stores_rows_that_read_back_and_fill_then_extracts_nothing(lite0, images, tmp_path, monkeypatch):
+    cache = FeatureCache(lite0, tmp_path / "cache")
+    grid = torch.randn(len(images), 49, 1280)
+    cache.put(images, [grid[:3], grid[3:]])
+    calls = _count_encodes(monkeypatch)
+    assert cache.fill(images, num_workers=0) == [] and calls == []  # all cached already
+    again = FeatureCache(lite0, tmp_path / "cache")
+    rows = again.load(images, "grid")
+    order = [5, 0, 7, 0]  # any order, repeats
+    assert torch.equal(rows[order], grid[order].half())
+    assert torch.equal(again.load(images, "pooled"), grid.mean(dim=1).half())
+    lazy = again.load(images, "pooled", lazy=True)
+    assert lazy.shape == (8, 1280) and torch.equal(lazy[2:4], grid[2:4].mean(dim=1).half())
+    both = rows.join(again.load(images[:2], "grid"))
+    assert len(both) == 10 and torch.equal(both[[9]], grid[[1]].half())
+    with pytest.raises(ValueError, match="features for 3 of the 8"):
+        cache.put(images, [grid[:3]])
+    with pytest.raises(ValueError, match="shape"):
+        cache.put(images[:1], [torch.zeros(1, 49, 1000)])
+
+
+def test_the_index_is_read_incrementally_and_sees_other_writers(lite0, images, tmp_path):
+    first = FeatureCache(lite0, tmp_path / "cache")
+    first.put(images[:4], [torch.randn(4, 49, 1280)])
+    second = FeatureCache(lite0, tmp_path / "cache")
+    second.put(images[4:], [torch.randn(4, 49, 1280)])  # another process' rows
+    first._read()
+    assert first.index == second.index and sorted(first.index.values()) == list(range(8))
+    index = first.dir / "index.jsonl"
+    with open(index, "a") as f:
+        f.write('{"k": "half a li')  # a crash mid-line: not read, then cut and written over
+    first._read()
+    assert len(first.index) == 8
+    first.put(images[:1], [torch.randn(1, 49, 1280)])
+    fresh = FeatureCache(lite0, tmp_path / "cache")
+    fresh._read()
+    first._read()
+    assert first.index == fresh.index and len(fresh.index) == 8 and max(fresh.index.values()) == 8

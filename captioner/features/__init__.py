@@ -6,14 +6,14 @@ cache.py     the on-disk cache (fp16 arrays + an index by image identity), fille
 items.py     per-item decoder inputs (images, or image sequences) gathered from per-image features
 """
 
-from .cache import FeatureCache, GridFeatures, encoder_key, image_identity
+from .cache import CachedFeatures, FeatureCache, encoder_key, image_identity
 from .encoding import compute_dtype, encode_pixels, extract_features, pool
 from .items import ItemFeatures, corpus_features
 from .loading import LoadImage, default_workers, prepared_batches, split_batch
 
 __all__ = [
     "FeatureCache",
-    "GridFeatures",
+    "CachedFeatures",
     "ItemFeatures",
     "LoadImage",
     "compute_dtype",

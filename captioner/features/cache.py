@@ -18,8 +18,9 @@ import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+import stat
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,28 @@ def image_identity(path: str | os.PathLike) -> str:
     return f"{p}\t{st.st_size}\t{st.st_mtime_ns}"
 
 
+def image_identities(paths: Sequence[str | os.PathLike]) -> list[str | OSError]:
+    """`image_identity` of each path (or the error that stat gave), with one system call per file:
+    a folder is resolved once for all its files (resolving each path walks every folder above it,
+    seconds for COCO's 118k photos); a file that is itself a link is resolved whole."""
+    real: dict[str, str] = {}
+    out: list[str | OSError] = []
+    for path in paths:
+        path = os.fspath(path)
+        try:
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                out.append(image_identity(path))
+                continue
+            folder, name = os.path.split(path)
+            if folder not in real:
+                real[folder] = str(Path(folder or ".").resolve())
+            out.append(f"{os.path.join(real[folder], name)}\t{st.st_size}\t{st.st_mtime_ns}")
+        except OSError as e:
+            out.append(e)
+    return out
+
+
 def encoder_key(encoder: Encoder, dtype: torch.dtype = torch.float32, cut: int | None = None) -> str:
     """Name + hash of the weights + preprocessing + compute dtype (+ the cut, for a cached trunk):
     features made by anything else never match (bf16 features from a GPU differ from fp32 ones
@@ -59,31 +82,53 @@ def encoder_key(encoder: Encoder, dtype: torch.dtype = torch.float32, cut: int |
     return f"{safe}-{h.hexdigest()[:16]}" if cut is None else f"{safe}-cut{cut}-{h.hexdigest()[:16]}"
 
 
+def _key(identity: str | OSError) -> str:
+    if isinstance(identity, OSError):
+        raise identity
+    return identity
+
+
 MIRRORED = "\tmirrored"  # appended to an image's identity: the cached view of its mirror image
 
 
-@dataclass
-class GridFeatures:
-    """Grid features (N, R, D) (or trunk activations (N, C, h, w)) of a dataset, read from the
-    memory-mapped cache a batch at a time."""
+class CachedFeatures:
+    """Rows of one cache array file (grid (R, D), pooled (D,) or trunk (C, h, w) per image) for a
+    dataset's images, read a batch at a time.
 
-    array: np.ndarray  # (M, R, D) or (M, C, h, w) fp16 memmap of the whole store
-    rows: np.ndarray  # (N,) store row of each dataset image
+    Rows are read with positioned reads rather than through a memory map: a map's pages count in
+    the process' resident memory, so a long run over a large cache would look as if it held the
+    whole store; read rows live only in the batch (the OS page cache still keeps them warm)."""
+
+    def __init__(self, path: Path, row_shape: tuple[int, ...], rows: np.ndarray) -> None:
+        self.path, self.row_shape, self.rows = Path(path), tuple(row_shape), rows  # rows: (N,) store row per image
+        self.row_bytes = int(np.prod(self.row_shape)) * 2  # fp16
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (len(self.rows), *self.array.shape[1:])
+        return (len(self.rows), *self.row_shape)
 
     def __getitem__(self, idx) -> Tensor:
-        rows = self.rows[idx] if isinstance(idx, slice) else self.rows[np.asarray(idx)]
-        return torch.from_numpy(np.ascontiguousarray(self.array[rows]))  # (b, R, D) fp16
+        rows = self.rows[idx] if isinstance(idx, slice) else self.rows[np.asarray(idx, dtype=np.int64)]
+        rows = np.atleast_1d(rows)
+        out = np.empty((len(rows), *self.row_shape), dtype=np.float16)  # (b, ...) fp16
+        flat = out.reshape(len(rows), -1).view(np.uint8)  # (b, row_bytes)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for k in np.argsort(rows, kind="stable"):  # in file order: the disk reads forward
+                if os.preadv(fd, [flat[k]], int(rows[k]) * self.row_bytes) != self.row_bytes:
+                    raise OSError(f"{self.path}: row {int(rows[k])} is cut short (the cache was damaged)")
+        finally:
+            os.close(fd)
+        return torch.from_numpy(out)
 
-    def join(self, other: GridFeatures) -> GridFeatures:
-        """This store's rows, then `other`'s (read from the same cache, `other` no earlier)."""
-        return GridFeatures(other.array, np.concatenate([self.rows, other.rows]))
+    def join(self, other: CachedFeatures) -> CachedFeatures:
+        """This store's rows, then `other`'s (rows of the same cache file)."""
+        if other.path != self.path or other.row_shape != self.row_shape:
+            raise ValueError("only rows of the same cache file can be joined")
+        return CachedFeatures(self.path, self.row_shape, np.concatenate([self.rows, other.rows]))
 
 
 class FeatureCache:
@@ -111,23 +156,36 @@ class FeatureCache:
             raise OutputError(f"feature cache: {e} (choose another --cache-dir, or --no-cache)") from None
         self.dir.mkdir(parents=True, exist_ok=True)
         self.index: dict[str, int] = {}
+        self._read_to: tuple[tuple[int, int] | None, int] = (None, 0)  # (index file, bytes of it read)
         self.shape: tuple[int, ...] | None = None  # (R, D), or (C, h, w) for a cached trunk
 
     # files: meta.json {"encoder", "shape", "dtype", "computed_in"}, index.jsonl ({"k": identity, "r": row}
     # per line), grid.f16, pooled.f16 (left empty for a cached trunk), lock
     def _read(self) -> None:
+        """Read the meta and the index lines added since the last read (the index only grows:
+        reading it whole each time costs seconds at COCO's size)."""
         meta = self.dir / "meta.json"
         self.shape = tuple(json.loads(meta.read_text())["shape"]) if meta.is_file() else None
-        self.index = {}
         index = self.dir / "index.jsonl"
-        if index.is_file():
-            text = index.read_text(encoding="utf-8")
-            for line in text.split("\n")[:-1]:  # whole lines only: a last line without its newline was cut
-                try:
-                    rec = json.loads(line)
-                    self.index[rec["k"]] = rec["r"]
-                except (ValueError, KeyError, TypeError):  # damaged by an older version: that row is re-extracted
-                    continue
+        try:
+            st = index.stat()
+        except FileNotFoundError:
+            self.index, self._read_to = {}, (None, 0)
+            return
+        file, done = self._read_to
+        if file != (st.st_dev, st.st_ino) or st.st_size < done:  # another file (or cut below what was read)
+            self.index, done = {}, 0
+        with open(index, "rb") as f:
+            f.seek(done)
+            data = f.read()
+        whole = data.rfind(b"\n") + 1  # whole lines only: a last line without its newline was cut
+        for line in data[:whole].decode("utf-8", errors="replace").split("\n")[:-1]:
+            try:
+                rec = json.loads(line)
+                self.index[rec["k"]] = rec["r"]
+            except (ValueError, KeyError, TypeError):  # damaged by an older version: that row is re-extracted
+                continue
+        self._read_to = ((st.st_dev, st.st_ino), done + whole)
 
     def _repair_index(self) -> None:
         """Cut index.jsonl back to its last whole line, so the next append starts on a fresh line
@@ -151,14 +209,6 @@ class FeatureCache:
             sizes["pooled.f16"] = self.shape[-1]
         return sizes
 
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
-        n = self._rows()
-        grid = np.memmap(self.dir / "grid.f16", dtype=np.float16, mode="r", shape=(n, *self.shape))
-        if self.cut is not None:
-            return grid, None
-        pooled = np.memmap(self.dir / "pooled.f16", dtype=np.float16, mode="r", shape=(n, self.shape[-1]))
-        return grid, pooled
-
     def fill(
         self,
         paths: Sequence[Path],
@@ -173,20 +223,12 @@ class FeatureCache:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time; others wait, then find their rows
             self._read()
             todo, seen = [], set()
-            for p in paths:
-                try:
-                    key = image_identity(p) + (MIRRORED if mirror else "")
-                except OSError as e:
-                    todo.append(
-                        (
-                            p,
-                            None,
-                            ImageError(
-                                p, "no such file" if isinstance(e, FileNotFoundError) else f"unreadable ({e.strerror})"
-                            ),
-                        )
-                    )
+            for p, key in zip(paths, image_identities(paths)):
+                if isinstance(key, OSError):
+                    reason = "no such file" if isinstance(key, FileNotFoundError) else f"unreadable ({key.strerror})"
+                    todo.append((p, None, ImageError(p, reason)))
                     continue
+                key += MIRRORED if mirror else ""
                 if key not in self.index and key not in seen:
                     seen.add(key)
                     todo.append((p, key, None))
@@ -202,6 +244,43 @@ class FeatureCache:
         device = self.device
         encoder = self.encoder.to(device, memory_format=torch.channels_last).eval()
         failed: list[ImageError] = []
+        with self._appending() as append, progress(total=len(todo), desc=desc, unit="img") as bar:
+            paths, start = [p for p, _ in todo], 0
+            load = LoadImage(encoder.spec.preprocess, mirror=mirror)
+            for batch in prepared_batches(paths, load, batch_size, num_workers):
+                idx, pixels, errors = split_batch(batch)
+                keys = [todo[start + i][1] for i in idx]
+                start += len(batch)
+                failed += errors
+                if pixels is not None:
+                    append(keys, encode_pixels(encoder, pixels, device, self.cut))  # (b, R, D) or (b, C, h, w)
+                bar.update(len(batch))
+        return failed
+
+    def put(self, paths: Sequence[Path], batches: Iterable[Tensor], mirror: bool = False) -> None:
+        """Store features computed elsewhere for `paths` (a batch (b, R, D) — or (b, C, h, w) for a
+        cached trunk — at a time, in order), written exactly as an extraction here writes them:
+        e.g. features extracted on another machine with the same encoder, or a benchmark's
+        synthetic ones (benchmarks/scale.py). A path cached already gets the new row."""
+        keys = [_key(k) + (MIRRORED if mirror else "") for k in image_identities(paths)]
+        with open(self.dir / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._read()
+            start = 0
+            with self._appending() as append:
+                for grid in batches:
+                    if start + len(grid) > len(keys):
+                        raise ValueError(f"more feature rows than the {len(keys)} paths given")
+                    append(keys[start : start + len(grid)], grid)
+                    start += len(grid)
+            if start != len(keys):
+                raise ValueError(f"features for {start} of the {len(keys)} paths given")
+
+    @contextmanager
+    def _appending(self) -> Iterator[Callable[[list[str], Tensor], None]]:
+        """Open the arrays and the index for appending (the caller holds the lock and has read the
+        index) and yield `append(keys, grid)`: rows first, then their index lines, so a crash at
+        any point leaves whole rows that the index accounts for, or rows the next run cuts off."""
         self._repair_index()
         n = self._rows()
         if self.shape is not None:  # drop rows a crash left without an index line
@@ -212,46 +291,47 @@ class FeatureCache:
             open(self.dir / "grid.f16", "ab") as fg,
             open(self.dir / "pooled.f16", "ab") as fp,
             open(self.dir / "index.jsonl", "a", encoding="utf-8") as fi,
-            progress(total=len(todo), desc=desc, unit="img") as bar,
         ):
-            paths, start = [p for p, _ in todo], 0
-            load = LoadImage(encoder.spec.preprocess, mirror=mirror)
-            for batch in prepared_batches(paths, load, batch_size, num_workers):
-                idx, pixels, errors = split_batch(batch)
-                idx = [start + i for i in idx]
-                start += len(batch)
-                failed += errors
-                if pixels is not None:
-                    grid = encode_pixels(encoder, pixels, device, self.cut)  # (b, R, D) or (b, C, h, w) fp32
-                    if self.shape is None:
-                        self.shape = tuple(grid.shape[1:])
-                        meta = {
-                            "encoder": encoder.spec.name,
-                            "shape": list(self.shape),
-                            "dtype": "float16",
-                            "computed_in": str(compute_dtype(device)),
-                        }
-                        atomic_write(self.dir / "meta.json", lambda f, meta=meta: f.write(json.dumps(meta).encode()))
-                    fg.write(grid.half().cpu().numpy().tobytes())
-                    if self.cut is None:
-                        fp.write(grid.mean(dim=1).half().cpu().numpy().tobytes())
-                    fg.flush()
-                    fp.flush()
-                    for i in idx:  # index lines only after their rows are written
-                        fi.write(json.dumps({"k": todo[i][1], "r": n}) + "\n")
-                        self.index[todo[i][1]] = n
-                        n += 1
-                    fi.flush()
-                bar.update(len(batch))
-        return failed
 
-    def load(self, paths: Sequence[Path], kind: str = "pooled", mirror: bool = False) -> Tensor | GridFeatures:
-        """Cached features of `paths` (or of their mirror images; all must be cached): pooled
-        (N, D) fp16 in RAM, or the grid (or cached trunk) via memmap."""
+            def append(keys: list[str], grid: Tensor) -> None:
+                nonlocal n
+                if len(keys) != len(grid):
+                    raise ValueError(f"{len(keys)} keys for {len(grid)} feature rows")
+                if self.shape is None:
+                    self.shape = tuple(grid.shape[1:])
+                    meta = {
+                        "encoder": self.encoder.spec.name,
+                        "shape": list(self.shape),
+                        "dtype": "float16",
+                        "computed_in": str(compute_dtype(self.device)),
+                    }
+                    atomic_write(self.dir / "meta.json", lambda f, meta=meta: f.write(json.dumps(meta).encode()))
+                elif tuple(grid.shape[1:]) != self.shape:
+                    raise ValueError(f"feature rows of shape {tuple(grid.shape[1:])}, the cache holds {self.shape}")
+                grid = torch.as_tensor(grid)
+                fg.write(grid.half().cpu().numpy().tobytes())
+                if self.cut is None:
+                    fp.write(grid.float().mean(dim=1).half().cpu().numpy().tobytes())
+                fg.flush()
+                fp.flush()
+                fi.write("".join(json.dumps({"k": k, "r": n + i}) + "\n" for i, k in enumerate(keys)))
+                fi.flush()  # index lines only after their rows are written
+                self.index.update((k, n + i) for i, k in enumerate(keys))
+                n += len(keys)
+
+            yield append
+
+    def load(
+        self, paths: Sequence[Path], kind: str = "pooled", mirror: bool = False, lazy: bool = False
+    ) -> Tensor | CachedFeatures:
+        """Cached features of `paths` (or of their mirror images; all must be cached): the grid (or
+        cached trunk) as `CachedFeatures`, read a batch at a time; pooled (N, D) fp16 in RAM, or
+        with lazy=True also as `CachedFeatures` (a large training set's pooled vectors need not
+        all sit in memory)."""
         self._read()
         view = MIRRORED if mirror else ""
-        rows = np.array([self.index[image_identity(p) + view] for p in paths], dtype=np.int64)
-        grid, pooled = self._arrays()
-        if kind == "pooled" and pooled is not None:
-            return torch.from_numpy(np.ascontiguousarray(pooled[rows]))  # (N, D) fp16
-        return GridFeatures(grid, rows)
+        rows = np.array([self.index[_key(k) + view] for k in image_identities(paths)], dtype=np.int64)
+        if kind == "pooled" and self.cut is None:
+            pooled = CachedFeatures(self.dir / "pooled.f16", (self.shape[-1],), rows)
+            return pooled if lazy else pooled[:]  # (N, D) fp16
+        return CachedFeatures(self.dir / "grid.f16", self.shape, rows)

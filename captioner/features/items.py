@@ -10,7 +10,7 @@ from torch import Tensor
 from ..data import CaptionCorpus
 from ..encoders import Encoder
 from ..images import ImageError
-from .cache import FeatureCache, GridFeatures
+from .cache import CachedFeatures, FeatureCache
 from .encoding import extract_features
 
 
@@ -23,7 +23,7 @@ class ItemFeatures:
     """
 
     def __init__(
-        self, store: Tensor | GridFeatures, frames: list[list[int]], from_frames: Callable[[list[Tensor]], object]
+        self, store: Tensor | CachedFeatures, frames: list[list[int]], from_frames: Callable[[list[Tensor]], object]
     ) -> None:
         self.store, self.frames, self.from_frames = store, frames, from_frames
 
@@ -72,7 +72,7 @@ def corpus_features(
     if cache is not None:
         if mirror:  # both views cached before either is read: a read maps the arrays as they are then
             cache.fill(ok_paths, desc=f"{desc} (mirrored)", mirror=True, **common)
-        store = cache.load(ok_paths, kind)
+        store = cache.load(ok_paths, kind, lazy=True)
         row = {i: r for r, i in enumerate(ok)}
     else:
         row = {i: i for i in ok}
@@ -81,13 +81,13 @@ def corpus_features(
     item_rows = [[row[f] for f in frames[k]] for k in kept]
     if mirror:  # the mirrored view's rows follow the whole first store
         if cache is not None:
-            mirrored = cache.load(ok_paths, kind, mirror=True)
+            mirrored = cache.load(ok_paths, kind, mirror=True, lazy=True)
         else:
             mirrored, _ = extract_features(
                 encoder, ok_paths, kind, desc=f"{desc} (mirrored)", device=device, cut=cut, mirror=True, **common
             )
             row = {i: r for r, i in enumerate(ok)}  # the mirrored store holds the readable images only
         offset = len(store)
-        store = store.join(mirrored) if isinstance(store, GridFeatures) else torch.cat([store, mirrored])
+        store = store.join(mirrored) if isinstance(store, CachedFeatures) else torch.cat([store, mirrored])
         item_rows += [[offset + row[f] for f in frames[k]] for k in kept]
     return ItemFeatures(store, item_rows, decoder.from_frames), kept, failed

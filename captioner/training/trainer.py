@@ -5,6 +5,7 @@ guidance and confidence when the run has val data (calibration.py)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -30,7 +31,7 @@ from ..features import FeatureCache
 from ..metrics import CiderD, normalize
 from ..model import load_encoder_weights
 from ..models import build_model
-from ..vocab import SPECIALS, Vocabulary, word_counts
+from ..vocab import SPECIALS, Vocabulary
 from .batches import item_data, loader, seed_epoch, to_inputs
 from .objectives import EpochContext, SelfCritical, TrainStep, cross_entropy_epoch, self_critical_epoch
 from .optim import Optimisation
@@ -48,7 +49,7 @@ class TrainingInterrupted(Exception):
 
 def training_vocabulary(train: CaptionCorpus, min_count: int) -> Vocabulary:
     """The words of the training captions; refuses a vocabulary with no words (nothing to learn)."""
-    counts = word_counts(c for caps in train.captions for c in caps)
+    counts = train.tokenized().counts()
     vocab = Vocabulary.from_counts(counts, min_count)
     if len(vocab) == len(SPECIALS):
         if not counts:
@@ -356,6 +357,19 @@ class Trainer:
             feats, self.cider, self.model.vocab, opts.scst_samples, opts.scst_max_len, opts.batch_size, opts.seed
         )
         return self_critical_epoch(self._context(True), scst, epoch, desc)
+
+    def train_steps(self, steps: int, epoch: int = 0) -> float:
+        """The first `steps` cross-entropy batches of `epoch`'s shuffle, with no validation and no
+        checkpoint: what a benchmark (benchmarks/scale.py) or a quick check of a data set runs.
+        Returns their mean loss."""
+        self.prepare()
+        seed_epoch(self.opts.seed, epoch, self.dist.rank)
+        dataset, feats = self.train_data
+        self.model.decoder.train(True)
+        batches = itertools.islice(self._loader(dataset, True, epoch), steps)
+        return cross_entropy_epoch(
+            self._context(True), batches, lambda batch: to_inputs(batch, feats, self.device), f"{steps} steps"
+        )
 
     def _validate(self) -> dict[str, Any]:
         val_loss = self._run_epoch(self.val_data, False, "val")
