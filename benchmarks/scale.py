@@ -334,6 +334,8 @@ def main() -> None:
     finally:
         if temporary and not args.keep:
             shutil.rmtree(args.work, ignore_errors=True)
+    if not temporary:
+        (args.work / "results.json").write_text(json.dumps(results, indent=1))
     if args.json:
         print(json.dumps(results, indent=1))
         return

@@ -33,7 +33,7 @@ class TokenizedCaptions:
     few tens of MB rather than a Python list per caption."""
 
     words: list[str]  # each distinct word once
-    ids: np.ndarray  # (total tokens,) int32: index into `words` of every token, caption after caption
+    ids: np.ndarray  # (total tokens,) uint16 (int32 past 65536 words): index into `words` of each token
     offsets: np.ndarray  # (C + 1,) int64: caption c is ids[offsets[c]:offsets[c + 1]]
     item_of: np.ndarray  # (C,) int32: the item each caption describes
 
@@ -52,12 +52,10 @@ class TokenizedCaptions:
                     ids.append(k)
                 offsets.append(len(ids))
                 item_of.append(item)
-        return cls(
-            words,
-            np.frombuffer(ids, dtype=np.int32),
-            np.frombuffer(offsets, dtype=np.int64),
-            np.frombuffer(item_of, dtype=np.int32),
-        )
+        packed = np.frombuffer(ids, dtype=np.int32)
+        if len(words) <= np.iinfo(np.uint16).max + 1:  # (nearly always) half the memory
+            packed = packed.astype(np.uint16)
+        return cls(words, packed, np.array(offsets, dtype=np.int64), np.array(item_of, dtype=np.int32))
 
     def __len__(self) -> int:
         return len(self.item_of)
@@ -377,7 +375,8 @@ class CaptionDataset(Dataset):
     ) -> None:
         self.corpus, self.max_len, self.load_pixels = corpus, max_len, load_pixels
         tok = corpus.tokenized()
-        lookup = np.array([vocab.stoi.get(w, vocab.unk_id) for w in tok.words], dtype=np.int32)  # (W,)
+        small = len(vocab) <= np.iinfo(np.uint16).max + 1
+        lookup = np.array([vocab.stoi.get(w, vocab.unk_id) for w in tok.words], np.uint16 if small else np.int32)
         self.tokens = lookup[tok.ids] if len(tok.ids) else tok.ids  # (total tokens,) vocabulary ids
         self.offsets, self.item_of = tok.offsets, tok.item_of
         self.start_id, self.end_id = vocab.start_id, vocab.end_id

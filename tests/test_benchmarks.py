@@ -112,3 +112,21 @@ def test_profile_benchmark_accounts_for_the_whole_photo(tmp_path):
     for path in data["paths"].values():
         ms = {p["part"]: p["ms"] for p in path["parts"]}
         assert set(ms) >= {"prepare", "encoder", "decode"}
+
+
+def test_scale_benchmark_measures_every_phase_at_a_small_size(tmp_path):
+    """benchmarks/scale.py at two small sizes (one decoder, a few steps, 2-process DDP): the data
+    set has COCO's captions per photo, the cache the real shapes, and each phase reports numbers."""
+    args = "--sizes 120,240 --val 30 --steps 3 --ddp-steps 2 --decoders lstm --json".split()
+    out = json.loads(_run("scale.py", *args, "--work", tmp_path))
+    grid = 49 * 1280 + 1280  # fp16 values per photo: the grid and the pooled vector
+    assert out["cache"]["rows"] == 270 and out["cache"]["bytes"] > 270 * grid * 2
+    for size in (120, 240):
+        r = out["at"][str(size)]
+        # COCO's 5.0027 captions a photo: at 240 photos one photo (the first) has a sixth
+        assert r["load"]["photos"] == size and r["load"]["captions"] == size * 5 + 1
+        assert r["open"]["rows"] == size
+        assert r["lstm"]["steps_per_s"] > 0 and 0 < r["lstm"]["anon_mb"] <= r["lstm"]["rss_mb"]
+        ranks = r["ddp"]["ranks"]
+        assert [x["rank"] for x in ranks] == [0, 1] and all(x["world"] == 2 for x in ranks)
+    assert out["at"]["240"]["lstm"]["val_photos"] == 30

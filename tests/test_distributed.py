@@ -263,3 +263,22 @@ def test_compile_trains_like_eager(shapes, tmp_path):
         _epochs(tmp_path / "eager")[0]["train_loss"], rel=1e-5
     )
     assert _max_diff(tmp_path / "compiled" / "last.pt", tmp_path / "eager" / "last.pt") < 1e-4
+
+
+def test_shard_sampler_gives_distributed_samplers_order_index_for_index():
+    """The epoch's shard is held as a tensor, not a list of ints: the same indices, or a resume or a
+    comparison with an earlier run would see other batches."""
+    from torch.utils.data import DistributedSampler
+
+    from captioner.training.batches import ShardSampler
+
+    for n in (1, 2, 5, 7, 64, 1001):  # padding: fewer items than ranks, uneven splits
+        for world in (1, 2, 3, 8):
+            for rank in range(world):
+                for epoch in (0, 3):
+                    ours = ShardSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=5)
+                    torch_s = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=5)
+                    ours.set_epoch(epoch)
+                    torch_s.set_epoch(epoch)
+                    got = list(ours)
+                    assert got == list(torch_s) and all(type(i) is int for i in got)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -23,7 +24,10 @@ class ItemFeatures:
     """
 
     def __init__(
-        self, store: Tensor | CachedFeatures, frames: list[list[int]], from_frames: Callable[[list[Tensor]], object]
+        self,
+        store: Tensor | CachedFeatures,
+        frames: list[list[int]] | np.ndarray,  # each item's rows in store; (N, 1) array: one image per item
+        from_frames: Callable[[list[Tensor]], object],
     ) -> None:
         self.store, self.frames, self.from_frames = store, frames, from_frames
 
@@ -36,6 +40,9 @@ class ItemFeatures:
             if isinstance(idx, slice)
             else (idx.tolist() if isinstance(idx, Tensor) else list(idx))
         )
+        if isinstance(self.frames, np.ndarray):  # (N, 1): one image per item
+            flat = self.store[self.frames[np.asarray(items, dtype=np.int64), 0]]  # (b, ...)
+            return self.from_frames(list(flat.float().split(1)))
         sizes = [len(self.frames[i]) for i in items]
         flat = self.store[[r for i in items for r in self.frames[i]]]  # (sum of frames, ...) one read
         return self.from_frames(list(flat.float().split(sizes)))
@@ -76,9 +83,12 @@ def corpus_features(
         row = {i: r for r, i in enumerate(ok)}
     else:
         row = {i: i for i in ok}
-    frames = corpus.item_frames()
-    kept = [k for k, fr in enumerate(frames) if all(f in row for f in fr)]
-    item_rows = [[row[f] for f in frames[k]] for k in kept]
+    if corpus.frames is None:  # one image per item: rows in an array, not a list per item (COCO: 118k)
+        kept = [k for k in range(len(corpus)) if k in row]
+        item_rows = np.array([[row[k]] for k in kept], dtype=np.int64).reshape(-1, 1)  # (N, 1)
+    else:
+        kept = [k for k, fr in enumerate(corpus.frames) if all(f in row for f in fr)]
+        item_rows = [[row[f] for f in corpus.frames[k]] for k in kept]
     if mirror:  # the mirrored view's rows follow the whole first store
         if cache is not None:
             mirrored = cache.load(ok_paths, kind, mirror=True, lazy=True)
@@ -89,5 +99,8 @@ def corpus_features(
             row = {i: r for r, i in enumerate(ok)}  # the mirrored store holds the readable images only
         offset = len(store)
         store = store.join(mirrored) if isinstance(store, CachedFeatures) else torch.cat([store, mirrored])
-        item_rows += [[offset + row[f] for f in frames[k]] for k in kept]
+        if isinstance(item_rows, np.ndarray):
+            item_rows = np.concatenate([item_rows, offset + np.array([[row[k]] for k in kept], dtype=np.int64)])
+        else:
+            item_rows += [[offset + row[f] for f in corpus.frames[k]] for k in kept]
     return ItemFeatures(store, item_rows, decoder.from_frames), kept, failed

@@ -5,7 +5,9 @@ shard of a shuffle that depends on (seed, epoch) only, and each epoch's random s
 from __future__ import annotations
 
 import logging
+import math
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -55,6 +57,20 @@ class Mirrored(Dataset):
         if not self.flipped[i]:
             return item, ids
         return item + self.n_items, [self.swap.get(t, t) for t in ids]
+
+
+class ShardSampler(DistributedSampler):
+    """DistributedSampler's shuffled shard, index for index, held as a tensor: its list of Python
+    ints costs ~36 bytes a caption for the whole epoch (21 MB at COCO's 592k captions), this 8."""
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=g)  # (N,)
+        pad = self.total_size - len(order)  # the first indices again, so every rank gets as many
+        if pad > 0:
+            order = torch.cat([order, order.repeat(math.ceil(pad / len(order)))[:pad]])
+        return (int(i) for i in order[self.rank : self.total_size : self.num_replicas].numpy())
 
 
 def item_data(
@@ -121,9 +137,7 @@ def loader(
         dataset.set_epoch(epoch)
     sampler = None
     if train:
-        sampler = DistributedSampler(
-            dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=opts.seed
-        )
+        sampler = ShardSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=opts.seed)
         sampler.set_epoch(epoch)
     return DataLoader(
         dataset,
