@@ -9,7 +9,8 @@ the grid (M, R, D) and the pooled vector (M, D) — and an index from image iden
 path, size, mtime) to row. Any change to the encoder, its weights, its preprocessing or an image
 file therefore misses the cache and is extracted afresh. Extraction appends batch by batch, so an
 interrupted run keeps what it finished and the next one resumes; a file lock keeps concurrent runs
-from writing at once. Memory-mapped reads mean a grid for 100k images never has to fit in RAM.
+from writing at once. Rows are read a batch at a time (positioned reads), so a grid for COCO's
+118k photos (15 GB) never has to fit in RAM, nor counts in the process' resident memory.
 """
 
 from __future__ import annotations
