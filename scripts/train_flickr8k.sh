@@ -7,7 +7,7 @@
 #   2. exported as fp16 ("xe.pt", the model bundled before), then fine-tuned: the last 2 Lite0
 #      blocks trained too, from the cached trunk (the frozen layers' output, computed once:
 #      about 5 min for the photos and their mirror images), with the flip augmentation, at a
-#      tenth of the first stage's learning rate: "ft", 8 epochs of about 6 min (~50 min);
+#      quarter of the first stage's learning rate: "ft", 8 epochs of about 6 min (~50 min);
 #   3. beam-search settings measured on val (`captioner tune`, about 4 min);
 #   4. export: fp16 weights (the decoder and the 2 fine-tuned blocks), no optimizer state, the
 #      measured decoding settings as defaults;
