@@ -250,6 +250,38 @@ def phase_train(work: Path, size: int, decoder: str, steps: int, validate: bool)
     return result
 
 
+def phase_speed(work: Path, sizes: list[int], decoder: str, steps: int, rounds: int = 5) -> dict:
+    """Steps per second at the smallest and the largest size side by side: one process trains both,
+    alternating blocks of steps, so load from elsewhere on the machine hits both alike."""
+    import captioner.training.trainer as trainer_module
+    from captioner.data import load_coco
+    from captioner.training import Trainer, TrainOptions
+
+    opts = TrainOptions(decoder=decoder, epochs=1, lr_schedule="constant", num_workers=0, calibrate=False)
+    ends = (min(sizes), max(sizes))
+    corpora = {size: load_coco(work / f"captions_train_{size}.json", work / "images") for size in ends}
+    # the same model at both sizes: the larger set's vocabulary (a set's own vocabulary grows with it,
+    # 4.8k words at 10k photos, 11k at 118k, and the output layer with it: that is the model, not the data path)
+    vocab = trainer_module.training_vocabulary(corpora[max(sizes)], opts.min_word_count)
+    trainer_module.training_vocabulary = lambda train, min_count: vocab
+    trainers = {}
+    for size, train in corpora.items():
+        trainers[size] = Trainer(train, None, tempfile.mkdtemp(prefix="scale-run-"), opts, device="cpu",
+                                 cache_dir=work / "cache")  # fmt: skip
+        trainers[size].train_steps(2)  # warm
+    seconds = dict.fromkeys(trainers, 0.0)
+    block = max(1, steps // rounds)
+    for r in range(rounds):
+        for size, trainer in trainers.items():
+            t = time.time()
+            trainer.train_steps(block, epoch=1 + r)
+            seconds[size] += time.time() - t
+    for trainer in trainers.values():
+        shutil.rmtree(trainer.out, ignore_errors=True)
+    rate = {str(size): block * rounds / s for size, s in seconds.items()}
+    return {"steps_per_s": rate, "ratio": rate[str(min(sizes))] / rate[str(max(sizes))], "vocab": len(vocab)}
+
+
 PHASES = {"load": phase_load, "open": phase_open, "cache": fill_cache}
 
 
@@ -294,6 +326,8 @@ def main() -> None:
         logging.getLogger("captioner").setLevel(logging.WARNING)
         if args.phase == "train":
             out = phase_train(args.work, args.size, args.decoder, args.steps, args.validate)
+        elif args.phase == "speed":
+            out = phase_speed(args.work, [int(x) for x in args.sizes.split(",")], args.decoder, args.steps)
         else:
             out = PHASES[args.phase](args.work, args.size)
         if "ranks" in out or int(os.environ.get("RANK", 0)) == 0:
@@ -326,6 +360,10 @@ def main() -> None:
                 if size == max(sizes) and dec == decoders[-1] and args.val:
                     extra.append("--validate")
                 r[dec] = run_phase(args, "train", size, *extra)
+            if size == max(sizes) and len(sizes) > 1:  # steps/s side by side with the smallest size
+                for dec in decoders:
+                    r[f"{dec}_speed"] = run_phase(args, "speed", size, "--decoder", dec, "--steps", str(args.steps),
+                                                  "--sizes", args.sizes)  # fmt: skip
             if args.ddp_steps:
                 r["ddp"] = run_phase(
                     args, "train", size, "--decoder", decoders[-1], "--steps", str(args.ddp_steps), ddp=2
@@ -362,6 +400,12 @@ def report(results: dict, decoders: list[str]) -> None:
         row("  steps/s", lambda r, d=dec: r[d]["steps_per_s"], "{:.2f}")
         row(f"  RSS after {results['steps']} steps, MB", lambda r, d=dec: r[d]["rss_mb"], "{:.0f}")
         row("    of it anonymous, MB", lambda r, d=dec: r[d]["anon_mb"], "{:.0f}")
+    for dec in decoders:
+        side = at[sizes[-1]].get(f"{dec}_speed")
+        if side:
+            small, large = (side["steps_per_s"][str(s)] for s in (sizes[0], sizes[-1]))
+            rows.append([f"{dec}: steps/s, one vocabulary", f"{small:.2f}", *[""] * (len(sizes) - 2), f"{large:.2f}",
+                         f"{large / small:.2f}x"])  # fmt: skip
     if "ddp" in first:
         row("2-process DDP: start-up, s", lambda r: max(x["startup_s"] for x in r["ddp"]["ranks"]))
         row("  steps/s (global batch 128)", lambda r: min(x["steps_per_s"] for x in r["ddp"]["ranks"]), "{:.2f}")
