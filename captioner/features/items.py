@@ -77,7 +77,7 @@ def corpus_features(
     ok = [i for i, p in enumerate(corpus.paths) if str(p) not in bad]
     ok_paths = [corpus.paths[i] for i in ok]
     if cache is not None:
-        if mirror:  # both views cached before either is read: a read maps the arrays as they are then
+        if mirror:  # both views cached before either is read (a read finds the rows indexed by then)
             cache.fill(ok_paths, desc=f"{desc} (mirrored)", mirror=True, **common)
         store = cache.load(ok_paths, kind, lazy=True)
         row = {i: r for r, i in enumerate(ok)}
