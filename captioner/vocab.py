@@ -30,6 +30,21 @@ def tokenize(text: str) -> list[str]:
     return [t for t in coco_tokens(text) if _is_word(t)]
 
 
+def has_words(text: str) -> bool:
+    """`bool(tokenize(text))`, without tokenising a caption holding an ASCII letter or digit and
+    no "&" or "<" (nearly all of them). ptb.py's scanner never drops such a character: no rule
+    matches it as space or as dropped text, every rule that can take it emits it in its token
+    (the split words emit a part holding letters and scan the rest again: "cannot" -> can not),
+    and a lower-cased token holding it is no PUNCTUATION entry (their letters are upper case). So
+    it ends in a word token unless it is spelled as an entity that becomes punctuation ("&mdash;"
+    -> "--", "&amp;" -> "&") or is a bracket name split out of an SGML tag ("<! -LRB- >")."""
+    import re  # here, so that this function is all that vocab.py gained
+
+    if "&" not in text and "<" not in text and re.search("[A-Za-z0-9]", text):
+        return True
+    return bool(tokenize(text))
+
+
 def word_counts(captions: Iterable[str]) -> Counter:
     return Counter(tok for c in captions for tok in tokenize(c))
 
