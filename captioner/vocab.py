@@ -8,6 +8,7 @@ tokens of their own (captioner/cjk.py).
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -38,8 +39,6 @@ def has_words(text: str) -> bool:
     and a lower-cased token holding it is no PUNCTUATION entry (their letters are upper case). So
     it ends in a word token unless it is spelled as an entity that becomes punctuation ("&mdash;"
     -> "--", "&amp;" -> "&") or is a bracket name split out of an SGML tag ("<! -LRB- >")."""
-    import re  # here, so that this function is all that vocab.py gained
-
     if "&" not in text and "<" not in text and re.search("[A-Za-z0-9]", text):
         return True
     return bool(tokenize(text))

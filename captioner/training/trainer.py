@@ -336,13 +336,14 @@ class Trainer:
         update = self.optimisation.update if train else None
         return EpochContext(step, self.device, self.dist, update, self._autocast)
 
-    def _run_epoch(self, data, train: bool, desc: str, epoch: int = 0) -> float:
-        """Cross-entropy over a dataset: a training epoch or the val loss."""
+    def _run_epoch(self, data, train: bool, desc: str, epoch: int = 0, steps: int | None = None) -> float:
+        """Cross-entropy over a dataset: a training epoch (or its first `steps` batches) or the val loss."""
         dataset, feats = data
         self.model.decoder.train(train)
+        batches = self._loader(dataset, train, epoch)  # whole: the progress bar knows its length
         return cross_entropy_epoch(
             self._context(train),
-            self._loader(dataset, train, epoch),
+            batches if steps is None else itertools.islice(batches, steps),
             lambda batch: to_inputs(batch, feats, self.device),
             desc,
         )
@@ -364,12 +365,7 @@ class Trainer:
         Returns their mean loss."""
         self.prepare()
         seed_epoch(self.opts.seed, epoch, self.dist.rank)
-        dataset, feats = self.train_data
-        self.model.decoder.train(True)
-        batches = itertools.islice(self._loader(dataset, True, epoch), steps)
-        return cross_entropy_epoch(
-            self._context(True), batches, lambda batch: to_inputs(batch, feats, self.device), f"{steps} steps"
-        )
+        return self._run_epoch(self.train_data, True, f"{steps} steps", epoch, steps)
 
     def _validate(self) -> dict[str, Any]:
         val_loss = self._run_epoch(self.val_data, False, "val")
