@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -289,6 +290,45 @@ def _nltk_wordnet():
     return wordnet
 
 
+# One METEOR 1.5 Java process per Python process, started on first use and kept: starting it
+# (the JVM and the paraphrase table) takes 5-13 s, scoring a thousand captions a fraction of one.
+_jvm: Any = None
+_jvm_lock = threading.Lock()
+_inherited: list[Any] = []
+
+
+def _forget_jvm_in_child() -> None:
+    """A forked child must not talk to (or, when collected, kill) its parent's Java process."""
+    global _jvm
+    if _jvm is not None:
+        _inherited.append(_jvm)  # kept referenced: its __del__ would kill the parent's process
+        _jvm = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_jvm_in_child)
+
+
+def _official_meteor(gts: dict[Any, list[str]], res: dict[Any, list[str]]) -> float:
+    """pycocoevalcap's METEOR over normalised captions, through the kept Java process. A call that
+    fails leaves the process out of step with us (and pycocoevalcap's lock held): it is dropped."""
+    global _jvm
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    with _jvm_lock:
+        if _jvm is None:
+            _jvm = Meteor()
+        jvm = _jvm
+        try:
+            score, _ = jvm.compute_score(gts, res)
+        except BaseException:
+            _jvm = None
+            jvm.meteor_p.kill()
+            _inherited.append(jvm)  # its lock may be held: __del__ would wait on it for ever
+            raise
+    return float(score)
+
+
 def meteor(
     refs: Mapping[Any, list[str]],
     cands: Mapping[Any, str],
@@ -303,12 +343,9 @@ def meteor(
         return None
     r_tok, c_tok = tokens or normalize_corpus(refs, cands)
     if backend == "official-1.5":
-        from pycocoevalcap.meteor.meteor import Meteor
-
         gts = {k: [" ".join(r) for r in r_tok[k]] for k in keys}
         res = {k: [" ".join(c_tok[k])] for k in keys}
-        score, _ = Meteor().compute_score(gts, res)  # runs the METEOR 1.5 jar in a Java subprocess
-        return float(score)
+        return _official_meteor(gts, res)
     from nltk.translate.meteor_score import meteor_score
 
     wn = _nltk_wordnet()

@@ -193,3 +193,47 @@ def test_official_meteor_matches_pycocoevalcap_fixture():
 def test_diversity_counts_distinct_captions_and_words():
     d = diversity({1: "a dog", 2: "A dog.", 3: "a cat runs", 4: "the cat"})
     assert d == {"distinct_captions": 3, "unique_fraction": 0.5, "words_used": 5}
+
+
+def test_official_meteor_keeps_one_java_process(monkeypatch):
+    """Starting METEOR's JVM costs seconds: one process serves every call, a failed call drops it,
+    and a forked child starts its own without disturbing its parent's."""
+    if metrics.meteor_backend() != "official-1.5":
+        pytest.skip("official METEOR needs pycocoevalcap and Java")
+    import os
+
+    from pycocoevalcap.meteor import meteor as official
+
+    started = []
+    real = official.Meteor
+
+    class Counted(real):
+        def __init__(self):
+            super().__init__()
+            started.append(self)
+
+    monkeypatch.setattr(official, "Meteor", Counted)
+    monkeypatch.setattr(metrics, "_jvm", None)
+    refs, cands = _corpus(SETS[:20])
+    first = metrics.meteor(refs, cands, backend="official-1.5")
+    again = metrics.meteor(refs, cands, backend="official-1.5")
+    assert first == again and len(started) == 1
+    # a call that fails part-way (here: the Java process gone) is not retried on a broken process
+    started[0].meteor_p.kill()
+    started[0].meteor_p.wait()
+    with pytest.raises((OSError, ValueError)):
+        metrics.meteor(refs, cands, backend="official-1.5")
+    assert metrics.meteor(refs, cands, backend="official-1.5") == first and len(started) == 2
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its own process, the same score
+        ok = False
+        try:
+            ok = metrics.meteor(refs, cands, backend="official-1.5") == first and len(started) == 3
+        finally:
+            os.write(write, b"1" if ok else b"0")
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 1) == b"1"
+    assert metrics.meteor(refs, cands, backend="official-1.5") == first and len(started) == 2
+    assert started[1].meteor_p.poll() is None  # the parent's Java process outlived the child
