@@ -25,10 +25,11 @@ class ByteBudget:
     @contextlib.asynccontextmanager
     async def hold(self, n: int):
         async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: self.used + n <= self.capacity), self.wait_s)
-            except TimeoutError:
-                raise Busy from None
+            if self.used + n > self.capacity:  # room now is taken now: Python 3.11's wait_for(..., 0) never waits
+                try:
+                    await asyncio.wait_for(self._changed.wait_for(lambda: self.used + n <= self.capacity), self.wait_s)
+                except TimeoutError:
+                    raise Busy from None
             self.used += n
         try:
             yield
