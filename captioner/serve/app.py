@@ -144,8 +144,8 @@ class SameOrigin:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        origin = _origin_of(headers)
-        own = origin is not None and urlsplit(origin).netloc.lower() == headers.get("host", "").lower()
+        origin, host = _origin_of(headers), headers.get("host", "").lower()
+        own = origin is not None and host != "" and urlsplit(origin).netloc.lower() == host  # "null" has no host
         allowed = origin is not None and origin in self.allowed
         if scope["method"] == "OPTIONS" and allowed:  # a preflight from an allowed site
             return await self._cors(
