@@ -73,3 +73,12 @@ def test_a_lone_request_is_not_held_back(wait_ms):
     batcher = Batcher(FakeModel(), max_batch=32, max_wait_ms=wait_ms)
     [r] = asyncio.run(_gather(batcher, [(1, {})]))
     assert r[0].text == "image 1" and batcher.batches == [1]
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_a_batch_takes_max_batch_images_and_not_one_more(extra):
+    max_batch = 4
+    batcher = Batcher(FakeModel(), max_batch=max_batch, max_wait_ms=50)
+    out = asyncio.run(_gather(batcher, [(v, {}) for v in range(max_batch + extra)]))
+    assert [r[0].text for r in out] == [f"image {v}" for v in range(max_batch + extra)]
+    assert batcher.batches == [max_batch] + [1] * extra
