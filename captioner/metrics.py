@@ -323,10 +323,22 @@ def _official_meteor(gts: dict[Any, list[str]], res: dict[Any, list[str]]) -> fl
             score, _ = jvm.compute_score(gts, res)
         except BaseException:
             _jvm = None
-            jvm.meteor_p.kill()
-            _inherited.append(jvm)  # its lock may be held: __del__ would wait on it for ever
+            _drop(jvm)
             raise
     return float(score)
+
+
+def _drop(jvm: Any) -> None:
+    """End a Meteor whose call failed: its process, reaped, and the lock that pycocoevalcap leaves
+    held when a call fails part-way, which its __del__ takes (held, it hung the interpreter at exit)."""
+    jvm.meteor_p.kill()
+    jvm.meteor_p.wait()
+    try:
+        jvm.meteor_p.stdin.close()  # closed even when this raises: its unwritten line cannot be flushed
+    except OSError:
+        pass
+    if jvm.lock.locked():
+        jvm.lock.release()
 
 
 def meteor(

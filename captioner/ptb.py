@@ -137,11 +137,13 @@ def _scanner() -> tuple[re.Pattern, list[tuple[re.Pattern, str]]]:
         ("dash", "[\u2013\u2014\u2015\x96\x97]|&(?:MD|mdash|ndash);"),
         ("amp", "&amp;"),
         ("keep", WORD),
-        ("host", f"({WORD})(?={APOS}(?i:s|m|d|re|ve|ll){NOT_LETTER})" + f"{APOS}(?i:s|m|d|re|ve|ll)"),
+        # a word before a clitic competes with the clitic's length even when a letter follows ("y'dx": y | dx)
+        ("host", f"({WORD})(?={APOS}(?i:s|m|d|re|ve|ll))" + f"{APOS}(?i:s|m|d|re|ve|ll)"),
         ("clitic", f"{APOS}(?i:s|m|d|re|ve|ll){NOT_LETTER}"),
         ("host", f"({LET}*(?![nN]){LET})(?=[nN]{APOS}[tT]{NOT_LETTER})[nN]{APOS}[tT]"),
         ("clitic", f"[nN]{APOS}[tT]{NOT_LETTER}"),
-        ("keep", "(?i:ma'am|'em|'cause|'till?|'n'|y'|th')"),
+        ("keep", f"(?i:'em|'cause|'till?|'n'|y'(?={LET}))"),  # y' only before a letter; th' is th | '
+        ("keep", f"{LET}+[aeiouyAEIOUY]{APOSETC}[aeiouA-Z]{LET}*"),  # Hawai'i, ma'am (a tie goes to host)
         ("keep", f"'{DIG}{DIG}[sS]?"),
         ("keep", f"{ELIDED}{ALNUM}+(?:{HY}{ELIDED}{ALNUM}+)*"),  # hyphenated, o'clock, 5km
         ("keep", r"[A-Za-z0-9][A-Za-z0-9.,]*(?:-[A-Za-z0-9]+)+"),  # points before the first hyphen: 1.5-2
@@ -226,7 +228,7 @@ def ptb_tokenize(text: str, following: str = "") -> list[str]:
     text = segment(_clean(text))
     n = len(text)
     if following:
-        text += "\n" + segment(_clean(following))
+        text += "\n" + segment(following.replace("\n", " "))  # as the official one sees it: soft hyphens in
     tokens: list[str] = []
     i = 0
     while i < n:

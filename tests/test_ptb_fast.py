@@ -2,11 +2,13 @@
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
 
 from captioner import ptb
+from captioner._ptb_chars import RUNS
 from captioner.ptb import _coco_tokens_slow, _fast_tokens, coco_tokens
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -97,3 +99,51 @@ def test_fast_path_equals_slow_path_on_generated_captions():
         f = rng.choice([*starts, _caption(rng)])
         taken += _check(c, f)
     assert taken >= 1000  # the generator exercises the fast path, not only the slow one
+
+
+def test_plain_captions_never_reach_the_scanner(monkeypatch):
+    """The fast path is what makes tokenising a large set cheap: captions of its shape skip the scanner."""
+    plain = {
+        "A dog runs.": "a dog runs",
+        "a man's hat, a dog 's bed": "a man 's hat a dog 's bed",
+        " Two dogs ,\ta cat\nand a bird . ": "two dogs a cat and a bird",
+        "A walk-in closet.": "a walk-in closet",
+        "plan b": "plan b",  # a single letter keeps no period it has not got
+        "a sign for mr": "a sign for mr",
+        "": "",
+    }
+    for caption, want in plain.items():
+        assert _fast_tokens(caption) == want.split() == _coco_tokens_slow(caption), caption
+
+    def scanner(*a):
+        raise AssertionError("the scanner ran")
+
+    monkeypatch.setattr(ptb, "_coco_tokens_slow", scanner)
+    assert [coco_tokens(c, "The next") for c in plain] == [want.split() for want in plain.values()]
+
+
+def test_a_period_that_may_stay_goes_to_the_slow_path_wherever_its_word_is():
+    for caption in ["Mr.", "b.", "A jack-in-the-b.", "walk-in-etc.", "a walk-in-Mass.", "x-Ph."]:
+        assert _fast_tokens(caption) is None, caption
+    assert _fast_tokens("A jack-in-the-box.") == ["a", "jack-in-the-box"] == _coco_tokens_slow("A jack-in-the-box.")
+
+
+def test_scanner_tables():
+    runs = ptb._runs()  # RUNS: "first-lastK" in hex
+    assert runs[:3] == [(0x80, 0x80, "S"), (0x81, 0x90, "D"), (0x91, 0x94, "S")] and len(runs) == len(RUNS.split())
+    assert all(b < c for (_, b, _), (c, _, _) in zip(runs, runs[1:])) and all(a <= b for a, b, _ in runs)
+    assert {k for *_, k in runs} == set("LSDH")
+    letters = re.compile(f"[{ptb._ranges('L')}]")
+    assert all(letters.fullmatch(c) for c in "éñøłжκ") and not any(letters.fullmatch(c) for c in "a½\x80\u2014")
+    assert re.fullmatch(f"[{ptb._ranges('SD')}]+", "\x80\x81½") and not re.search(f"[{ptb._ranges('SD')}]", "é")
+    digits = re.compile(f"[{ptb._digits()}]+")  # the non-ASCII decimal digits that the table calls letters
+    assert digits.fullmatch("٠١٢٣٤٥٦٧٨٩०१२३४५६७८९") and not digits.search("X05é½²")
+
+
+def test_the_next_caption_decides_an_initials_period():
+    assert ptb.ptb_tokenize("Plan B.") == ["Plan", "B."]
+    assert ptb.ptb_tokenize("Plan B.", "a next") == ["Plan", "B."]
+    assert ptb.ptb_tokenize("Plan B.", "The end") == ["Plan", "B", "."]  # a new sentence starts
+    assert ptb.ptb_tokenize("Plan B.", "The\nend") == ["Plan", "B", "."]
+    assert ptb.ptb_tokenize("Plan B.", "T\u00adhe end") == ["Plan", "B."]  # the official one sees its soft hyphen
+    assert ptb.ptb_tokenize("walk\u00adin\nnow") == ["walkin", "now"] and ptb._clean("a\nb\u00adc") == "a bc"
