@@ -103,7 +103,7 @@ def topk(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     lead = x.shape[:-1]
     if n % c:
         x = np.concatenate([x, np.full((*lead, -n % c), -np.inf, x.dtype)], -1)  # never chosen: n >= k
-    chunks = x.reshape(*lead, -1, c)  # (..., n/c, c)
+    chunks = x.reshape(*lead, x.shape[-1] // c, c)  # (..., n/c, c); not -1: lead may hold a 0 (no images)
     first = np.sort(_first(chunks.max(-1), k), axis=-1)  # (..., k) the chunks to search, in order
     cand = np.take_along_axis(chunks, first[..., None], -2).reshape(*lead, k * c)  # (..., k*c)
     pos = (first[..., None] * c + np.arange(c)).reshape(*lead, k * c)  # their positions, increasing
