@@ -3,6 +3,7 @@ steps of one process with batch N*B, checkpoints move between process counts (an
 failing rank ends the whole job with its reason instead of leaving the others waiting."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -166,13 +167,11 @@ def test_a_failing_rank_ends_the_job_with_its_reason(shapes, tmp_path, rank, ste
         assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
 
 
-def test_self_critical_and_encoder_fine_tuning_run_under_torchrun(shapes, tmp_path):
-    """The other training modes go through the same DDP-wrapped step: self-critical sampling and
-    a fine-tuned encoder (whose trained blocks rank 0 saves) on 2 processes."""
+def _small_coco(shapes, path: Path, images: int = 8) -> Path:
+    """The first `images` training images with their captions (5 each): a quick epoch even on pixels."""
     coco = json.loads(Path(shapes["train_json"]).read_text())
-    keep = {im["id"] for im in coco["images"][:8]}
-    small = tmp_path / "small.json"  # 8 images x 5 captions: a quick epoch even on pixels
-    small.write_text(
+    keep = {im["id"] for im in coco["images"][:images]}
+    path.write_text(
         json.dumps(
             {
                 "images": [im for im in coco["images"] if im["id"] in keep],
@@ -180,9 +179,15 @@ def test_self_critical_and_encoder_fine_tuning_run_under_torchrun(shapes, tmp_pa
             }
         )
     )
+    return path
+
+
+def test_encoder_fine_tuning_runs_under_torchrun(shapes, tmp_path):
+    """A fine-tuned encoder goes through the same DDP-wrapped step on 2 processes; rank 0 saves the
+    trained blocks (self-critical under torchrun: the test below)."""
     data = [
         "--train-annotations",
-        str(small),
+        str(_small_coco(shapes, tmp_path / "small.json")),
         "--train-images",
         str(shapes["train_images"]),
         *SMALL,
@@ -191,28 +196,85 @@ def test_self_critical_and_encoder_fine_tuning_run_under_torchrun(shapes, tmp_pa
         "--batch-size",
         "4",
     ]
-    assert main(["train", *data, "--out", str(tmp_path / "xe")]) == 0
-    _train_n(
-        2,
-        [
-            *data,
-            "--out",
-            str(tmp_path / "sc"),
-            "--init-from",
-            str(tmp_path / "xe" / "best.pt"),
-            "--self-critical",
-            "--scst-samples",
-            "3",
-        ],
-    )
-    (record,) = _epochs(tmp_path / "sc")
-    assert 0 <= record["train_CIDEr-D"] and record["train_loss"] == record["train_loss"]  # logged, not NaN
     _train_n(2, [*data, "--out", str(tmp_path / "ft"), "--fine-tune-encoder", "1"])
     trained = load_checkpoint(tmp_path / "ft" / "last.pt")["encoder"]
     packaged = build_encoder("efficientnet_lite0").state_dict()
     assert {k.split(".")[1] for k in trained} == {"9", "10"}  # only the fine-tuned block is saved
     changed = [k for k in trained if not torch.equal(trained[k], packaged[k])]
     assert changed and not any("running" in k for k in changed)  # it trained; BatchNorm statistics stayed frozen
+
+
+# Self-critical training with each image's samples drawn from a generator seeded by that image's
+# features: the same captions for an image on any rank and in any batch, so a 2-process step can
+# be held to the 1-process step on the whole batch (sampling is random otherwise). Each rank saves
+# its decoder after the run. argv: OUT TRAIN_JSON TRAIN_IMAGES INIT_FROM BATCH_SIZE
+SCST_HELPER = """
+import hashlib, sys
+from pathlib import Path
+import torch
+from captioner import distributed
+from captioner.data import load_coco
+from captioner.training import Trainer, TrainOptions, objectives
+
+drawn = objectives.sample
+
+def per_image(decoder, features, n, max_len, suppress):
+    parts = []
+    for row in features:
+        torch.manual_seed(int(hashlib.sha1(row.detach().cpu().numpy().tobytes()).hexdigest()[:8], 16))
+        parts.append(drawn(decoder, row[None], n=n, max_len=max_len, suppress=suppress))
+    T = max(p[0].size(1) for p in parts)
+    return tuple(
+        torch.cat([torch.cat([p[i], p[i].new_zeros(p[i].size(0), T - p[i].size(1))], 1) for p in parts])
+        for i in range(3)
+    )  # (pad, 0 log-prob and no mask past each image's longest sample)
+
+objectives.sample = per_image
+out, train_json, images, init, batch = sys.argv[1:6]
+dist = distributed.init("cpu")
+opts = TrainOptions(
+    epochs=1, batch_size=int(batch), init_from=init, self_critical=True, scst_samples=3, scst_max_len=8,
+    optimizer="sgd", lr=0.5, lr_schedule="constant", min_word_count=1,
+)
+trainer = Trainer(load_coco(train_json, images), None, out, opts, device="cpu", dist=dist)
+trainer.fit()
+torch.save(trainer.model.decoder.state_dict(), Path(out).parent / f"{Path(out).name}.rank{dist.rank}.pt")
+distributed.shutdown()
+"""
+
+
+def test_self_critical_on_two_processes_takes_the_step_of_one_on_the_whole_batch(shapes, tmp_path):
+    """Self-critical under DDP: 2 processes x 4 images take the SGD step of 1 process x 8 images
+    (same images, same samples: the loss is normalised by the global batch's tokens and DDP averages
+    the gradients), both ranks end with the same weights, the step moved them, and the logged loss
+    and CIDEr-D are the whole batch's."""
+    small = _small_coco(shapes, tmp_path / "small.json")
+    data = ["--train-annotations", str(small), "--train-images", str(shapes["train_images"])]
+    xe = ["train", *data, *SMALL, "--epochs", "2", "--batch-size", "8", "--lr", "5e-3"]
+    assert main([*xe, "--out", str(tmp_path / "xe")]) == 0  # a start that samples some good captions
+    helper = tmp_path / "scst_helper.py"
+    helper.write_text(SCST_HELPER)
+    init = str(tmp_path / "xe" / "best.pt")
+    r = _torchrun(
+        ["--standalone", "--nproc_per_node=2"],
+        [str(helper), str(tmp_path / "two"), str(small), str(shapes["train_images"]), init, "4"],
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = [sys.executable, str(helper), str(tmp_path / "one"), str(small), str(shapes["train_images"]), init, "8"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}  # as torchrun sets for each of its processes
+    r = subprocess.run(one, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    rank0, rank1, whole = (torch.load(tmp_path / f"{run}.pt") for run in ("two.rank0", "two.rank1", "one.rank0"))
+    start = load_checkpoint(init)["decoder"]
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # the ranks never drift apart
+    moved = max((whole[k] - start[k]).abs().max().item() for k in start)
+    apart = max((rank0[k] - whole[k]).abs().max().item() for k in start)
+    assert moved > 1e-3 and apart < 1e-6, (moved, apart)
+    assert _max_diff(tmp_path / "two" / "last.pt", tmp_path / "one" / "last.pt") < 1e-6  # what rank 0 saved
+    (two,), (one,) = _epochs(tmp_path / "two"), _epochs(tmp_path / "one")
+    assert two["train_CIDEr-D"] > 0 and two["train_CIDEr-D"] == pytest.approx(one["train_CIDEr-D"], rel=1e-6)
+    assert two["train_loss"] != 0 and two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5, abs=1e-7)
 
 
 def test_a_rank_0_error_reaches_every_rank(shapes, tmp_path):

@@ -1,8 +1,11 @@
+from __future__ import annotations
+
 import json
 import math
 
 import pytest
 import torch
+from torch.nn.utils.rnn import PackedSequence
 
 from captioner.checkpoint import load_checkpoint
 from captioner.cli import main
@@ -117,15 +120,58 @@ def test_real_photos_loss_falls(tmp_path):
     assert last < first - 1.0, (first, last)
 
 
+class _StepDtypes:
+    """The dtypes the decoder's matmul-bearing layers (LSTM, Linear) return inside training steps
+    (grad enabled: not feature extraction), seen by a forward hook on every module."""
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[str, torch.dtype]] = set()
+
+    def __call__(self, module: torch.nn.Module, args: tuple, output) -> None:
+        if torch.is_grad_enabled() and isinstance(module, (torch.nn.LSTM, torch.nn.LSTMCell, torch.nn.Linear)):
+            out = output[0] if type(output) is tuple else output  # LSTM: (output, (h, c))
+            self.seen.add((type(module).__name__, (out.data if isinstance(out, PackedSequence) else out).dtype))
+
+    def __enter__(self) -> _StepDtypes:
+        self.handle = torch.nn.modules.module.register_module_forward_hook(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
 def test_bf16_autocast_trains_like_fp32(shapes, tmp_path):
-    """--amp bf16 (opt-in on CPU) learns as well as fp32 on the same data."""
+    """--amp bf16 (opt-in on CPU) really runs the training step's LSTM and linear layers in bf16
+    (--amp off: fp32), and learns as well as fp32 on the same data."""
     losses = {}
-    for amp in ("off", "bf16"):
-        assert _train(shapes, tmp_path / amp, "--epochs", "3", "--amp", amp, "--lr", "2e-3") == 0
+    for amp, dtype in (("off", torch.float32), ("bf16", torch.bfloat16)):
+        with _StepDtypes() as step:
+            assert _train(shapes, tmp_path / amp, "--epochs", "3", "--amp", amp, "--lr", "2e-3") == 0
+        assert step.seen == {("LSTM", dtype), ("Linear", dtype)}, (amp, step.seen)
         log = [json.loads(l) for l in (tmp_path / amp / "metrics.jsonl").read_text().splitlines()]
         losses[amp] = log[-1]["train_loss"]
     assert losses["bf16"] == pytest.approx(losses["off"], rel=0.05)
     assert load_checkpoint(tmp_path / "bf16" / "last.pt")["config"]["train"]["amp"] == "bf16"
+
+
+def test_bf16_autocast_covers_self_critical_steps(shapes, tmp_path):
+    """Self-critical sampling under --amp bf16 runs the decoder in bf16 too (its own autocast block)."""
+    train = load_coco(shapes["train_json"], shapes["train_images"]).subset(8)
+    opts = TrainOptions(
+        decoder="lstm",
+        epochs=1,
+        batch_size=8,
+        hidden_size=16,
+        embed_size=8,
+        min_word_count=1,
+        amp="bf16",
+        self_critical=True,
+        scst_samples=2,
+        scst_max_len=4,
+    )
+    with _StepDtypes() as step:
+        Trainer(train, None, tmp_path, opts, device="cpu").fit()
+    assert step.seen == {("LSTM", torch.bfloat16), ("Linear", torch.bfloat16)}, step.seen
 
 
 @pytest.mark.slow  # trains two models
