@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,3 +191,152 @@ def test_the_command_lines_default_mark_is_the_librarys() -> None:
     from captioner.settings import LOW_CONFIDENCE
 
     assert build_parser().parse_args(["caption", "x.jpg"]).min_confidence == LOW_CONFIDENCE
+
+
+# ---- exact figures of the word prior, the subject and the confidence, on a hand-made state ----------
+# Pooled features are 2-d; the centroids and the val typicality are chosen so that the three photos
+# are familiar (typicality 1.0: familiarity 1), half familiar (0.3: more typical than 1 of 40 val
+# photos, a share of 0.025 = half of NOVELTY_ALPHA) and unfamiliar (0.0: familiarity 0).
+FAMILIAR, HALF, STRANGE = [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]
+P_PERSON = 0.4
+WORDS2 = WORDS + ["animal", "tabby", "zebra", "umbrella"]
+
+
+def hand_made(person: bool = True, typicality: bool = True, confidence: bool = False) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    if person:  # the same P(person) = 0.4 for every photo
+        state |= {"person_weight": torch.zeros(2), "person_bias": torch.logit(torch.tensor(P_PERSON))}
+    if typicality:
+        state |= {"centroids": torch.tensor([[1.0, 0.0], [0.0, 0.3]])}
+        state |= {"val_typicality": torch.tensor([0.2] + [0.5] * 39)}
+    if confidence:  # confidence = sigmoid(score + 0.5) before the familiarity
+        state |= {"confidence_weight": torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0])}
+        state |= {"confidence_bias": torch.tensor(0.5)}
+    return state
+
+
+def test_familiarity_is_the_share_of_val_photos_beaten_over_the_novelty_share() -> None:
+    g = Guidance(Vocabulary(WORDS2), hand_made())
+    pooled = torch.tensor([FAMILIAR, HALF, STRANGE, [0.0, 0.0]])  # (the last: no direction at all)
+    assert g.typicality(pooled).tolist() == pytest.approx([1.0, 0.3, 0.0, 0.0])  # the nearest centroid
+    assert g.typical_share(pooled).tolist() == pytest.approx([1.0, 0.025, 0.0, 0.0])
+    assert g.familiarity(pooled).tolist() == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    # a photo as typical as 39 of the val photos beats only the one below them (not 40 of 40)
+    tie = Guidance(Vocabulary(WORDS2), hand_made() | {"centroids": torch.tensor([[0.5, 0.0]])})
+    assert tie.typical_share(torch.tensor([FAMILIAR])).tolist() == pytest.approx([0.025])
+    assert Guidance(Vocabulary(WORDS2), hand_made(typicality=False)).typical_share(pooled) is None
+
+
+def test_the_word_prior_in_numbers() -> None:
+    """boost x evidence, minus `suppress` x how far below SEEN an animal or vehicle kind is (on the
+    unfamiliar share of a photo; below SEEN_FAMILIAR on the familiar share) and how far P(person)
+    x familiarity is below SEEN_PERSON; generic words ("animal") and other words untouched."""
+    v = Vocabulary(WORDS2)
+    g = Guidance(v, hand_made())
+    pooled = torch.tensor([FAMILIAR, HALF, STRANGE])
+    probs = one_hot(TABBY, TABBY, TABBY, p=0.25)  # a little evidence of a cat on each
+    bias = g.bias(pooled, probs, boost=2.0, suppress=10.0)
+    col = {w: bias[:, v.stoi[w]].tolist() for w in ("cat", "dog", "bus", "man", "woman", "animal", "on", "tabby")}
+    assert col["cat"] == pytest.approx(
+        [0.5, 0.5 - 2.5, 0.5 - 5.0]
+    )  # boost 2 x 0.25; 1 - 0.25/0.5 on the unfamiliar share
+    assert col["tabby"] == pytest.approx([0.5, 0.5, 0.5])  # the class's own word: boosted, no kind of its own
+    assert col["dog"] == col["bus"] == pytest.approx([-10.0, -10.0, -10.0])  # no evidence at all: unseen everywhere
+    assert col["man"] == col["woman"] == pytest.approx([-5.0, -7.5, -10.0])  # 1 - 0.4 x familiarity / 0.8
+    assert col["animal"] == col["on"] == [0.0, 0.0, 0.0]
+    # a kind seen at SEEN or more, a person at SEEN_PERSON or more, no penalty
+    sure = Guidance(v, hand_made() | {"person_bias": torch.tensor(10.0)})
+    bias = sure.bias(torch.tensor([STRANGE, FAMILIAR]), one_hot(TABBY, TABBY, p=0.5), boost=0.0, suppress=10.0)
+    assert bias[:, v.stoi["cat"]].tolist() == [0.0, 0.0] and bias[1, v.stoi["man"]] == 0.0
+    assert bias[0, v.stoi["man"]] == pytest.approx(-10.0)  # ... trusted only as far as the photo is familiar
+    # on a familiar photo, an animal under SEEN_FAMILIAR counts as unseen in part: 1 - 0.005 / 0.01
+    bias = sure.bias(torch.tensor([FAMILIAR]), one_hot(TABBY, p=0.005), boost=0.0, suppress=10.0)
+    assert bias[0, v.stoi["cat"]] == pytest.approx(-5.0)
+    assert bias.dtype == np.float32 and bias.shape == (1, len(v))
+    # no suppression: the boost alone; neither: nothing
+    assert g.bias(pooled, probs, boost=2.0, suppress=0.0)[:, v.stoi["man"]].tolist() == [0.0, 0.0, 0.0]
+    assert not g.bias(pooled, probs, boost=0.0, suppress=0.0).any()
+
+
+def test_the_word_prior_without_typicality_or_person_classifier() -> None:
+    """No typicality fitted: every photo counts as unfamiliar for animals, and P(person) is trusted
+    as it is; no person classifier: people are left alone."""
+    v = Vocabulary(WORDS2)
+    probs = one_hot(TABBY, p=0.25)
+    bias = Guidance(v, hand_made(typicality=False)).bias(torch.tensor([FAMILIAR]), probs, boost=0.0, suppress=10.0)
+    assert bias[0, v.stoi["cat"]] == pytest.approx(-5.0) and bias[0, v.stoi["man"]] == pytest.approx(-5.0)
+    bias = Guidance(v).bias(torch.tensor([FAMILIAR]), probs, boost=0.0, suppress=10.0)
+    assert bias[0, v.stoi["man"]] == 0.0 and bias[0, v.stoi["dog"]] == -10.0
+
+
+def test_evidence_is_capped_at_certainty() -> None:
+    v = Vocabulary(WORDS2)
+    probs = one_hot(TABBY, p=0.7)
+    probs[0, 282] = 0.6  # tiger cat: another cat
+    assert Guidance(v).evidence(probs)[0, v.stoi["cat"]] == 1.0
+
+
+def test_the_forced_subject_in_detail() -> None:
+    v = Vocabulary(WORDS2)
+    g = Guidance(v, hand_made())
+    pooled = torch.tensor([STRANGE, HALF, FAMILIAR])
+    probs = one_hot(TABBY, ESPRESSO, TABBY, p=0.5)
+    prefix = g.subject(pooled, probs, threshold=0.5)  # exactly as sure as asked: enough
+    assert prefix.dtype == np.int64
+    assert prefix.tolist() == [[v.stoi["a"], v.stoi["cat"]], [v.stoi["an"], v.stoi["espresso"]], [-1, -1]]
+    assert g.subject(pooled, probs, threshold=0.0) is None  # 0: off
+    assert g.subject(pooled, probs, threshold=0.6) is None  # no photo sure enough
+    assert Guidance(Vocabulary(["cat", "dog"]), hand_made()).subject(pooled, probs, threshold=0.5) is None
+
+
+def test_novel_kinds_come_from_the_recorded_shares() -> None:
+    from captioner.objects import COCO_OBJECTS
+
+    v = Vocabulary(WORDS2)
+    assert Guidance(v).novel_kinds() is None and Guidance(v, hand_made()).novel_kinds() is None
+    shares = torch.tensor([0.5 if k in ("dog", "person") else 0.0 for k in COCO_OBJECTS])
+    novel = Guidance(v, {"object_shares": shares}).novel_kinds()
+    assert "zebra" in novel and "dog" not in novel and "person" not in novel and len(novel) == len(COCO_OBJECTS) - 2
+    assert Guidance(v, {"object_shares": shares[:-1]}).novel_kinds() is None  # recorded for other kinds
+
+
+def test_confidence_features_and_confidence_in_numbers() -> None:
+    v = Vocabulary(WORDS2)
+    g = Guidance(v, hand_made(confidence=True))
+    assert g.has_person and g.calibrated
+    pooled = torch.tensor([FAMILIAR, HALF])
+    probs = one_hot(TABBY, ESPRESSO, p=0.9)
+    captions = [[("a man sits on grass", -2.0, 5), ("a cat sits", -1.0, 3)], [("an espresso", -0.5, 0)]]
+    feats = g.confidence_features(pooled, probs, captions)
+    # score, score per token (+1: the end token), top class p, P(person), names a person, agrees with P(person)
+    close = np.testing.assert_allclose
+    close(feats[0], [[-2.0, -2.0 / 6, 0.9, 0.4, 1.0, 0.4], [-1.0, -0.25, 0.9, 0.4, 0.0, 0.6]], rtol=1e-6)
+    close(feats[1], [[-0.5, -0.5, 0.9, 0.4, 0.0, 0.6]], rtol=1e-6)
+    conf = g.confidence(pooled, probs, captions)
+    sig = torch.sigmoid(torch.tensor([-1.5, -0.5, 0.0])).tolist()
+    assert conf[0] == pytest.approx(sig[:2]) and conf[1] == pytest.approx([sig[2] * 0.5])  # x familiarity
+    # no person classifier: P(person) 0.5, so agreeing or not says nothing
+    plain = Guidance(v).confidence_features(pooled[:1], probs[:1], [[("a man", -1.0, 2)], []][:1])
+    close(plain[0], [[-1.0, -1.0 / 3, 0.9, 0.5, 1.0, 0.5]], rtol=1e-6)
+    assert Guidance(v).confidence_features(pooled[:1], probs[:1], [[]])[0].shape == (0, 6)
+    assert Guidance(v, hand_made()).confidence(pooled, probs, captions) is None  # not calibrated
+    assert not Guidance(v).has_person and Guidance(v).p_person(pooled) is None
+
+
+def test_probabilities_saturate_without_warnings() -> None:
+    import warnings
+
+    g = Guidance(Vocabulary(WORDS2), {"person_weight": torch.tensor([100.0, 0.0]), "person_bias": torch.tensor(0.0)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert g.p_person(torch.tensor([[-10.0, 0.0], [10.0, 0.0]])).tolist() == [0.0, 1.0]
+
+
+def test_top_tags_round_to_four_places_and_keep_the_documented_number() -> None:
+    from captioner.settings import TAGS_KEPT
+
+    probs = torch.softmax(torch.randn(1, 1000, generator=torch.Generator().manual_seed(0)), -1)
+    probs[0, TABBY] = 0.123456
+    tags = top_tags(probs)[0]
+    assert len(tags) == TAGS_KEPT and tags[0] == top_tags(probs, k=1)[0][0]
+    assert tags[0].label == "tabby" and tags[0].p == 0.1235
