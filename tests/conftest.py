@@ -38,13 +38,27 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+# The modules that test METEOR itself, or figures that include it, see the machine's METEOR as a user
+# would (the official 1.5 where Java and pycocoevalcap are, as in CI). Everywhere else it is off, for
+# the test and the processes it starts: the official METEOR starts a JVM in each process that scores
+# (5-30 s on 2 cores), and a training or caption test does not test METEOR.
+METEOR_MODULES = {"test_metrics.py", "test_claims.py"}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
     """Tests never touch the user's cache: one temporary feature cache for the whole session."""
     mp = pytest.MonkeyPatch()
     mp.setenv("CAPTIONER_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    mp.setenv("CAPTIONER_METEOR", "off")
     yield
     mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _meteor_where_tested(request, monkeypatch):
+    if request.node.path.name in METEOR_MODULES:
+        monkeypatch.delenv("CAPTIONER_METEOR", raising=False)
 
 
 @pytest.fixture(scope="session")
