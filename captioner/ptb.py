@@ -133,7 +133,11 @@ def _scanner() -> tuple[re.Pattern, list[tuple[re.Pattern, str]]]:
         ("split3", r"(?i:cannot)"),  # can | not
         ("keep", r"(?i:c\+\+|[cf]#)"),
         ("split2", "(?i:gonna|gotta|lemme|gimme|wanna|'tis|'twas)(?![A-Za-z])"),
-        ("keep", r"<\/?[A-Za-z!?][^>\r\n]*>"),  # SGML-like tags stay one token
+        (  # SGML-like tags stay one token (attribute values quoted, names apart by spaces)
+            "tag",
+            r"<(?:[!?][A-Za-z\-][^>\r\n]*|/?[A-Za-z][A-Za-z0-9:._\-]*"
+            r"""(?: +[A-Za-z][A-Za-z0-9:._\-]*(?: *= *(?:"[^"\r\n]*"|'[^'\r\n]*'))?)* */?)>""",
+        ),
         ("dash", "[\u2013\u2014\u2015\x96\x97]|&(?:MD|mdash|ndash);"),
         ("amp", "&amp;"),
         ("keep", WORD),
@@ -191,6 +195,8 @@ def _emit(name: str, m: re.Match) -> tuple[list[str], int]:
     text = m.group(0)
     if name == "keep":
         return [text], len(text)
+    if name == "tag":  # its spaces become no-break spaces
+        return [text.replace(" ", "\u00a0")], len(text)
     if name == "nbsp":  # one token even with spaces inside: they become no-break spaces
         return ["".join(_BRACKETS.get(c, c) for c in text).replace(" ", "\u00a0")], len(text)
     if name == "split3":

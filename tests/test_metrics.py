@@ -277,6 +277,9 @@ def test_bleu_of_a_short_caption_uses_coco_captions_guards():
     assert b == pytest.approx([1.0, 1.0, (1e-6) ** (1 / 3), (1e-12) ** (1 / 4)], rel=1e-6)
     # an empty candidate: every precision is 1e-15 / 1e-9 and the brevity penalty exp(1 - 2 / 1e-6) is 0
     assert bleu({0: [["a", "b"]]}, {0: []}) == [0.0] * 4
+    # an empty reference: "a" matches nothing (1e-15 / 1), no 2-, 3-, 4-grams (1e-6 each); length ratio
+    # 1 / 1e-9: no penalty
+    assert bleu({0: [[]]}, {0: ["a"]}) == pytest.approx([1e-15, 1e-21**0.5, 1e-27 ** (1 / 3), 1e-33**0.25], rel=1e-6)
 
 
 def test_lcs_and_rouge_l_by_hand():
@@ -287,7 +290,8 @@ def test_lcs_and_rouge_l_by_hand():
     p, r = 3 / 4, 1.0
     assert rouge_l([["a", "b"], list("abcdefgh")], ["a", "b", "c", "x"]) == pytest.approx(2.44 * p * r / (r + 1.44 * p))
     assert rouge_l([["a", "b"]], ["a", "x"], beta=1.0) == pytest.approx(0.5)  # P = R = 1/2
-    assert rouge_l([[], ["a"]], ["a"]) == pytest.approx(1.0)  # an empty reference counts as recall 0
+    # an empty reference counts as recall 0: P = 1 (with "a b"), R = max(0, 1/2)
+    assert rouge_l([[], ["a", "b"]], ["a"]) == pytest.approx(2.44 * 1 * 0.5 / (0.5 + 1.44 * 1))
     assert rouge_l([["x", "y"]], ["a"]) == 0.0
 
 
@@ -309,7 +313,9 @@ def test_cider_d_by_hand():
     assert got == pytest.approx({1: one, 2: two}, rel=1e-9)
     scorer = metrics.CiderD(refs)
     assert scorer.score(1, ["a", "b"]) == pytest.approx(10 * 2 / 4)  # 1-grams and 2-grams identical
+    assert scorer.score(1, ["a", "a", "b"]) == pytest.approx(one)  # sigma 6 unless told
     assert metrics.CiderD(refs, sigma=1.0).score(1, ["a", "a", "b"]) == pytest.approx(one / penalty * math.exp(-1 / 2))
+    assert metrics.cider_d(refs, cands, sigma=1.0)[1] == pytest.approx(one / penalty * math.exp(-1 / 2))
 
 
 def test_split_words_and_normalize_corpus():
@@ -344,6 +350,10 @@ def test_evaluate_small_corpus_by_hand():
     assert out["CIDEr-D"] == pytest.approx((cider[1] + cider[2]) / 2) and cider[1] != cider[2]
     assert (out["images"], out["references"], out["METEOR"], out["METEOR_backend"]) == (2, 3, None, "unavailable")
     assert {"hallucinated", "person_invented", "animal_invented"} <= set(out)
+    # object naming (objects.py): "dog", in both references of image 2, is the one novel kind asked about
+    assert (out["novel_object_recall"], out["novel_objects"]) == (None, None)
+    out = evaluate(refs, cands, use_meteor=False, novel={"dog"})
+    assert (out["novel_object_recall"], out["novel_objects"]) == (1.0, 1)
 
 
 def test_evaluate_refuses_candidates_without_references_and_takes_an_empty_set():
@@ -363,21 +373,29 @@ def test_diversity_by_hand():
 
 
 def test_hallucination_by_hand():
-    refs = {1: ["A man with a dog."], 2: ["A red bus."], 3: ["A plate of food."]}
-    cands = {1: "A woman with a dog, a cat and a horse.", 2: "A man on a bus and a truck.", 3: "A plate of food."}
+    refs = {1: ["A man with a dog."], 2: ["A red bus."], 3: ["A plate of food."], 4: ["A cat on a sofa."]}
+    cands = {
+        1: "A woman with a dog, a cat and a horse.",
+        2: "A man on a bus and a truck.",
+        3: "A dog eats food from a plate.",
+        4: "A kitten on a sofa.",
+    }
     h = metrics.hallucination(*normalize_corpus(refs, cands))
-    # 1 names person, dog, cat, horse and invents cat, horse (one animal-inventing caption);
-    # 2 names person, bus, truck and invents person, truck; 3 names nothing; 2 and 3 have no person
+    # 1 names person, dog, cat, horse and invents cat, horse (one caption inventing animals);
+    # 2 names person, bus, truck and invents person, truck; 3 names and invents a dog; 4 names a cat
+    # (a kitten), as its reference does; 2, 3 and 4 have no person
     assert h == pytest.approx(
         {
-            "hallucinated": 2 / 3,
-            "hallucinated_mentions": 4 / 7,
-            "person_invented": 1 / 2,
-            "person_free_photos": 2,
-            "animal_invented": 1 / 3,
-            "vehicle_invented": 1 / 3,
+            "hallucinated": 3 / 4,
+            "hallucinated_mentions": 5 / 9,
+            "person_invented": 1 / 3,
+            "person_free_photos": 3,
+            "animal_invented": 2 / 4,
+            "vehicle_invented": 1 / 4,
         }
     )
+    one = metrics.hallucination({1: [["a", "dog"]]}, {1: ["a", "cat"]})
+    assert (one["hallucinated"], one["person_invented"], one["animal_invented"]) == (1.0, 0.0, 1.0)
     none = metrics.hallucination({}, {})
     assert none == {
         "hallucinated": 0.0,
@@ -641,7 +659,6 @@ OFFICIAL_TOKENS = [
     ("Lemme see, gimme that", "lem me see gim me that"),
     ("'Tis the season, 'twas fun", "'t is the season 't was fun"),
     ("a wanna-be star", "a wanna-be star"),
-    ("a <b>bold</b> sign", "a <b> bold </b> sign"),
     ("a dog \u2013 a cat \u2014 a bird \u2015 end", "a dog a cat a bird end"),
     ("rock &mdash; roll &ndash; pop &MD; jazz", "rock roll pop jazz"),
     ("rock &amp; roll", "rock & roll"),
@@ -745,6 +762,22 @@ OFFICIAL_TOKENS = [
     ("\xad5 dogs", "5 dogs"),
     ("Plan B.", "plan b."),
     ("\xad\xadThe", "the"),
+    ("a <b>bold</b> sign", "a <b> bold </b> sign"),
+    ("a <a href=x> link", "a < a href = x > link"),
+    ('a <b class="big red">bold</b> sign', 'a <b\xa0class="big\xa0red"> bold </b> sign'),
+    ("<br />end", "<br\xa0/> end"),
+    ("x <!-- a\tb --> y", "x <!--\xa0a\tb\xa0--> y"),
+    ('x <?xml v="1"?> y', 'x <?xml\xa0v="1"?> y'),
+    ("x <a  b> y", "x <a\xa0\xa0b> y"),
+    ("x <a\tb> y", "x < a b > y"),
+    ("x <a b=\"c>d\" e='f'> y", "x <a\xa0b=\"c>d\"\xa0e='f'> y"),
+    ('x <a b="c" d=e> y', "x < a b = c d = e > y"),
+    ("x <a b='c\"> y", "x < a b = c > y"),
+    ("x <a b> y <c d> z", "x <a\xa0b> y <c\xa0d> z"),
+    ('x <A B="(C)" /> y', 'x <a\xa0b="(c)"\xa0/> y'),
+    ("x <a:b.c_d e> y", "x <a:b.c_d\xa0e> y"),
+    ("x <a _b> y", "x < a _ b > y"),
+    ("x <!DOCTYPE html> y", "x <!doctype\xa0html> y"),
 ]
 
 
