@@ -12,6 +12,7 @@ import asyncio
 import io
 import json
 import platform
+import random
 import re
 import struct
 import threading
@@ -331,8 +332,11 @@ def test_numbers_in_form_fields_are_nine_digits_at_most(serve):
 
 def test_attention_is_given_when_asked_for_only(serve):
     c = serve()
+    noise = Image.frombytes("RGB", (48, 48), bytes(random.Random(0).randrange(256) for _ in range(48 * 48 * 3)))
+    buf = io.BytesIO()
+    noise.save(buf, format="PNG")  # a picture whose regions differ: weights that are not all alike
     for asked in ("1", "true"):
-        [entry] = c.post(ONE, {"attention": asked, "max_len": "4"}).body
+        [entry] = c.post([("noise.png", buf.getvalue())], {"attention": asked, "max_len": "4"}).body
         att = entry["attention"]
         assert att["words"] == entry["caption"].split() and len(att["weights"]) == len(att["words"])
         side = att["side"]
@@ -417,10 +421,15 @@ def test_a_body_longer_than_it_declares_is_cut_off_at_the_limit(serve):
     assert r.status == 413 and "--max-upload-mb" in r.error
 
 
-def test_pixels_at_the_limit_and_one_past_it(serve):
+def test_pixels_at_the_limit_and_one_past_it(serve, monkeypatch):
+    import captioner.images
+
     side = 24
     limits = ServeLimits(max_pixels=side * side, batch_wait_ms=0)
     c = serve(limits)
+    # the server's limit is the one applied, not the library's default (a --max-pixels raised above the
+    # default): a default under the limit changes nothing
+    monkeypatch.setattr(captioner.images, "DEFAULT_MAX_PIXELS", side)
     at_limit, past = png(side, side), png(limits.max_pixels + 1, 1)
     r = c.post([("at.png", at_limit), ("past.png", past)])
     assert r.status == 200 and r.body[0]["caption"] is not None and "caption" not in r.body[1]
@@ -443,6 +452,12 @@ def test_a_request_decodes_images_up_to_its_memory_limit(serve):
     c = serve(ServeLimits(max_request_decode_mb=(cost - 1) / 2**20, batch_wait_ms=0))
     r = c.post(ONE)
     assert r.status == 422 and "--max-request-decode-mb" in r.body["results"][0]["error"]
+    big = png(1024, 1024)  # 4 MB decoded: the refusal says how much, and the limit
+    cost = decode_bytes(big, "big.png")
+    limits = ServeLimits(max_request_decode_mb=(cost - 1) / 2**20, batch_wait_ms=0)
+    r = serve(limits).post([("big.png", big)])
+    cap = f"{limits.max_request_decode_mb:g} MB a request may use (--max-request-decode-mb)"
+    assert r.status == 422 and r.body["results"][0]["error"] == f"decoding it would take 4 MB, over the {cap}"
 
 
 @pytest.mark.parametrize("wait_s", [0.0, 0.05])
@@ -454,7 +469,8 @@ def test_the_servers_decoding_memory_at_its_limit_and_one_byte_under(serve, wait
     assert c.post(ONE).status == 200
     c = serve(ServeLimits(max_decode_mb=(cost - 1) / 2**20, decode_wait_s=wait_s, batch_wait_ms=0))
     r = c.post(ONE)
-    assert r.status == 503 and "memory budget" in r.error and "try again" in r.error
+    assert r.status == 503
+    assert r.error == "the server is decoding as many images as its memory budget allows: try again soon"
 
 
 def test_memory_is_handed_back_after_an_image_as_large_as_the_threshold(serve, monkeypatch):
@@ -617,8 +633,9 @@ def test_files_named_in_rfc5987_form_keep_their_names(serve):
 
 def test_requests_that_are_not_uploads_get_400_saying_what_to_send(serve):
     c = serve()
-    r = c.request("POST", "/api/caption", b"{}", {"content-type": "application/json"})
-    assert r.status == 400 and r.error == "send multipart/form-data with the images in the repeatable field 'files'"
+    for headers in ({"content-type": "application/json"}, {}):  # another type, or none
+        r = c.request("POST", "/api/caption", b"{}", headers)
+        assert r.status == 400 and r.error == "send multipart/form-data with the images in the repeatable field 'files'"
     r = c.post([], {"beam_size": "3"})
     assert r.status == 400 and r.error == "no images: send them in the repeatable field 'files'"
     r = c.request("POST", "/api/caption", b"--x\r\ngarbage", {"content-type": "multipart/form-data; boundary=x"})
@@ -734,3 +751,15 @@ def test_health_counts_the_images_waiting_for_the_model(serve, model, monkeypatc
     health, answers = c.loop.run_until_complete(asyncio.wait_for(scenario(), 60))
     assert health.body == {"status": "ok", "waiting": 1, "batches_run": 1}
     assert [r.status for r in answers] == [200, 200] and c.get("/api/health").body["waiting"] == 0
+
+
+def test_each_answer_is_the_json_of_captioner_caption_json(serve, model):
+    """Each image's entry: its file name, then the record `captioner caption --json` prints, with the
+    low-confidence mark the page shows."""
+    from captioner.pipeline import caption_record
+    from captioner.settings import LOW_CONFIDENCE
+
+    [entry] = serve().post(ONE, {"n_best": "2"}).body
+    nbest = model.decode(model.encode_prepared([model.prepare(Image.open(io.BytesIO(PNG)))]), n_best=2)[0]
+    expected = caption_record(nbest, TAGS_SHOWN, LOW_CONFIDENCE)
+    assert entry == {"file": "a.png", **expected} and "low_confidence" in entry
