@@ -1,6 +1,6 @@
 """Batched beam search vs the classic per-image beam loop, same decoder weights and features.
 
-    python benchmarks/beam_search.py [--model RUN/best.pt] [--images 100] [--beam 5]
+    python benchmarks/beam_search.py [--model RUN/best.pt] [--images 100] [--beam 5] [--json OUT]
 
 The baseline is written the way the classic PyTorch captioning tutorials do it: one image at a
 time, its k beams as the batch, completed beams moved out of the batch in Python. Ours advances
@@ -14,6 +14,8 @@ features, where captions run to --max-len (the worst case).
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import torch
 from common import FLICKR8K, Timer, machine, random_decoder
@@ -71,6 +73,7 @@ def main() -> None:
     ap.add_argument("--beam", type=int, default=5)
     ap.add_argument("--max-len", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path, metavar="OUT", help="write the numbers here too")
     a = ap.parse_args()
 
     if a.model:
@@ -105,7 +108,8 @@ def main() -> None:
         with Timer() as t:
             hyps = beam_search(decoder, decoder.from_frames(frames), beam_size=a.beam, max_len=a.max_len)
         ours_s.append(t.s)
-    agree = sum(h[0].tokens == s for h, s in zip(hyps, theirs)) / len(theirs)
+    same = sum(h[0].tokens == s for h, s in zip(hyps, theirs))
+    agree = same / len(theirs)
     tb, ob = min(tutorial_s), min(ours_s)
     print(f"machine: {machine()}")
     print(
@@ -118,6 +122,24 @@ def main() -> None:
     print(f"| batched (captioner) | {ob:.2f} | {a.images / ob:.1f} |")
     print(f"| **speed-up** | **{tb / ob:.1f}x** | |")
     print(f"same best caption on {agree:.0%} of images (the loop shrinks its beam as beams end; ours keeps k live)")
+    if a.json:
+        out = {
+            "machine": machine(),
+            "decoder": a.model or "random weights",
+            "source": source,
+            "images": a.images,
+            "beam": a.beam,
+            "max_len": a.max_len,
+            "repeats": a.repeats,
+            "captions": {"per-image loop": len(theirs), "batched": len(hyps)},
+            "seconds": {"per-image loop": tutorial_s, "batched": ours_s},
+            "best_s": {"per-image loop": tb, "batched": ob},
+            "images_per_s": {"per-image loop": a.images / tb, "batched": a.images / ob},
+            "speed_up": tb / ob,
+            "same_best_caption": same,
+            "same_best_caption_share": agree,
+        }
+        a.json.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

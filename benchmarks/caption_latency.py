@@ -1,6 +1,6 @@
 """`captioner caption` cold start on one image, warm per-image latency at batch 32, peak memory.
 
-    python benchmarks/caption_latency.py [--model CKPT] [--runs 3]
+    python benchmarks/caption_latency.py [--model CKPT] [--runs 3] [--json OUT]
 
 Cold start: wall time of `captioner caption IMG` from process start to its output, and the peak
 RSS of that process. Warm: in one process with the model loaded, seconds per image when 32
@@ -11,6 +11,7 @@ weights is used: its captions always run to max_len, the slowest case.
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import shutil
 import statistics
@@ -46,6 +47,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--images", type=int, default=32, help="images per warm measurement (one batch)")
     ap.add_argument("--cold-runs", type=int, help="cold starts to time (default: --runs; 0: skip them)")
+    ap.add_argument("--json", type=Path, metavar="OUT", help="write the numbers here too")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="captioner-bench-"))
     try:
@@ -102,6 +104,22 @@ def main() -> None:
     print(f"| warm, batch of {a.images} | {1000 * statistics.median(batch):.0f} ms/image |")
     print(f"| warm, one image at a time | {1000 * statistics.median(single):.0f} ms/image |")
     print(f"| batching speed-up | {statistics.median(single) / statistics.median(batch):.1f}x |")
+    if a.json:
+        out = {
+            "machine": machine(),
+            "model": a.model or "random decoder weights",
+            "images": a.images,
+            "runs": a.runs,
+            "cold_start_s": cold,
+            "peak_rss_mb": peak_rss_mb if cold else None,
+            "s_per_image": {"batch": batch, "single": single},
+            "median_ms_per_image": {
+                "batch": 1000 * statistics.median(batch),
+                "single": 1000 * statistics.median(single),
+            },
+            "batching_speed_up": statistics.median(single) / statistics.median(batch),
+        }
+        a.json.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -282,7 +282,8 @@ def count_flops(model: Model, pipeline: Pipeline, paths: list[Path], batch: int)
         "head": head,
         "row": row,
         "decode_batch": decode / n,
-        "decode_counted": (n * (init + head) + rec.n["rows"] * row) / n,
+        # init once per photo searched (a constrained re-search starts its photos again), the head once per photo
+        "decode_counted": (rec.n["searched"] * init + n * head + rec.n["rows"] * row) / n,
         "searched": rec.n["searched"] / n,
     }
 
@@ -485,7 +486,7 @@ def main() -> None:
         f"FLOPs (FlopCounterMode, 2 x MAC, conv/matmul only): encoder {fl['encoder'] / 1e9:.3f} GFLOP/photo; "
         f"decoder init {fl['init'] / 1e6:.1f} MFLOP/photo searched; ImageNet head {fl['head'] / 1e6:.2f} MFLOP; "
         f"one step row {fl['row'] / 1e6:.2f} MFLOP; a whole torch decode of {batch} photos "
-        f"{fl['decode_batch'] / 1e6:.1f} MFLOP/photo (init + head + counted rows x row: "
+        f"{fl['decode_batch'] / 1e6:.1f} MFLOP/photo (init x photos searched + head + counted rows x row: "
         f"{fl['decode_counted'] / 1e6:.1f})"
     )
     w = ", ".join(f"{k[2:]} {v / 1e6:.2f}" for k, v in mem.items() if k.startswith("w_"))

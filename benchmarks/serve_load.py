@@ -2,7 +2,7 @@
 (a `captioner serve` process on a free loopback port), the same single-photo requests sent one at
 a time, then by 16 concurrent clients.
 
-    python benchmarks/serve_load.py [--requests 96] [--clients 16] [--model CKPT]
+    python benchmarks/serve_load.py [--requests 96] [--clients 16] [--model CKPT] [--json OUT]
 
 Prints images/s and p50/p95 latency for both, their ratio, and the server's resident memory.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import json
 import os
 import socket
 import statistics
@@ -65,6 +66,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=96)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--model", help="checkpoint (default: the bundled model)")
+    p.add_argument("--json", type=Path, metavar="OUT", help="write the numbers here too")
     a = p.parse_args()
     port = free_port()
     cmd = [sys.executable, "-m", "captioner", "serve", "--port", str(port), "--device", "cpu"]
@@ -98,6 +100,25 @@ def main() -> None:
     print(f"| 1 (one at a time) | {a.requests / serial_s:.1f} | {q(serial, 0.5):.0f} | {q(serial, 0.95):.0f} |")
     print(f"| {a.clients} concurrent | {a.requests / conc_s:.1f} | {q(conc, 0.5):.0f} | {q(conc, 0.95):.0f} |")
     print(f"throughput ratio (concurrent / one at a time): {serial_s / conc_s:.2f}x")
+    if a.json:
+        runs = {"1": (serial_s, serial), str(a.clients): (conc_s, conc)}
+        out = {
+            "requests": a.requests,
+            "clients": a.clients,
+            "server_rss_mb": rss,
+            "runs": {
+                k: {
+                    "wall_s": s,
+                    "latencies_s": lat,
+                    "images_per_s": a.requests / s,
+                    "p50_ms": q(lat, 0.5),
+                    "p95_ms": q(lat, 0.95),
+                }
+                for k, (s, lat) in runs.items()
+            },
+            "throughput_ratio": serial_s / conc_s,
+        }
+        a.json.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
