@@ -340,3 +340,31 @@ def test_top_tags_round_to_four_places_and_keep_the_documented_number() -> None:
     tags = top_tags(probs)[0]
     assert len(tags) == TAGS_KEPT and tags[0] == top_tags(probs, k=1)[0][0]
     assert tags[0].label == "tabby" and tags[0].p == 0.1235
+
+
+def test_guidance_computes_in_float32_whatever_it_is_given() -> None:
+    """The torch path hands it float32 tensors, the ONNX path numpy arrays: the same float32 results
+    from both (README: the same best caption from either on 100 % of the val photos)."""
+    v = Vocabulary(WORDS2)
+    g = Guidance(v, hand_made(confidence=True))
+    pooled, probs = torch.tensor([HALF, [0.3, 0.9]]), one_hot(TABBY, ESPRESSO, p=0.6)
+    captions = [[("a man", -1.0, 2)], [("a cat", -2.0, 2)]]
+    for p, q in ((pooled, probs), (pooled.double().numpy(), probs.double().numpy())):
+        assert g.evidence(q).dtype == np.float32 and g.p_person(p).dtype == np.float32
+        assert g.typical_share(p).dtype == np.float32 and g.familiarity(p).dtype == np.float32
+        assert g.confidence_features(p, q, captions)[0].dtype == np.float32
+    np.testing.assert_array_equal(g.bias(pooled, probs, 1.0, 10.0), g.bias(pooled.double().numpy(), probs, 1.0, 10.0))
+
+
+def test_typicality_is_a_cosine_whatever_the_features_length() -> None:
+    g = Guidance(Vocabulary(WORDS2), hand_made())
+    pooled = torch.tensor([[2.0, 0.0], [0.5, 0.0], [0.0, 4.0], [0.0, 0.25]])
+    assert g.typicality(pooled).tolist() == pytest.approx([1.0, 1.0, 0.3, 0.3])
+
+
+def test_no_subject_is_forced_without_both_articles() -> None:
+    """A vocabulary that lacks "a" or "an" cannot start a caption "a/an WORD" (not English)."""
+    pooled, probs = torch.tensor([STRANGE]), one_hot(TABBY, p=0.9)
+    for words in (["an", "cat", "espresso"], ["a", "cat", "espresso"]):
+        assert Guidance(Vocabulary(words), hand_made()).subject(pooled, probs, threshold=0.5) is None, words
+    assert Guidance(Vocabulary(["a", "an", "cat"]), hand_made()).subject(pooled, probs, threshold=0.5) is not None
