@@ -332,7 +332,7 @@ def test_numbers_in_form_fields_are_nine_digits_at_most(serve):
 
 def test_attention_is_given_when_asked_for_only(serve):
     c = serve()
-    noise = Image.frombytes("RGB", (48, 48), bytes(random.Random(0).randrange(256) for _ in range(48 * 48 * 3)))
+    noise = Image.frombytes("RGB", (48, 48), random.Random(0).randbytes(48 * 48 * 3))
     buf = io.BytesIO()
     noise.save(buf, format="PNG")  # a picture whose regions differ: weights that are not all alike
     for asked in ("1", "true"):
