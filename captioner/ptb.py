@@ -170,6 +170,7 @@ def _scanner() -> tuple[re.Pattern, list[tuple[re.Pattern, str]]]:
         ("drop", "\"|''|``|[`\u2018\u2019\u201b\u201c\u201d\x91-\x94\u2039\u203a\u00ab\u00bb']{1,2}"),
         ("keep", "[\u201a\u201e\u201f]"),
         ("bracket", r"[()\[\]{}]"),
+        ("keep", "-(?i:LRB|RRB|LSB|RSB|LCB|RCB)-"),  # a bracket already written as its name
         ("hyphens", r"-+"),
         ("drop", "\\.{3,5}|(?:\\.[ \u00a0]){2,4}\\.|[\x85\u2026]"),
         ("keep", r"[?!]+|<<|>>|@+|#+|_+|\*+|(?:\\\*){1,3}"),

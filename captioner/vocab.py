@@ -19,6 +19,7 @@ from .ptb import coco_tokens
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 
+_NAMED_BRACKET = re.compile("(?i)-[lr][rsc]b-")  # a superset of the names; the slow path decides
 _BRACKETS = {"-lrb-", "-rrb-", "-lsb-", "-rsb-", "-lcb-", "-rcb-"}  # what the tokenizer makes of ( ) [ ] { }
 
 
@@ -33,13 +34,13 @@ def tokenize(text: str) -> list[str]:
 
 def has_words(text: str) -> bool:
     """`bool(tokenize(text))`, without tokenising a caption holding an ASCII letter or digit and
-    no "&" or "<" (nearly all of them). ptb.py's scanner never drops such a character: no rule
-    matches it as space or as dropped text, every rule that can take it emits it in its token
+    no "&", "<" or bracket name like "-lrb-" (nearly all of them). ptb.py's scanner never drops
+    such a character: no rule matches it as space or as dropped text, every rule that can take it emits it in its token
     (the split words emit a part holding letters and scan the rest again: "cannot" -> can not),
     and a lower-cased token holding it is no PUNCTUATION entry (their letters are upper case). So
     it ends in a word token unless it is spelled as an entity that becomes punctuation ("&mdash;"
-    -> "--", "&amp;" -> "&") or is a bracket name split out of an SGML tag ("<! -LRB- >")."""
-    if "&" not in text and "<" not in text and re.search("[A-Za-z0-9]", text):
+    -> "--", "&amp;" -> "&") or is a bracket's name, typed ("-LRB-") or split out of an SGML tag."""
+    if "&" not in text and "<" not in text and not _NAMED_BRACKET.search(text) and re.search("[A-Za-z0-9]", text):
         return True
     return bool(tokenize(text))
 

@@ -778,6 +778,10 @@ OFFICIAL_TOKENS = [
     ("x <a:b.c_d e> y", "x <a:b.c_d\xa0e> y"),
     ("x <a _b> y", "x < a _ b > y"),
     ("x <!DOCTYPE html> y", "x <!doctype\xa0html> y"),
+    ("a -LRB- b -rrb- c -Lsb- d", "a -lrb- b -rrb- c -lsb- d"),
+    ("(-LCB-) x-RCB- -RSB-- -LRB-x", "-lrb- -lcb- -rrb- x-rcb -rsb- -lrb- x"),
+    ("a--LRB-- b -LRB c", "a lrb b lrb c"),
+    ("<! -LRB- >", "< -lrb- >"),
 ]
 
 
