@@ -489,6 +489,7 @@ def fake_meteor(monkeypatch):
 
 def test_meteor_backend_choice(monkeypatch, fake_meteor):
     monkeypatch.delenv("CAPTIONER_METEOR", raising=False)
+    monkeypatch.setattr(metrics, "_nltk_wordnet", lambda: None)
     monkeypatch.setattr(metrics.shutil, "which", lambda name: "/usr/bin/java" if name == "java" else None)
     assert metrics.meteor_backend() == "official-1.5"  # Java and pycocoevalcap (here the stand-in)
     monkeypatch.setenv("CAPTIONER_METEOR", "on")
@@ -497,7 +498,6 @@ def test_meteor_backend_choice(monkeypatch, fake_meteor):
     assert metrics.meteor_backend() == "unavailable"
     monkeypatch.delenv("CAPTIONER_METEOR")
     monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
-    monkeypatch.setattr(metrics, "_nltk_wordnet", lambda: None)
     assert metrics.meteor_backend() == "unavailable"
     monkeypatch.setattr(metrics, "_nltk_wordnet", lambda: object())
     assert metrics.meteor_backend() == "nltk"
@@ -618,10 +618,11 @@ def test_debian_wordnet_laid_out_as_nltk_data(monkeypatch, tmp_path):
     (src / "data.noun").write_text("nouns")
     (src / "index.verb").write_text("verbs")
     (src / "folder").mkdir()
+    (tmp_path / "cache" / "nltk_data" / "corpora" / "stopwords").mkdir(parents=True)  # nltk data already there
     base = metrics._debian_wordnet_as_nltk_data(src)
     assert base == tmp_path / "cache" / "nltk_data"
     target = base / "corpora" / "wordnet"
-    assert list((base / "corpora").iterdir()) == [target]  # no temporary folder left
+    assert sorted(p.name for p in (base / "corpora").iterdir()) == ["stopwords", "wordnet"]  # no temporary folder
     assert sorted(p.name for p in target.iterdir()) == ["data.noun", "index.verb", "lexnames"]
     assert (target / "data.noun").read_text() == "nouns" and (target / "index.verb").read_text() == "verbs"
     # WordNet 3.0's lexnames file: number, name, part of speech (1 noun, 2 verb, 3 adjective, 4 adverb)
@@ -636,6 +637,8 @@ def test_debian_wordnet_laid_out_as_nltk_data(monkeypatch, tmp_path):
     assert metrics._debian_wordnet_as_nltk_data(src) == base  # found where it was laid out
 
     def another_process_got_there_first(tmp, target):
+        assert Path(tmp).parent == Path(target).parent and Path(tmp).name.startswith(".wordnet.")  # hidden meanwhile
+        assert (Path(tmp) / "lexnames").is_file()
         Path(target).mkdir()
         (Path(target) / "lexnames").write_text("theirs")
         raise OSError("Directory not empty")

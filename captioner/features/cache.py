@@ -115,7 +115,7 @@ class CachedFeatures:
         rows = self.rows[idx] if isinstance(idx, slice) else self.rows[np.asarray(idx, dtype=np.int64)]
         rows = np.atleast_1d(rows)
         out = np.empty((len(rows), *self.row_shape), dtype=np.float16)  # (b, ...) fp16
-        flat = out.reshape(len(rows), -1).view(np.uint8)  # (b, row_bytes)
+        flat = out.reshape(len(rows), self.row_bytes // 2).view(np.uint8)  # (b, row_bytes); not -1: b may be 0
         fd = os.open(self.path, os.O_RDONLY)
         try:
             for k in np.argsort(rows, kind="stable"):  # in file order: the disk reads forward
