@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     results = parse_results(text)
     counts = {m: c for m, c in tally(results, equivalent).items() if m in modules}
     stale = sorted(n for n in equivalent if n not in results)
+    unchecked = sum(c.get("not checked", 0) for c in counts.values())
     if args.json:
         print(json.dumps({"modules": counts, "stale_equivalent": stale}, indent=1))
     else:
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         if survivors:
             print("missed, not listed as equivalent (see `python -m mutmut show NAME`):")
             print("\n".join(f"  {n}" for n in sorted(survivors)))
+    if unchecked and not args.report:  # mutmut exits 0 even when its first test run failed
+        print(f"error: {unchecked} mutants not checked: the run failed or stopped (see mutmut's output above)")
+        return 2
     return 0
 
 

@@ -652,6 +652,16 @@ def test_debian_wordnet_laid_out_as_nltk_data(monkeypatch, tmp_path):
     assert [p.name for p in (base / "corpora").iterdir()] == ["wordnet"]  # ours removed, theirs kept
     assert (base / "corpora" / "wordnet" / "lexnames").read_text() == "theirs"
 
+    def got_there_and_swept_ours(tmp, target):  # e.g. a cache cleaner took our hidden temporary folder
+        shutil.rmtree(tmp)
+        raise OSError("Directory not empty")
+
+    monkeypatch.setenv("CAPTIONER_CACHE_DIR", str(tmp_path / "third"))
+    monkeypatch.setattr(os, "rename", got_there_and_swept_ours)
+    assert (
+        metrics._debian_wordnet_as_nltk_data(src) == tmp_path / "third" / "nltk_data"
+    )  # the cleanup's failure is no error
+
 
 # Captions for the tokenizer's rarer rules, with the official tokenizer's output: pycocoevalcap 1.2's
 # PTBTokenizer (Stanford 3.4.1, Java) run on them as one run, in this order, then its punctuation removed.
@@ -785,6 +795,8 @@ OFFICIAL_TOKENS = [
     ("(-LCB-) x-RCB- -RSB-- -LRB-x", "-lrb- -lcb- -rrb- x-rcb -rsb- -lrb- x"),
     ("a--LRB-- b -LRB c", "a lrb b lrb c"),
     ("<! -LRB- >", "< -lrb- >"),
+    ("an XL (shirt), X-ray & XBOX x", "an xl -lrb- shirt -rrb- x-ray & xbox x"),  # not the fast path
+    ("X marks the spot; \u00a7X", "x marks the spot \u00a7 x"),
 ]
 
 

@@ -616,6 +616,7 @@ def test_files_named_in_rfc5987_form_keep_their_names(serve):
         ("FILENAME*=utf-8''upper.png", "upper.png"),
         ("filename*=iso-8859-1''caf%E9.png", "café.png"),
         ("filename*=x-unknown''caf%E9.png", "caf\ufffd.png"),  # an unknown charset: read as UTF-8
+        ("filename*=us-ascii''na%C3%AFve.png", "na\ufffd\ufffdve.png"),  # bytes its charset cannot read: replaced
         ("filename*=''caf%C3%A9.png", "café.png"),  # no charset: UTF-8
         ("filename*=UTF-8'en'it's.png", "it's.png"),  # after the language tag, all of it
         ("filename*=\"UTF-8''quoted.png\"", "quoted.png"),
