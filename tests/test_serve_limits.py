@@ -633,6 +633,28 @@ def test_files_named_in_rfc5987_form_keep_their_names(serve):
         assert r.status == 200 and r.body[0]["file"] == name and r.body[0]["caption"] is not None, (disposition, r.body)
 
 
+def test_a_parser_failure_is_named_by_its_detail_its_message_or_its_kind(serve, monkeypatch):
+    """Starlette's multipart errors carry a message; older Starlettes raised HTTPException (its
+    text in .detail, str() "400: ..."); an error with neither is named by its type."""
+    from starlette.exceptions import HTTPException
+
+    from captioner.serve import app as serve_app
+
+    c = serve()
+    for error, shown in (
+        (HTTPException(400, detail="Invalid boundary"), "Invalid boundary"),
+        (ValueError("bad part"), "bad part"),
+        (KeyError(), "KeyError"),
+    ):
+
+        async def fail(self, error=error):
+            raise error
+
+        monkeypatch.setattr(serve_app._Rfc5987Parser, "parse", fail)
+        r = c.post(ONE)
+        assert r.status == 400 and r.error == f"malformed or refused upload: {shown}", (error, r.body)
+
+
 def test_requests_that_are_not_uploads_get_400_saying_what_to_send(serve):
     c = serve()
     for headers in ({"content-type": "application/json"}, {}):  # another type, or none
