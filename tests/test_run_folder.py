@@ -80,8 +80,10 @@ def test_a_fresh_run_refuses_a_folder_holding_any_file_of_a_run(
     with pytest.raises(RunFolderError) as refused:
         trainer.prepare()
     message = str(refused.value)
-    assert f"{folder} holds a run ({name})" in message
-    assert "--resume continues it" in message and "--overwrite starts afresh" in message
+    assert message == (
+        f"{folder} holds a run ({name}): --resume continues it, --overwrite starts afresh in it "
+        "(deleting those files), or choose another --out"
+    )
     assert _contents(folder) == before
     with pytest.raises(RunFolderError, match=name):
         RunFolder(folder).claim(overwrite=False)
