@@ -674,3 +674,28 @@ def test_a_cached_trunk_holds_no_pooled_rows_and_is_read_whatever_the_kind(pngs,
     fresh = FeatureCache(enc, tmp_path / "fresh", cut=2)
     assert fresh.fill(pngs[:2], num_workers=0) == [] and _sizes(fresh) == (2 * 256, 0)
     assert torch.allclose(fresh.load(pngs[:2], "trunk")[:].float(), ref.float(), atol=1e-3)
+
+
+def test_fill_runs_the_encoder_on_the_cache_device_channels_last_with_the_workers_asked(
+    tiny, pngs, tmp_path, monkeypatch
+):
+    """The device and memory format (a GPU extraction runs on the GPU, channels-last for speed) and
+    the decoding workers cannot be seen in the features on a CPU: they are seen where they are passed."""
+    import captioner.features.cache as F
+
+    moved, workers = [], []
+    real_to, real_batches = tiny.to, F.prepared_batches
+
+    def to(*args, **kwargs):
+        moved.append((args, kwargs))
+        return real_to(*args, **kwargs)
+
+    def batches(paths, load, batch_size, num_workers=0):
+        workers.append(num_workers)
+        return real_batches(paths, load, batch_size, 0)  # no worker processes started in the test
+
+    monkeypatch.setattr(tiny, "to", to)
+    monkeypatch.setattr(F, "prepared_batches", batches)
+    cache = FeatureCache(tiny, tmp_path / "cache", device=torch.device("cpu"))
+    assert cache.fill(pngs[:3], num_workers=2) == [] and len(cache.load(pngs[:3])) == 3
+    assert moved == [((torch.device("cpu"),), {"memory_format": torch.channels_last})] and workers == [2]
