@@ -699,3 +699,15 @@ def test_fill_runs_the_encoder_on_the_cache_device_channels_last_with_the_worker
     cache = FeatureCache(tiny, tmp_path / "cache", device=torch.device("cpu"))
     assert cache.fill(pngs[:3], num_workers=2) == [] and len(cache.load(pngs[:3])) == 3
     assert moved == [((torch.device("cpu"),), {"memory_format": torch.channels_last})] and workers == [2]
+
+
+def test_the_encoder_key_hashes_the_preprocessing_settings_not_their_order(monkeypatch):
+    """A cache made by a version that lists the settings in another order is still found (its
+    features are the same); a changed setting is another key."""
+    enc = _tiny_encoder()
+    key = encoder_key(enc)
+    cls, settings = type(enc.spec.preprocess), enc.spec.preprocess.to_dict()
+    monkeypatch.setattr(cls, "to_dict", lambda self: dict(reversed(list(settings.items()))))
+    assert list(enc.spec.preprocess.to_dict()) != list(settings) and encoder_key(enc) == key
+    monkeypatch.setattr(cls, "to_dict", lambda self: {**settings, "resize": settings["resize"] + 1})
+    assert encoder_key(enc) != key
