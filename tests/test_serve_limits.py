@@ -636,7 +636,7 @@ def test_files_named_in_rfc5987_form_keep_their_names(serve):
 def test_a_parser_failure_is_named_by_its_detail_its_message_or_its_kind(serve, monkeypatch):
     """Starlette's multipart errors carry a message; older Starlettes raised HTTPException (its
     text in .detail, str() "400: ..."); an error with neither is named by its type."""
-    from starlette.exceptions import HTTPException
+    from fastapi import HTTPException  # Starlette's, as FastAPI exports it
 
     from captioner.serve import app as serve_app
 
