@@ -804,3 +804,22 @@ def test_rare_tokenizer_rules_match_coco_caption():
     ours = coco_tokens_in_order([c for c, _ in OFFICIAL_TOKENS])
     bad = [(c, want, " ".join(got)) for (c, want), got in zip(OFFICIAL_TOKENS, ours) if " ".join(got) != want]
     assert not bad, bad
+
+
+def test_nltk_meteor_is_the_mean_over_images_of_the_tokens_given(monkeypatch):
+    """The nltk backend without WordNet data (a stand-in scorer): one image's score is the mean,
+    each image scored on its own tokenised references and candidate."""
+    import nltk.translate.meteor_score as nltk_meteor
+
+    seen = []
+
+    def score(references, hypothesis, wordnet):
+        seen.append((references, hypothesis))
+        return 0.25 * len(hypothesis)
+
+    monkeypatch.setattr(nltk_meteor, "meteor_score", score)
+    monkeypatch.setattr(metrics, "_nltk_wordnet", lambda: "wordnet")
+    assert metrics.meteor({1: ["A dog runs."]}, {1: "a dog"}, backend="nltk") == pytest.approx(0.5)
+    assert seen == [([["a", "dog", "runs"]], ["a", "dog"])]
+    refs, cands = {1: ["a cat"], 2: ["two dogs"]}, {1: "a cat sits", 2: "dogs"}
+    assert metrics.meteor(refs, cands, backend="nltk") == pytest.approx((0.75 + 0.25) / 2)
