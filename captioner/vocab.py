@@ -35,8 +35,9 @@ def tokenize(text: str) -> list[str]:
 def has_words(text: str) -> bool:
     """`bool(tokenize(text))`, without tokenising a caption holding an ASCII letter or digit and
     no "&", "<" or bracket name like "-lrb-" (nearly all of them). ptb.py's scanner never drops
-    such a character: no rule matches it as space or as dropped text, every rule that can take it emits it in its token
-    (the split words emit a part holding letters and scan the rest again: "cannot" -> can not),
+    such a character: no rule matches it as space or as dropped text, every rule that can take it
+    emits it in its token (the split words emit a part holding letters and scan the rest again:
+    "cannot" -> can not),
     and a lower-cased token holding it is no PUNCTUATION entry (their letters are upper case). So
     it ends in a word token unless it is spelled as an entity that becomes punctuation ("&mdash;"
     -> "--", "&amp;" -> "&") or is a bracket's name, typed ("-LRB-") or split out of an SGML tag."""
