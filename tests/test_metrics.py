@@ -823,3 +823,10 @@ def test_nltk_meteor_is_the_mean_over_images_of_the_tokens_given(monkeypatch):
     assert seen == [([["a", "dog", "runs"]], ["a", "dog"])]
     refs, cands = {1: ["a cat"], 2: ["two dogs"]}, {1: "a cat sits", 2: "dogs"}
     assert metrics.meteor(refs, cands, backend="nltk") == pytest.approx((0.75 + 0.25) / 2)
+
+
+def test_the_last_caption_of_a_run_sees_the_end_of_the_input():
+    """The official tokenizer's look-ahead from a run's last caption sees the end of the input:
+    "etc.O" last is one token, followed by another caption two (pycocoevalcap 1.2's output)."""
+    assert coco_tokens_in_order(["a dog", "etc.O"]) == [["a", "dog"], ["etc.o"]]
+    assert coco_tokens_in_order(["etc.O", "XXXX"]) == [["etc.", "o"], ["xxxx"]]
