@@ -37,10 +37,10 @@ def has_words(text: str) -> bool:
     no "&", "<" or bracket name like "-lrb-" (nearly all of them). ptb.py's scanner never drops
     such a character: no rule matches it as space or as dropped text, every rule that can take it
     emits it in its token (the split words emit a part holding letters and scan the rest again:
-    "cannot" -> can not),
-    and a lower-cased token holding it is no PUNCTUATION entry (their letters are upper case). So
-    it ends in a word token unless it is spelled as an entity that becomes punctuation ("&mdash;"
-    -> "--", "&amp;" -> "&") or is a bracket's name, typed ("-LRB-") or split out of an SGML tag."""
+    "cannot" -> can not), and a lower-cased token holding it is no PUNCTUATION entry (their
+    letters are upper case). So it ends in a word token unless it is spelled as an entity that
+    becomes punctuation ("&mdash;" -> "--", "&amp;" -> "&") or is a bracket's name, typed
+    ("-LRB-") or split out of an SGML tag."""
     if "&" not in text and "<" not in text and not _NAMED_BRACKET.search(text) and re.search("[A-Za-z0-9]", text):
         return True
     return bool(tokenize(text))
